@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(arg=None)` returning a locked ConfigDict."""

@@ -1,0 +1,86 @@
+"""Shared config defaults and the method presets of SPEC §1 (variants live in `umd_jax.models.umd`).
+
+Every `configs/*.py` builds on `base_config()` and returns it locked, so a typo in a key
+(in a file or on the command line, `--config.batch_sise=8`) is an error, not a silent default.
+"""
+import ml_collections
+
+# SPEC §1 table: the baselines are values of the same corruption, not code paths.
+METHODS = {
+    "umd": dict(clean_fraction=0.5, clean_mask_ratio=0.75, noised_mask_ratio=0.375, conditioning="adaln"),
+    "dit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
+    "maskdit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.5, conditioning="adaln"),
+    "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
+}
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def base_config(method: str = "umd") -> ml_collections.ConfigDict:
+  """All keys a run may use, with the SPEC §5 ImageNet 64 px pre-training recipe as defaults."""
+  preset = METHODS[method]
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.batch_size = 1024                      # global, over all hosts and devices
+  c.total_steps = 800 * IMAGENET_TRAIN_IMAGES // 1024   # 800 epochs at batch 1024
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.image_every = 5000                     # masked / reconstruction / original PNG grid
+  c.keep_checkpoints = 3
+  c.init_from = ""                         # workdir to take weights from when starting fresh
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"             # a TFDS name, or "digits", "folder", "synthetic"
+  c.data.data_dir = ""                     # TFDS data_dir, or the root of an image folder
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 64
+  c.data.channels = 3
+  c.data.num_classes = 1000
+  c.data.crop_area_min = 0.8               # Inception crop area range (SPEC §5)
+  c.data.crop_area_max = 1.0
+  c.data.flip = True
+  c.data.num_workers = 8                   # grain worker processes per host (0: in-process)
+  c.data.synthetic_size = 10_000           # records of the synthetic source
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/4"
+  c.model.num_registers = 4
+  c.model.conditioning = preset["conditioning"]   # "adaln" | "in_context"
+  c.model.num_classes = 0                  # 0: self-supervised, no label embedding
+  c.model.dtype = "float32"                # compute dtype; params stay float32
+  c.model.scan_layers = True
+  c.model.remat = "none"                   # "none" | "full" | "dots"
+
+  c.corruption = ml_collections.ConfigDict()
+  c.corruption.clean_fraction = preset["clean_fraction"]
+  c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
+  c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
+  c.corruption.loss_buckets = 10           # per-timestep-bucket loss in the logs
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
+  c.diffusion.num_timesteps = 1000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.5e-4                 # peak LR = base_lr * batch_size / 256
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_fraction = 0.05
+  c.optim.grad_clip = 1.0
+  c.optim.ema_rate = 0.0                   # EMA step size; 0 disables the EMA copy
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                         # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+  # Logical parameter axis -> mesh axis (None: replicated). Data lives on ("data", "fsdp").
+  c.mesh.rules = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("patch", None),
+                  ("layers", None), ("seq", None), ("vocab", None))
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c

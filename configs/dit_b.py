@@ -1,0 +1,14 @@
+"""DiT-B/4 baseline on ImageNet 64 px: no clean step, no masking (SPEC §1 table), adaLN-Zero.
+
+  python main.py --config=configs/dit_b.py --mode=pretrain --workdir=/path/to/workdir \
+      --config.data.data_dir=/path/to/tensorflow_datasets
+
+Same network, loss and recipe as UMD; only the corruption differs. Probe it DDAE-style (SPEC §6).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.base_config("dit")
+  c.model.variant = arg or "B/4"
+  return common.finalize(c)

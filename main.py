@@ -1,0 +1,67 @@
+"""umd-jax entry point: pick a config and a mode.
+
+  python main.py --config=configs/umd_b.py --mode=pretrain --workdir=/path/to/workdir
+  python main.py --config=configs/umd_b.py --mode=summary --workdir=/tmp/summary
+
+Every host of a TPU pod runs the same command. Config values can be overridden on the
+command line (`--config.batch_size=256`); an unknown key is an error.
+"""
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only here for TensorBoard writers
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "summary"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
+                                   "that JAX does not detect by itself (TPU pods and SLURM are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed():
+  import jax
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()  # detects SLURM and multi-host TPU slices
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keep orbax's and JAX's per-save INFO chatter out of the training log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        name in record.pathname for name in ("orbax", "xla_bridge", "grain"))
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from umd_jax import checkpoint, data, sharding, train
+  _init_distributed()
+  config = _CONFIG.value
+  user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
+                 train.TrainingError)
+  try:
+    if _MODE.value == "summary":
+      train.summarize(config, _WORKDIR.value)
+    elif _MODE.value == "pretrain":
+      result = train.pretrain(config, _WORKDIR.value)
+      print(f"trained steps {result['start_step']} -> {result['step']}; loss {result['first_loss']:.4f} "
+            f"(first logged) -> {result['last_loss']:.4f} (last)")
+      print(f"workdir: {result['workdir']}  (checkpoints/, images/, TensorBoard events: "
+            f"tensorboard --logdir {result['workdir']})")
+  except user_errors as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""umd-jax: Unified Masked Diffusion (and DiT, MaskDiT, MAE) in JAX + Flax NNX."""

@@ -1,0 +1,86 @@
+"""Checkpoints of the whole run state (the only module that imports orbax).
+
+Each step directory holds `state` (params, optimizer, EMA, step, RNG, counters), `data`
+(the grain iterator of every process) and `config` (JSON). Orbax writes to a temporary
+directory and renames it when complete, so a crash mid-write never leaves a partial step.
+"""
+import json
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be read or written: the message names the step and what to do."""
+
+
+def _ensure_writable(directory: epath.Path) -> None:
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise CheckpointError(f"workdir {directory.parent} is not writable ({e.strerror or e}): "
+                          "choose another --workdir or fix its permissions") from None
+
+
+class Checkpointer:
+
+  def __init__(self, workdir, *, max_to_keep: int = 3):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    _ensure_writable(self.directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config) -> None:
+    """Asynchronous save; call `wait()` before the process exits."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """State at `step`, placed with the shardings of `abstract_state`; restores the iterator in place."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} could not be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+          "it is damaged or was written by a different config: delete that step directory to resume "
+          "from the previous one, or use a new --workdir") from None
+    return restored.state
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def restore_params(workdir, abstract_params):
+  """Only the parameters of the latest checkpoint in another workdir (for `config.init_from`)."""
+  manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"init_from={workdir!r} has no checkpoint: pre-train there first")
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"init_from={workdir!r} step {step}: parameters do not match this config "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+  finally:
+    manager.close()
+  return restored.state["params"]

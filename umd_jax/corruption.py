@@ -1,0 +1,107 @@
+"""Mask-then-noise corruption and the UMD objective (SPEC §1, §2).
+
+One global batch is split into a clean sub-batch (no noise, timestep index 0, mask ratio
+`clean_mask_ratio`) and a noised sub-batch (t ~ U{0..T-1}, told t + 1, mask ratio
+`noised_mask_ratio`). DiT, MaskDiT and MAE are other values of the same three numbers.
+"""
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from umd_jax import diffusion
+
+
+class Mask(NamedTuple):
+  keep_ids: jax.Array     # (B, K) indices of the kept patches, in shuffled order
+  restore_ids: jax.Array  # (B, L) undoes the shuffle: take_along_axis(kept ++ masked, restore_ids)
+  mask: jax.Array         # (B, L) float, 1 where the patch was dropped
+
+
+def num_kept(num_patches: int, ratio: float) -> int:
+  return int(num_patches * (1 - ratio))
+
+
+def random_mask(key, batch: int, num_patches: int, ratio: float) -> Optional[Mask]:
+  """MAE-style per-sample masking: argsort of uniform noise, keep the first int(L(1-r))."""
+  if ratio == 0:
+    return None
+  keep = num_kept(num_patches, ratio)
+  ids_shuffle = jnp.argsort(jax.random.uniform(key, (batch, num_patches)), axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  mask = jnp.concatenate([jnp.zeros((batch, keep)), jnp.ones((batch, num_patches - keep))], axis=1)
+  return Mask(ids_shuffle[:, :keep], ids_restore, jnp.take_along_axis(mask, ids_restore, axis=1))
+
+
+def pixel_mask(mask: jax.Array, height: int, width: int) -> jax.Array:
+  """(B, L) patch mask -> (B, H, W, 1) pixel mask (patches in row-major order)."""
+  b, num_patches = mask.shape
+  grid = int(round(num_patches ** 0.5))
+  m = mask.reshape(b, grid, grid)
+  m = jnp.repeat(jnp.repeat(m, height // grid, axis=1), width // grid, axis=2)
+  return m[..., None]
+
+
+def masked_mean(sq_err, weight, axis=None):
+  """sum(se * m) / sum(m) with m broadcast over channels; axis=None pools the whole sub-batch."""
+  weight = jnp.broadcast_to(weight, sq_err.shape)
+  return jnp.sum(sq_err * weight, axis=axis) / jnp.maximum(jnp.sum(weight, axis=axis), 1.0)
+
+
+def _regions(mask: Optional[Mask], x):
+  """(visible, masked) pixel weights; without masking both are all pixels (SPEC §2)."""
+  if mask is None:
+    ones = jnp.ones(x.shape[:3] + (1,), x.dtype)
+    return ones, ones
+  m = pixel_mask(mask.mask, x.shape[1], x.shape[2])
+  return 1.0 - m, m
+
+
+def split_sizes(batch: int, clean_fraction: float) -> tuple[int, int]:
+  n_clean = int(batch * clean_fraction)
+  return n_clean, batch - n_clean
+
+
+def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: jax.Array, *,
+             num_patches: int, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
+             labels: Optional[jax.Array] = None, num_buckets: int = 10):
+  """The UMD loss of SPEC §2 and its parts.
+
+  apply_fn(x, t_index, labels, keep_ids, restore_ids) -> dict(x0=..., eps=...), images (B, H, W, C);
+  x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label.
+  Returns (loss, metrics) with loss_clean, loss_noised and per-timestep-bucket sums/counts.
+  """
+  batch = x0.shape[0]
+  n_clean, n_noised = split_sizes(batch, clean_fraction)
+  k_clean, k_t, k_eps, k_noised = jax.random.split(key, 4)
+  zero = jnp.zeros((), jnp.float32)
+  metrics = dict(loss_clean=zero, loss_noised=zero,
+                 bucket_sum=jnp.zeros((num_buckets,)), bucket_count=jnp.zeros((num_buckets,)))
+
+  loss = zero
+  if n_clean:
+    xc = x0[:n_clean]
+    mask = random_mask(k_clean, n_clean, num_patches, clean_mask_ratio)
+    out = apply_fn(xc, jnp.zeros((n_clean,), jnp.int32), None,
+                   *(mask[:2] if mask is not None else (None, None)))
+    _, masked = _regions(mask, xc)
+    metrics["loss_clean"] = masked_mean(jnp.square(out["x0"] - xc), masked)
+    loss = loss + (n_clean / batch) * metrics["loss_clean"]
+  if n_noised:
+    xn = x0[n_clean:]
+    t = jax.random.randint(k_t, (n_noised,), 0, schedule.num_timesteps)
+    eps = jax.random.normal(k_eps, xn.shape, xn.dtype)
+    xt = diffusion.q_sample(schedule, xn, t, eps)
+    mask = random_mask(k_noised, n_noised, num_patches, noised_mask_ratio)
+    out = apply_fn(xt, t + 1, None if labels is None else labels[n_clean:],
+                   *(mask[:2] if mask is not None else (None, None)))
+    visible, masked = _regions(mask, xn)
+    eps_se, x0_se = jnp.square(out["eps"] - eps), jnp.square(out["x0"] - xn)
+    metrics["loss_noised"] = 0.5 * masked_mean(eps_se, visible) + 0.5 * masked_mean(x0_se, masked)
+    loss = loss + (n_noised / batch) * metrics["loss_noised"]
+    per_sample = (0.5 * masked_mean(eps_se, visible, axis=(1, 2, 3))
+                  + 0.5 * masked_mean(x0_se, masked, axis=(1, 2, 3)))
+    onehot = jax.nn.one_hot(t * num_buckets // schedule.num_timesteps, num_buckets)
+    metrics["bucket_sum"] = onehot.T @ per_sample
+    metrics["bucket_count"] = onehot.sum(axis=0)
+  return loss, metrics

@@ -1,0 +1,107 @@
+"""grain pipeline: source -> augment -> per-process batch -> global, sharded `jax.Array` batch.
+
+Training: Inception crop (area range from config, aspect 3/4..4/3) + horizontal flip.
+Evaluation: resize the shorter side, centre crop. Pixels end up float32 in [-1, 1].
+Each process reads its own shard of the records (`ShardByJaxProcess`); the iterator state
+is checkpointed with the model, so a resumed run continues the same data order.
+"""
+import math
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from umd_jax.data.sources import DataError
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  squeeze = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR))
+  return out[..., None] if squeeze else out
+
+
+def inception_crop(image, rng: np.random.Generator, area_range, size: int) -> np.ndarray:
+  """Random crop of area in `area_range` (fraction) and aspect in [3/4, 4/3], resized to size²."""
+  h, w = image.shape[:2]
+  if area_range[0] < 1.0:
+    for _ in range(10):
+      area = h * w * rng.uniform(*area_range)
+      aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+      ch, cw = int(round(math.sqrt(area / aspect))), int(round(math.sqrt(area * aspect)))
+      if 0 < ch <= h and 0 < cw <= w:
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        return _resize(image[top:top + ch, left:left + cw], size)
+  return center_crop(image, size)
+
+
+def center_crop(image, size: int) -> np.ndarray:
+  h, w = image.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return _resize(image[top:top + side, left:left + side], size)
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+  return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+class TrainAugment(grain.transforms.RandomMap):
+
+  def __init__(self, size, area_range, flip):
+    self.size, self.area_range, self.flip = size, tuple(area_range), flip
+
+  def random_map(self, record, rng):
+    image = inception_crop(record["image"], rng, self.area_range, self.size)
+    if self.flip and rng.uniform() < 0.5:
+      image = image[:, ::-1]
+    return {"image": _to_float(image), "label": np.int32(record["label"])}
+
+
+class EvalPreprocess(grain.transforms.Map):
+
+  def __init__(self, size):
+    self.size = size
+
+  def map(self, record):
+    return {"image": _to_float(center_crop(record["image"], self.size)), "label": np.int32(record["label"])}
+
+
+class Batches:
+  """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`."""
+
+  def __init__(self, loader: grain.DataLoader, sharding):
+    self.loader, self.sharding = loader, sharding
+    self.iterator = iter(loader)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    local = next(self.iterator)
+    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def make_batches(data_config, source, *, global_batch: int, sharding, seed: int, train: bool,
+                 num_epochs=None) -> Batches:
+  """Global batches of `source`; training shuffles (seeded) and repeats, evaluation reads in order."""
+  processes = jax.process_count()
+  if global_batch % processes:
+    raise DataError(f"batch_size={global_batch} is not divisible by the {processes} processes")
+  local_batch = global_batch // processes
+  if len(source) // processes < local_batch:
+    raise DataError(f"{len(source)} records cannot fill one batch of {global_batch}: lower batch_size")
+  d = data_config
+  augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
+             else EvalPreprocess(d.image_size))
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+      shuffle=train, num_epochs=None if train else (num_epochs or 1), seed=seed)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[augment, grain.transforms.Batch(local_batch, drop_remainder=train)],
+      worker_count=d.num_workers)
+  return Batches(loader, sharding)

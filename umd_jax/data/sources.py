@@ -1,0 +1,147 @@
+"""Random-access image sources (grain's `__len__` + `__getitem__` protocol).
+
+Each record is `{"image": uint8 (H, W, C), "label": int}`. Sources: any TFDS dataset prepared
+in array_record format, a folder with one sub-folder per class, scikit-learn's bundled
+handwritten digits (the embedded default; no download), and synthetic random images.
+"""
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+  """Bad or missing data: the message says what to do."""
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == channels:
+    return image
+  if channels == 3 and image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels == 1 and image.shape[-1] >= 3:
+    return np.round(image[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+  raise DataError(f"images have {image.shape[-1]} channels; data.channels={channels} cannot be made from them")
+
+
+class DigitsSource:
+  """scikit-learn's 1,797 handwritten 8×8 digits, 10 classes; fixed split (last 297 = 'test')."""
+  TEST_SIZE = 297
+
+  def __init__(self, split: str, channels: int = 1):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))  # fixed shuffle, then split
+    cut = len(order) - self.TEST_SIZE
+    if split not in ("train", "test"):
+      raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
+    idx = order[:cut] if split == "train" else order[cut:]
+    images = np.round(digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    self.images = np.stack([_to_channels(im, channels) for im in images])
+    self.labels = digits.target[idx].astype(np.int32)
+    self.num_classes = 10
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    return {"image": self.images[index], "label": self.labels[index]}
+
+
+class SyntheticSource:
+  """Deterministic random images (for benchmarks): record i is the same on every host and run."""
+
+  def __init__(self, size: int, image_size: int, channels: int, num_classes: int):
+    self.size, self.shape, self.num_classes = size, (image_size, image_size, channels), max(num_classes, 1)
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    rng = np.random.default_rng(int(index))
+    return {"image": rng.integers(0, 256, self.shape, dtype=np.uint8), "label": int(index) % self.num_classes}
+
+
+class ImageFolderSource:
+  """root/<class>/<image>. Unreadable files are skipped at start-up (and counted in the log)."""
+
+  def __init__(self, root: str, channels: int = 3):
+    if not root or not os.path.isdir(root):
+      raise DataError(f"image folder data.data_dir={root!r} does not exist: point it at ROOT/<class>/<image files>")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    self.files, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+      for fname in sorted(os.listdir(os.path.join(root, name))):
+        path = os.path.join(root, name, fname)
+        if not fname.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        try:
+          with Image.open(path) as im:
+            im.verify()  # header and structure only; cheap compared to a decode
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped the same way
+          skipped.append(path)
+          continue
+        self.files.append(path)
+        labels.append(label)
+    if skipped:
+      logging.warning("image folder %s: skipped %d unreadable files (first: %s)", root, len(skipped), skipped[0])
+    if not self.files:
+      raise DataError(f"image folder {root!r} has no readable images: expected ROOT/<class>/<image> with "
+                      f"extensions {', '.join(IMAGE_EXTENSIONS)} ({len(skipped)} unreadable skipped)")
+    self.labels = np.asarray(labels, np.int32)
+    self.num_classes, self.num_skipped, self.channels = len(classes), len(skipped), channels
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, index):
+    with Image.open(self.files[index]) as im:
+      image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
+    return {"image": _to_channels(image, self.channels), "label": self.labels[index]}
+
+
+class TfdsSource:
+  """A TFDS dataset prepared as array_record, read with `tfds.data_source` (never downloads)."""
+
+  def __init__(self, name: str, split: str, data_dir: str, channels: int):
+    import tensorflow_datasets as tfds
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # noqa: BLE001 - tfds raises many types for "not prepared"
+      raise DataError(
+          f"TFDS dataset {name!r} (split {split!r}) not found as array_record in data_dir={data_dir!r}: "
+          f"prepare it once with `tfds build {name} --data_dir=DIR --file_format=array_record` "
+          f"(ImageNet needs the archives placed in DIR/downloads/manual) [{type(e).__name__}]") from None
+    self.channels = channels
+    label = self.source.dataset_info.features["label"] if "label" in self.source.dataset_info.features else None
+    self.num_classes = getattr(label, "num_classes", 0)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = self.source[index]
+    return {"image": _to_channels(np.asarray(record["image"]), self.channels),
+            "label": np.int32(record.get("label", 0))}
+
+
+def make_source(data_config, split: str):
+  """The source named by `config.data.name` for `split`."""
+  d = data_config
+  if d.name == "digits":
+    source = DigitsSource(split, d.channels)
+  elif d.name == "synthetic":
+    source = SyntheticSource(d.synthetic_size, d.image_size, d.channels, d.num_classes)
+  elif d.name == "folder":
+    source = ImageFolderSource(os.path.join(d.data_dir, split) if os.path.isdir(os.path.join(d.data_dir, split))
+                               else d.data_dir, d.channels)
+  else:
+    source = TfdsSource(d.name, split, d.data_dir, d.channels)
+  if len(source) == 0:
+    raise DataError(f"data {d.name!r} split {split!r} is empty")
+  return source

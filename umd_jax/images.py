@@ -1,0 +1,30 @@
+"""Image grids for TensorBoard and PNG files."""
+import numpy as np
+from etils import epath
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8, any leading shape."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def grid(rows, pad: int = 1) -> np.ndarray:
+  """rows: list of (N, H, W, C) arrays in [-1, 1] -> one (rows·(H+pad), N·(W+pad), C) uint8 image."""
+  rows = [to_uint8(r) for r in rows]
+  n, h, w, c = rows[0].shape
+  out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      out[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = image
+  return out
+
+
+def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if upscale > 1:
+    image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  with path.open("wb") as f:
+    pil.save(f, format="PNG")

@@ -1,0 +1,155 @@
+"""Building blocks of the UMD auto-encoder (SPEC §3): embeddings, attention, adaLN-Zero block.
+
+Kernels carry logical axis names ("embed", "mlp", ...) that `sharding.py` maps to mesh axes.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def logical(init, *names):
+  """Annotate an initializer with logical axis names (resolved later by `sharding.py`)."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def dense(in_features, out_features, axes, *, dtype, rngs, kernel_init=xavier):
+  return nnx.Linear(in_features, out_features, kernel_init=logical(kernel_init, *axes),
+                    bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def layer_norm(width, *, dtype, rngs):
+  return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def timestep_sinusoids(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """(B,) integer timestep indices -> (B, dim) [cos | sin] features, as in DiT/ADM."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+class EmbedMLP(nnx.Module):
+  """Dense(2·width) -> SiLU -> Dense(width), the MLP after the timestep / label embedding."""
+
+  def __init__(self, width, *, dtype, rngs):
+    init = nnx.initializers.normal(0.02)
+    self.fc1 = dense(width, 2 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.fc2 = dense(2 * width, width, ("mlp", "embed"), dtype=dtype, rngs=rngs, kernel_init=init)
+
+  def __call__(self, x):
+    return self.fc2(nnx.silu(self.fc1(x)))
+
+
+class TimestepEmbedder(nnx.Module):
+  def __init__(self, width, *, dtype, rngs):
+    self.width = width
+    self.mlp = EmbedMLP(width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, t):  # (B,) int -> (B, width)
+    return self.mlp(timestep_sinusoids(t, self.width))
+
+
+class LabelEmbedder(nnx.Module):
+  """num_classes + 1 rows; the last row is the null class used for guidance and the clean step."""
+
+  def __init__(self, num_classes, width, *, dtype, rngs):
+    self.table = nnx.Embed(num_classes + 1, width, embedding_init=logical(nnx.initializers.normal(0.02), "vocab", "embed"),
+                           dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.mlp = EmbedMLP(width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, labels):  # (B,) int -> (B, width)
+    return self.mlp(self.table(labels))
+
+
+class Attention(nnx.Module):
+  def __init__(self, width, heads, *, dtype, rngs):
+    self.heads = heads
+    self.qkv = dense(width, 3 * width, ("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.proj = dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):  # (B, N, D)
+    b, n, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, H, d/H)
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width, *, dtype, rngs):
+    self.fc1 = dense(width, 4 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = dense(4 * width, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block. adaLN-Zero when `adaln`, else the condition is an in-context token."""
+
+  def __init__(self, width, heads, *, adaln: bool, dtype, rngs):
+    self.adaln = adaln
+    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, dtype=dtype, rngs=rngs)
+    if adaln:
+      self.modulation = dense(width, 6 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=zeros)
+
+  def __call__(self, x, cond):  # x (B, N, D); cond (B, D)
+    if self.adaln:
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(cond), 6, axis=-1)
+      x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+      return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+    x = jnp.concatenate([cond[:, None].astype(x.dtype), x], axis=1)
+    x = x + self.attn(self.norm1(x))
+    x = x + self.mlp(self.norm2(x))
+    return x[:, 1:]
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Stack(nnx.Module):
+  """`depth` blocks, either stacked and run with `nnx.scan` (fast compiles at depth 24) or unrolled."""
+
+  def __init__(self, depth, width, heads, *, adaln, dtype, scan, remat, rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)}")
+    self.scan, self.remat = scan, remat
+    make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r)
+    if scan:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create(r):
+        return make(r)
+      self.blocks = create(rngs)
+    else:
+      self.blocks = nnx.List([make(rngs) for _ in range(depth)])
+
+  def __call__(self, x, cond):
+    apply = lambda block, h, c: block(h, c)
+    if self.remat != "none":
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+    if self.scan:
+      @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+      def body(block, h, c):
+        return apply(block, h, c)
+      return body(self.blocks, x, cond)
+    for block in self.blocks:
+      x = apply(block, x, cond)
+    return x

@@ -1,0 +1,143 @@
+"""The UMD auto-encoder (SPEC §3): embed -> mask -> encode -> decode -> (x0, eps) heads.
+
+The model knows nothing of data or training: it takes images, timestep indices, optional
+labels and optional kept/restore token indices (made by `corruption.py`).
+"""
+import math
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from umd_jax.models import layers
+
+# name: (width, encoder depth, decoder depth, heads). SPEC §3; "Ti" and "Mu" are for tests/demos.
+VARIANTS = {
+    "Mu": (32, 2, 1, 2),
+    "Ti": (64, 4, 2, 4),
+    "S": (384, 12, 4, 6),
+    "B": (768, 12, 4, 12),
+    "L": (1024, 24, 8, 16),
+}
+
+
+def parse_variant(variant: str) -> dict:
+  """'B/4' -> dict(width=768, encoder_depth=12, decoder_depth=4, heads=12, patch=4)."""
+  try:
+    name, patch = variant.split("/")
+    width, enc, dec, heads = VARIANTS[name]
+    patch = int(patch)
+  except (ValueError, KeyError):
+    raise ValueError(
+        f"model.variant={variant!r} is not NAME/PATCH with NAME in {sorted(VARIANTS)} "
+        "(for example 'B/4')") from None
+  return dict(width=width, encoder_depth=enc, decoder_depth=dec, heads=heads, patch=patch)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UMD(nnx.Module):
+
+  def __init__(self, *, image_size: int, channels: int, patch: int, width: int, encoder_depth: int,
+               decoder_depth: int, heads: int, num_registers: int = 4, conditioning: str = "adaln",
+               num_classes: int = 0, dtype: str = "float32", scan_layers: bool = True,
+               remat: str = "none", rngs: nnx.Rngs):
+    if image_size % patch:
+      raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
+                       "change data.image_size or model.variant")
+    if conditioning not in ("adaln", "in_context"):
+      raise ValueError(f"model.conditioning={conditioning!r}: use 'adaln' or 'in_context'")
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by {heads} heads")
+    if dtype not in DTYPES:
+      raise ValueError(f"model.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    self.patch, self.channels, self.num_classes = patch, channels, num_classes
+    self.grid = image_size // patch
+    self.num_patches = self.grid ** 2
+    self.num_registers = num_registers
+    self.adaln = conditioning == "adaln"
+    self.dtype = dt = DTYPES[dtype]
+    stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, rngs=rngs)
+    pos_init = layers.logical(nnx.initializers.normal(1 / math.sqrt(self.num_patches)), None, "seq", "embed")
+    token_shape = (1, self.num_patches, width)
+
+    self.patch_embed = layers.dense(patch * patch * channels, width, ("patch", "embed"), dtype=dt, rngs=rngs)
+    self.encoder_pos = nnx.Param(pos_init(rngs.params(), token_shape))
+    self.registers = nnx.Param(layers.logical(layers.zeros, None, None, "embed")(rngs.params(), (1, num_registers, width)))
+    self.encoder = layers.Stack(encoder_depth, width, heads, **stack)
+    self.encoder_norm = layers.layer_norm(width, dtype=dt, rngs=rngs)
+
+    self.mask_token = nnx.Param(layers.logical(nnx.initializers.normal(0.02), None, None, "embed")(rngs.params(), (1, 1, width)))
+    self.decoder_pos = nnx.Param(pos_init(rngs.params(), token_shape))
+    self.decoder = layers.Stack(decoder_depth, width, heads, **stack)
+    self.decoder_norm = layers.layer_norm(width, dtype=dt, rngs=rngs)
+    if self.adaln:
+      self.final_modulation = layers.dense(width, 2 * width, ("embed", "mlp"), dtype=dt, rngs=rngs, kernel_init=layers.zeros)
+    self.head = layers.dense(width, patch * patch * 2 * channels, ("embed", "patch"), dtype=dt, rngs=rngs,
+                             kernel_init=nnx.initializers.normal(0.02))
+
+    self.time_embed = layers.TimestepEmbedder(width, dtype=dt, rngs=rngs)
+    if num_classes > 0:
+      self.label_embed = layers.LabelEmbedder(num_classes, width, dtype=dt, rngs=rngs)
+
+  # --- pieces -------------------------------------------------------------------------------
+
+  def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
+    return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=self.patch, q=self.patch)
+
+  def unpatchify(self, x, channels):  # (B, L, p*p*C) -> (B, H, W, C)
+    return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=self.patch,
+                            q=self.patch, c=channels)
+
+  def condition(self, t_index, labels=None):
+    """(B,) timestep indices (0 = clean step) and optional labels -> (B, width) condition."""
+    cond = self.time_embed(t_index)
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full(t_index.shape, self.num_classes, jnp.int32)  # null class
+      cond = cond + self.label_embed(labels)
+    return nnx.silu(cond) if self.adaln else cond
+
+  def encode(self, x, cond, keep_ids=None):
+    """Images (B, H, W, C) -> visible-token outputs (B, K, D) and rep (B, D)."""
+    tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...]
+    if keep_ids is not None:
+      tokens = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
+    registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
+    h = jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
+    h = self.encoder_norm(self.encoder(h, cond))
+    return h[:, self.num_registers:], h[:, :self.num_registers].mean(axis=1)
+
+  def decode(self, visible, rep, cond, restore_ids=None):
+    """Visible tokens (B, K, D) + rep -> (x0, eps) images, each (B, H, W, C) in float32."""
+    b, k, d = visible.shape
+    if restore_ids is not None:
+      mask_tokens = jnp.broadcast_to(self.mask_token[...], (b, self.num_patches - k, d)).astype(visible.dtype)
+      h = jnp.concatenate([visible, mask_tokens], axis=1)
+      h = jnp.take_along_axis(h, restore_ids[..., None], axis=1)  # back to patch order
+    else:
+      h = visible
+    h = jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...]], axis=1)
+    h = self.decoder_norm(self.decoder(h, cond))[:, 1:]
+    if self.adaln:
+      shift, scale = jnp.split(self.final_modulation(cond), 2, axis=-1)
+      h = layers.modulate(h, shift, scale)
+    out = self.unpatchify(self.head(h).astype(jnp.float32), 2 * self.channels)
+    return out[..., :self.channels], out[..., self.channels:]
+
+  def __call__(self, x, t_index, labels=None, keep_ids=None, restore_ids=None):
+    """Returns dict(x0, eps, rep). `t_index` is what the network is told (0 = clean step)."""
+    cond = self.condition(t_index, labels)
+    visible, rep = self.encode(x, cond, keep_ids)
+    x0, eps = self.decode(visible, rep, cond, restore_ids if keep_ids is not None else None)
+    return dict(x0=x0, eps=eps, rep=rep.astype(jnp.float32))
+
+
+def from_config(config, rngs: nnx.Rngs) -> UMD:
+  """Build the model of `config.model` for images of `config.data`."""
+  m = config.model
+  return UMD(image_size=config.data.image_size, channels=config.data.channels, num_registers=m.num_registers,
+             conditioning=m.conditioning, num_classes=m.num_classes, dtype=m.dtype,
+             scan_layers=m.scan_layers, remat=m.remat, rngs=rngs, **parse_variant(m.variant))

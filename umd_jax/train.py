@@ -1,0 +1,214 @@
+"""Pre-training loop, readable top to bottom: config -> mesh -> state -> data -> steps -> checkpoints.
+
+Resume order: the workdir's latest checkpoint, else `config.init_from`'s weights, else scratch.
+SIGTERM / SIGINT save a checkpoint at the current step and return cleanly.
+"""
+import json
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from flax import nnx
+
+from umd_jax import checkpoint, corruption, data, diffusion, flops, images, sharding, train_step
+from umd_jax.models import umd
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the message says what happened and what to do."""
+
+
+def validate_config(config) -> None:
+  """Fail fast, with one line, on values that would otherwise fail deep inside JAX."""
+  c, d = config.corruption, config.data
+  variant = umd.parse_variant(config.model.variant)
+  if d.image_size % variant["patch"]:
+    raise ValueError(f"data.image_size={d.image_size} is not divisible by the patch size {variant['patch']} "
+                     f"of model.variant={config.model.variant!r}")
+  if not 0.0 <= c.clean_fraction <= 1.0:
+    raise ValueError(f"corruption.clean_fraction={c.clean_fraction} must be in [0, 1]")
+  num_patches = (d.image_size // variant["patch"]) ** 2
+  for name in ("clean_mask_ratio", "noised_mask_ratio"):
+    ratio = c[name]
+    if not 0.0 <= ratio < 1.0:
+      raise ValueError(f"corruption.{name}={ratio} must be in [0, 1)")
+    if corruption.num_kept(num_patches, ratio) < 1:
+      raise ValueError(f"corruption.{name}={ratio} keeps no token of {num_patches}: lower it")
+  if config.batch_size < 1 or config.total_steps < 1:
+    raise ValueError("batch_size and total_steps must be positive")
+
+
+def _reconstruction_fn(config, graphdef):
+  """jit(params, images, key) -> rows (input shown to the model, x0 prediction, original)."""
+  c = config.corruption
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  patch = umd.parse_variant(config.model.variant)["patch"]
+  num_patches = (config.data.image_size // patch) ** 2
+  clean = c.clean_fraction > 0
+  ratio = c.clean_mask_ratio if clean else c.noised_mask_ratio
+
+  @jax.jit
+  def reconstruct(params, x0, key):
+    k_mask, k_eps = jax.random.split(key)
+    b = x0.shape[0]
+    t = jnp.full((b,), schedule.num_timesteps // 2, jnp.int32)
+    x_in = x0 if clean else diffusion.q_sample(schedule, x0, t, jax.random.normal(k_eps, x0.shape))
+    mask = corruption.random_mask(k_mask, b, num_patches, ratio)
+    out = nnx.merge(graphdef, params)(x_in, jnp.zeros_like(t) if clean else t + 1, None,
+                                      *(mask[:2] if mask is not None else (None, None)))
+    shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
+    return shown, jnp.clip(out["x0"], -1, 1), x0
+
+  return reconstruct
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT; the loop checkpoints and returns at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, _frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _mean_metrics(history):
+  """Average the per-step metric dicts fetched since the last log; buckets are pooled properly."""
+  fetched = jax.device_get(history)
+  out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if not k.startswith("bucket_")}
+  sums = np.sum([m["bucket_sum"] for m in fetched], axis=0)
+  counts = np.sum([m["bucket_count"] for m in fetched], axis=0)
+  for i, (s, n) in enumerate(zip(sums, counts)):
+    if n > 0:
+      out[f"loss_t{i}"] = float(s / n)
+  return out
+
+
+def pretrain(config, workdir: str, devices=None) -> dict:
+  """Train for config.total_steps (resuming if the workdir has a checkpoint); returns a summary."""
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.batch_size, mesh)
+  tx, lr = train_step.make_optimizer(config)
+  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+  step_fn = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+  reconstruct = _reconstruction_fn(config, graphdef)
+
+  source = data.make_source(config.data, config.data.train_split)
+  batches = data.make_batches(config.data, source, global_batch=config.batch_size,
+                              sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, train_step.abstract_state(state, shardings), batches.iterator)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  elif config.init_from:
+    params = checkpoint.restore_params(config.init_from, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params, shardings.params))
+    state = state.replace(params=params, ema_params=params if state.ema_params is not None else None)
+    logging.info("initialised weights from %s", config.init_from)
+  start = int(state.step)
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every)
+  preview = _preview_images(config, mesh)
+  history, first_loss, last = [], None, {}
+  step = start
+  with _StopFlag() as stop:
+    while step < config.total_steps:
+      state, metrics = step_fn(state, next(batches))
+      step += 1
+      history.append(metrics)
+      progress(step)
+      final = step == config.total_steps
+      if step == start + 1 or step % config.log_every == 0 or final or stop.signal:
+        _check_finite(state, step, ckpt)
+        last = _mean_metrics(history)
+        history = []
+        first_loss = first_loss if first_loss is not None else last["loss"]
+        writer.write_scalars(step, last)
+        logging.info("step %d: loss %.5f (clean %.5f, noised %.5f)", step, last["loss"],
+                     last["loss_clean"], last["loss_noised"])
+      if step % config.image_every == 0 or final:
+        rows = reconstruct(state.params, preview, jax.random.PRNGKey(config.seed))
+        picture = images.grid(jax.device_get(rows))
+        if is_main:
+          images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
+                          upscale=max(1, 256 // picture.shape[0]))
+        writer.write_images(step, {"reconstruction": picture[None]})
+      if step % config.checkpoint_every == 0 or final or stop.signal:
+        _check_finite(state, step, ckpt)
+        ckpt.save(step, state, batches.iterator, config)
+      if stop.signal:
+        logging.warning("%s received: saved step %d, exiting", stop.signal, step)
+        break
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  return dict(start_step=start, step=step, first_loss=first_loss, last_loss=last.get("loss"),
+              stopped_by=stop.signal, workdir=str(workdir), state=state)
+
+
+def _preview_images(config, mesh):
+  """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else train."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  split = config.data.eval_split if config.data.name == "digits" else config.data.train_split
+  batches = data.make_batches(config.data, data.make_source(config.data, split), train=False,
+                              global_batch=shards * max(1, 8 // shards),
+                              sharding=sharding.batch_sharding(mesh), seed=config.seed)
+  return next(batches)["image"]
+
+
+def _check_finite(state, step, ckpt):
+  bad = int(state.first_nonfinite)
+  if bad >= 0:
+    ckpt.wait()
+    raise TrainingError(
+        f"non-finite loss or gradient at step {bad + 1}; stopped at step {step} without saving "
+        f"(latest good checkpoint: step {ckpt.latest_step()}): lower optim.base_lr or check the data")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+def summarize(config, workdir: str) -> dict:
+  """Parameter overview, parameter count and training FLOPs per image; writes summary.json."""
+  validate_config(config)
+  _, abstract_params = train_step.abstract_model(config)
+  params = nnx.to_pure_dict(abstract_params)
+  overview = parameter_overview.get_parameter_overview(params, include_stats=False)
+  count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  result = {"params": count, "train_flops_per_image": flops.train_flops_per_image(config)}
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "summary.json").write_text(json.dumps(result, indent=2))
+  print(overview)
+  print(f"parameters: {count:,}   training FLOPs per image (fwd+bwd): {result['train_flops_per_image']:.4g}")
+  return result

@@ -1,0 +1,130 @@
+"""Train state, optimizer and the one jitted, sharded, donated train step.
+
+The step fuses mask-then-noise corruption, both sub-batch forward passes, the UMD loss,
+gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA. A step
+whose loss or gradient is not finite leaves the state unchanged and is recorded in it, so
+the host can stop before any bad state is written.
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from umd_jax import corruption, diffusion, sharding
+from umd_jax.models import umd
+
+NO_DECAY_TOP = ("registers", "mask_token")
+NO_DECAY_LEAF = ("bias", "scale")  # biases and LayerNorm scales (1-D in every unscanned layer)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array             # int32 (), steps taken
+  params: Any                 # pure dict of float32 arrays
+  opt_state: Any
+  ema_params: Any             # same tree as params, or None when config.optim.ema_rate == 0
+  rng: jax.Array              # uint32 (2,); step keys are fold_in(rng, step)
+  nonfinite_steps: jax.Array  # int32 (), updates skipped for a non-finite loss or gradient
+  first_nonfinite: jax.Array  # int32 (), step of the first such update, -1 if none
+
+
+def learning_rate(config):
+  o = config.optim
+  peak = o.base_lr * config.batch_size / 256
+  warmup = int(o.warmup_fraction * config.total_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.total_steps, warmup + 1), 0.0)
+
+
+def weight_decay_mask(params):
+  def decays(path, _):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    return keys[0] not in NO_DECAY_TOP and keys[-1] not in NO_DECAY_LEAF
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config):
+  o = config.optim
+  lr = learning_rate(config)
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                   optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask))
+  return tx, lr
+
+
+def abstract_model(config):
+  """(graphdef, abstract Param state) without allocating anything."""
+  model = nnx.eval_shape(lambda: umd.from_config(config, nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  assert not jax.tree.leaves(rest), "the model must hold only nnx.Param state"
+  return graphdef, params
+
+
+def create_state(config, mesh, tx):
+  """Shape first, then materialise sharded: returns (graphdef, state, state shardings)."""
+  graphdef, abstract_params = abstract_model(config)
+  param_sharding = sharding.param_shardings(abstract_params, config.mesh.rules, mesh)
+  use_ema = config.optim.ema_rate > 0
+
+  def init():
+    params = nnx.to_pure_dict(nnx.state(umd.from_config(config, nnx.Rngs(config.seed)), nnx.Param))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if use_ema else None,
+                      rng=jax.random.PRNGKey(config.seed + 1),
+                      nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite=jnp.full((), -1, jnp.int32))
+
+  shapes = jax.eval_shape(init)
+  repl = sharding.replicated(mesh)
+  shardings = TrainState(
+      step=repl, params=param_sharding,
+      opt_state=sharding.optimizer_shardings(tx, shapes.opt_state, param_sharding, mesh),
+      ema_params=param_sharding if use_ema else None, rng=repl, nonfinite_steps=repl, first_nonfinite=repl)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def abstract_state(state, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
+  """jit(step)(state, batch) -> (state, metrics); the state buffers are donated."""
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  c = config.corruption
+  num_patches = (config.data.image_size // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  ema_rate = config.optim.ema_rate
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      apply = lambda x, t, labels, keep, restore: model(x, t, labels, keep, restore)
+      return corruption.umd_loss(apply, schedule, batch["image"], key, num_patches=num_patches,
+                                 clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
+                                 noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
+                                 labels=batch["label"] if config.model.num_classes else None)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: e + ema_rate * (p - e), ema, params)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
+    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates), lr=lr_schedule(state.step))
+    return new_state, metrics
+
+  batch_shard = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, {"image": batch_shard, "label": batch_shard}),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
