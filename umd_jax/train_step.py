@@ -2,7 +2,7 @@
 
 The step fuses mask-then-noise corruption, both sub-batch forward passes, the UMD loss,
 gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA. A step
-whose loss or gradient is not finite leaves the state unchanged and is recorded in it, so
+whose loss, gradient or update is not finite leaves the state unchanged and is recorded in it, so
 the host can stop before any bad state is written.
 """
 from typing import Any
@@ -109,8 +109,8 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)
@@ -122,7 +122,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
     metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-                   update_norm=optax.tree.norm(updates), lr=lr_schedule(state.step))
+                   update_norm=update_norm, lr=lr_schedule(state.step))
     return new_state, metrics
 
   batch_shard = sharding.batch_sharding(mesh)

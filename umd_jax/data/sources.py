@@ -45,6 +45,10 @@ class DigitsSource:
     self.images = np.stack([_to_channels(im, channels) for im in images])
     self.labels = digits.target[idx].astype(np.int32)
     self.num_classes = 10
+    self._repr = f"DigitsSource(split={split!r}, channels={channels})"
+
+  def __repr__(self):  # grain compares it with the checkpointed iterator's source
+    return self._repr
 
   def __len__(self):
     return len(self.labels)
@@ -58,6 +62,9 @@ class SyntheticSource:
 
   def __init__(self, size: int, image_size: int, channels: int, num_classes: int):
     self.size, self.shape, self.num_classes = size, (image_size, image_size, channels), max(num_classes, 1)
+
+  def __repr__(self):
+    return f"SyntheticSource(size={self.size}, shape={self.shape}, num_classes={self.num_classes})"
 
   def __len__(self):
     return self.size
@@ -95,6 +102,10 @@ class ImageFolderSource:
                       f"extensions {', '.join(IMAGE_EXTENSIONS)} ({len(skipped)} unreadable skipped)")
     self.labels = np.asarray(labels, np.int32)
     self.num_classes, self.num_skipped, self.channels = len(classes), len(skipped), channels
+    self.root = root
+
+  def __repr__(self):
+    return f"ImageFolderSource(root={self.root!r}, files={len(self.files)}, channels={self.channels})"
 
   def __len__(self):
     return len(self.files)
@@ -120,6 +131,10 @@ class TfdsSource:
     self.channels = channels
     label = self.source.dataset_info.features["label"] if "label" in self.source.dataset_info.features else None
     self.num_classes = getattr(label, "num_classes", 0)
+    self._repr = f"TfdsSource(name={name!r}, split={split!r}, records={len(self.source)}, channels={channels})"
+
+  def __repr__(self):
+    return self._repr
 
   def __len__(self):
     return len(self.source)

@@ -1,0 +1,47 @@
+"""Test set-up: 8 fake CPU devices (set before JAX is imported) and tiny configs."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import common  # noqa: E402
+
+
+def tiny_config(method: str = "umd", **overrides):
+  """A config that compiles and runs in seconds on CPU: Mu/2 on the 8×8 digits."""
+  c = common.base_config(method)
+  c.batch_size = 16
+  c.total_steps = 4
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.image_every = 1000
+  c.data.name = "digits"
+  c.data.eval_split = "test"
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.data.num_classes = 10
+  c.data.crop_area_min = 1.0
+  c.data.flip = False
+  c.data.num_workers = 0
+  c.model.variant = "Mu/2"
+  c.model.scan_layers = False
+  c.optim.base_lr = 2e-3
+  c = common.finalize(c)
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def one_device():
+  return jax.devices()[:1]

@@ -1,0 +1,146 @@
+"""The ViT auto-encoder of SPEC §3: shapes, parameter count, masking/restore, conditioning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from umd_jax import corruption
+from umd_jax.models import umd
+
+TINY = dict(image_size=8, channels=1, patch=2, width=32, encoder_depth=2, decoder_depth=1, heads=2)
+
+
+def make(**kw):
+  return umd.UMD(**{**TINY, **kw}, rngs=nnx.Rngs(0))
+
+
+def randomize(model, seed=1):
+  """Give every parameter (zero-initialised adaLN ones included) random values."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  leaves, tree = jax.tree.flatten(nnx.to_pure_dict(params))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  new = [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(tree, new))
+
+
+@nnx.jit
+def run(model, x, t, labels=None, keep_ids=None, restore_ids=None):
+  """Jitted forward (eager op-by-op dispatch is slow on 8 fake CPU devices)."""
+  return model(x, t, labels, keep_ids, restore_ids)
+
+
+def images(b=3, size=8, c=1, seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (b, size, size, c), minval=-1, maxval=1)
+
+
+def test_variants_match_spec():
+  assert umd.parse_variant("S/4") == dict(width=384, encoder_depth=12, decoder_depth=4, heads=6, patch=4)
+  assert umd.parse_variant("B/4") == dict(width=768, encoder_depth=12, decoder_depth=4, heads=12, patch=4)
+  assert umd.parse_variant("L/2") == dict(width=1024, encoder_depth=24, decoder_depth=8, heads=16, patch=2)
+  with pytest.raises(ValueError, match="NAME/PATCH"):
+    umd.parse_variant("B4")
+
+
+def expected_param_count(w, enc, dec, p, c, num_patches, registers=4, adaln=True, num_classes=0):
+  block = (w * 3 * w + 3 * w) + (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w) + 4 * w
+  block += (w * 6 * w + 6 * w) if adaln else 0
+  embed_mlp = (w * 2 * w + 2 * w) + (2 * w * w + w)
+  total = (p * p * c * w + w) + 2 * num_patches * w + registers * w + w  # patch, 2 pos, registers, mask
+  total += (enc + dec) * block + 2 * (2 * w)                              # blocks, two final norms
+  total += (w * 2 * w + 2 * w) if adaln else 0                            # final modulation
+  total += w * p * p * 2 * c + p * p * 2 * c                              # head
+  total += embed_mlp + ((num_classes + 1) * w + embed_mlp if num_classes else 0)
+  return total
+
+
+@pytest.mark.parametrize("conditioning,num_classes", [("adaln", 0), ("in_context", 0), ("adaln", 10)])
+def test_parameter_count_matches_the_architecture(conditioning, num_classes):
+  model = make(conditioning=conditioning, num_classes=num_classes)
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == expected_param_count(32, 2, 1, 2, 1, 16, adaln=conditioning == "adaln", num_classes=num_classes)
+
+
+def test_umd_b4_parameter_count():
+  model = nnx.eval_shape(lambda: umd.UMD(image_size=64, channels=3, rngs=nnx.Rngs(0), **umd.parse_variant("B/4")))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == expected_param_count(768, 12, 4, 4, 3, 256)
+
+
+def test_outputs_shapes_and_zero_init_gates():
+  model = make()
+  out = run(model, images(), jnp.array([0, 5, 1000]))
+  assert out["x0"].shape == out["eps"].shape == (3, 8, 8, 1) and out["rep"].shape == (3, 32)
+  assert out["x0"].dtype == jnp.float32
+  # adaLN-Zero: at init every block and the final modulation are identity in the condition,
+  # so the output cannot depend on the timestep yet.
+  np.testing.assert_allclose(out["x0"], run(model, images(), jnp.array([7, 7, 7]))["x0"], atol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "in_context"])
+def test_timestep_conditions_the_output(conditioning):
+  model = randomize(make(conditioning=conditioning))
+  x = images()
+  a, b = run(model, x, jnp.zeros((3,), jnp.int32)), run(model, x, jnp.full((3,), 500))
+  assert float(jnp.abs(a["rep"] - b["rep"]).max()) > 1e-3
+  assert float(jnp.abs(a["x0"] - b["x0"]).max()) > 1e-3
+
+
+def test_keeping_every_token_in_shuffled_order_equals_no_masking():
+  """Position embeddings are added before the shuffle and attention is permutation-equivariant,
+  so dropping nothing (in any order) and restoring must give exactly the unmasked output."""
+  model = randomize(make())
+  x, t = images(), jnp.array([0, 3, 900])
+  ids = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(5), (3, 16)), axis=1)
+  shuffled = run(model, x, t, keep_ids=ids, restore_ids=jnp.argsort(ids, axis=1))
+  plain = run(model, x, t)
+  np.testing.assert_allclose(shuffled["x0"], plain["x0"], atol=1e-5)
+  np.testing.assert_allclose(shuffled["rep"], plain["rep"], atol=1e-5)
+
+
+def test_masked_patches_do_not_reach_the_encoder():
+  model = randomize(make())
+  m = corruption.random_mask(jax.random.PRNGKey(2), 3, 16, 0.75)
+  x = images()
+  noise = 5.0 * corruption.pixel_mask(m.mask, 8, 8) * images(seed=9)  # change only the dropped patches
+  a = run(model, x, jnp.zeros((3,), jnp.int32), None, m.keep_ids, m.restore_ids)
+  b = run(model, x + noise, jnp.zeros((3,), jnp.int32), None, m.keep_ids, m.restore_ids)
+  np.testing.assert_allclose(a["x0"], b["x0"], atol=1e-6)
+  np.testing.assert_allclose(a["rep"], b["rep"], atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_layers_and_remat_equal_the_unrolled_model(remat):
+  unrolled = randomize(make(scan_layers=False))
+  scanned = make(scan_layers=True, remat=remat)
+  pure = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  stack = lambda blocks: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  pure["encoder"]["blocks"] = stack(pure["encoder"]["blocks"])
+  pure["decoder"]["blocks"] = stack(pure["decoder"]["blocks"])
+  graphdef, _ = nnx.split(scanned, nnx.Param)
+  scanned = nnx.merge(graphdef, pure)
+  x, t = images(), jnp.array([0, 3, 900])
+  np.testing.assert_allclose(run(scanned, x, t)["x0"], run(unrolled, x, t)["x0"], atol=1e-5)
+  grad = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(nnx.split(m, nnx.Param)[0], p)(x, t)["eps"] ** 2)))(
+      nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  np.testing.assert_allclose(grad(scanned)["patch_embed"]["kernel"], grad(unrolled)["patch_embed"]["kernel"],
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  model = make(dtype="bfloat16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  out = run(model, images(), jnp.zeros((3,), jnp.int32))
+  assert out["x0"].dtype == jnp.float32 and bool(jnp.isfinite(out["x0"]).all())
+
+
+def test_labels_use_the_null_row_by_default():
+  model = randomize(make(num_classes=10))
+  x, t = images(), jnp.array([1, 2, 3])
+  np.testing.assert_allclose(run(model, x, t)["x0"], run(model, x, t, jnp.full((3,), 10))["x0"], atol=1e-6)
+  assert float(jnp.abs(run(model, x, t, jnp.array([0, 1, 2]))["x0"] - run(model, x, t)["x0"]).max()) > 1e-3
+
+
+def test_image_size_not_divisible_by_patch_is_a_clear_error():
+  with pytest.raises(ValueError, match="not divisible by patch size 3"):
+    make(patch=3)

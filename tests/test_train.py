@@ -1,0 +1,183 @@
+"""Train step and loop: sharded == single device, exact resume, signals, the demo, bad input."""
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import demo
+from conftest import tiny_config
+from umd_jax import data, sharding, train, train_step
+
+
+def _batches(config, mesh, n):
+  source = data.make_source(config.data, "train")
+  it = data.make_batches(config.data, source, global_batch=config.batch_size,
+                         sharding=sharding.batch_sharding(mesh), seed=0, train=True)
+  return [jax.device_get(next(it)) for _ in range(n)]
+
+
+def _run_steps(config, devices, batches):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx, lr = train_step.make_optimizer(config)
+  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+  bs = sharding.batch_sharding(mesh)
+  for b in batches:
+    state, metrics = step(state, {k: jax.device_put(v, bs) for k, v in b.items()})
+  return state, metrics
+
+
+def test_sharded_step_equals_single_device_step_and_params_are_sharded(one_device):
+  config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "optim.ema_rate": 0.1})
+  batches = _batches(config, sharding.make_mesh(config.mesh, one_device) if False else
+                     sharding.make_mesh(tiny_config().mesh, one_device), 2)
+  sharded, m8 = _run_steps(config, jax.devices(), batches)
+  single, m1 = _run_steps(tiny_config(**{"optim.ema_rate": 0.1}), one_device, batches)
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(sharded.ema_params), jax.tree.leaves(single.ema_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+  kernel = sharded.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]  # (32, 128): ("embed", "mlp")
+  assert kernel.sharding.spec == P("fsdp", None)
+  assert kernel.addressable_shards[0].data.shape == (16, 128)
+  mu = sharded.opt_state[1][0].mu["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+  assert mu.sharding.spec == P("fsdp", None)  # Adam moments follow their parameter
+
+
+def test_logical_rules_map_to_mesh_axes():
+  mesh = sharding.make_mesh(tiny_config(**{"mesh.fsdp": 2}).mesh)
+  rules = (("embed", "fsdp"), ("mlp", None), ("layers", None))
+  assert sharding.logical_to_spec(("embed", "mlp"), (64, 256), rules, mesh) == P("fsdp", None)
+  assert sharding.logical_to_spec(("layers", "mlp", "embed"), (12, 256, 64), rules, mesh) == P(None, None, "fsdp")
+  assert sharding.logical_to_spec(("embed",), (63,), rules, mesh) == P(None)  # not divisible: replicated
+  assert sharding.logical_to_spec((None, "seq", "embed"), (1, 16, 64), rules, mesh) == P(None, None, "fsdp")
+
+
+def test_weight_decay_skips_biases_norms_registers_and_mask_token():
+  config = tiny_config(**{"model.scan_layers": True})
+  _, abstract = train_step.abstract_model(config)
+  from flax import nnx
+  mask = train_step.weight_decay_mask(nnx.to_pure_dict(abstract))
+  assert mask["encoder"]["blocks"]["mlp"]["fc1"]["kernel"] and mask["encoder_pos"]
+  assert not mask["encoder"]["blocks"]["mlp"]["fc1"]["bias"]  # 2-D when scanned, still a bias
+  assert not mask["encoder"]["blocks"]["norm1"]["scale"]
+  assert not mask["registers"] and not mask["mask_token"]
+
+
+def test_learning_rate_schedule_is_warmup_then_cosine():
+  config = tiny_config(**{"total_steps": 100, "batch_size": 512, "optim.base_lr": 1e-3, "optim.warmup_fraction": 0.1})
+  lr = train_step.learning_rate(config)
+  peak = 1e-3 * 512 / 256
+  np.testing.assert_allclose([float(lr(0)), float(lr(5)), float(lr(10))], [0.0, peak / 2, peak], rtol=1e-6)
+  np.testing.assert_allclose(float(lr(55)), peak * 0.5 * (1 + np.cos(np.pi * 45 / 90)), rtol=1e-5)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_exact_resume(tmp_path, one_device):
+  config = tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "optim.ema_rate": 0.5})
+  full = train.pretrain(config, tmp_path / "run", devices=one_device)
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # as if the job died after step 2
+  resumed = train.pretrain(config, tmp_path / "run", devices=one_device)
+  assert resumed["start_step"] == 2 and resumed["step"] == 4
+  for a, b in zip(_params(full["state"]), _params(resumed["state"])):
+    np.testing.assert_array_equal(a, b)  # bitwise: same data order, RNG, optimizer and EMA
+  for a, b in zip(jax.tree.leaves(full["state"].ema_params), jax.tree.leaves(resumed["state"].ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  saved = json.loads((tmp_path / "run" / "checkpoints" / "4" / "config" / "metadata").read_text())
+  assert saved["model"]["variant"] == "Mu/2"
+  assert list((tmp_path / "run" / "images").iterdir())  # the reconstruction grid of the last step
+  assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "run").iterdir())
+
+
+def test_sigterm_saves_and_returns_then_resume_finishes(tmp_path, one_device, monkeypatch):
+  make_step = train_step.make_train_step
+
+  def step_that_is_preempted(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+    calls = []
+
+    def wrapped(state, batch):
+      out = step(state, batch)
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return wrapped
+
+  config = tiny_config(**{"total_steps": 6, "checkpoint_every": 100})
+  monkeypatch.setattr(train_step, "make_train_step", step_that_is_preempted)
+  stopped = train.pretrain(config, tmp_path / "run", devices=one_device)
+  assert stopped["stopped_by"] == "SIGTERM" and stopped["step"] == 3
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3"]
+  monkeypatch.setattr(train_step, "make_train_step", make_step)
+  finished = train.pretrain(config, tmp_path / "run", devices=one_device)
+  assert finished["start_step"] == 3 and finished["step"] == 6
+  reference = train.pretrain(config, tmp_path / "reference", devices=one_device)
+  for a, b in zip(_params(finished["state"]), _params(reference["state"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_demo_lowers_the_loss(tmp_path, one_device):
+  config = demo.get_config("150")
+  config.log_every = 50
+  result = train.pretrain(config, tmp_path / "demo", devices=one_device)
+  assert result["last_loss"] < 0.6 * result["first_loss"], result
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, one_device):
+  config = tiny_config(**{"optim.base_lr": float("inf"), "checkpoint_every": 1})
+  with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 1"):
+    train.pretrain(config, tmp_path / "run", devices=one_device)
+  assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_summary_reports_params_and_flops(tmp_path):
+  config = tiny_config()
+  result = train.summarize(config, tmp_path)
+  assert json.loads((tmp_path / "summary.json").read_text()) == result
+  from test_model import expected_param_count
+  assert result["params"] == expected_param_count(32, 2, 1, 2, 1, 16)
+  dit = train.summarize(tiny_config("dit"), tmp_path)["train_flops_per_image"]
+  assert 0 < result["train_flops_per_image"] < dit  # UMD drops tokens; DiT runs all 16 in both halves
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.image_size": 9}, "not divisible by the patch size"),
+    ({"corruption.clean_mask_ratio": 1.0}, r"clean_mask_ratio=1.0 must be in \[0, 1\)"),
+    ({"corruption.noised_mask_ratio": -0.1}, r"noised_mask_ratio=-0.1 must be in \[0, 1\)"),
+    ({"corruption.clean_fraction": 1.5}, r"clean_fraction=1.5 must be in \[0, 1\]"),
+    ({"model.variant": "X/2"}, "NAME/PATCH"),
+    ({"batch_size": 12}, "not divisible by the 8 data shards"),
+    ({"mesh.fsdp": 3}, "does not divide the 8 devices"),
+    ({"data.name": "cifar10", "data.data_dir": "/nonexistent"}, "tfds build cifar10"),
+    ({"data.name": "folder", "data.data_dir": "/nonexistent"}, "does not exist"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.pretrain(tiny_config(**overrides), tmp_path / "run")
+
+
+def test_unknown_config_key_is_an_error():
+  config = tiny_config()
+  with pytest.raises(AttributeError):
+    config.batch_sise = 8
+  with pytest.raises(AttributeError):
+    config.model.widht = 8
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(RuntimeError, match="is not writable"):
+    train.pretrain(tiny_config(), blocker / "run")
