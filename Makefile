@@ -16,6 +16,7 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py --mode=pretrain --workdir=workdirs/demo
+	$(VENV)/bin/python main.py --config=configs/demo.py --mode=probe --workdir=workdirs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -1,6 +1,7 @@
 """umd-jax entry point: pick a config and a mode.
 
   python main.py --config=configs/umd_b.py --mode=pretrain --workdir=/path/to/workdir
+  python main.py --config=configs/umd_b.py --mode=probe --workdir=/path/to/workdir
   python main.py --config=configs/umd_b.py --mode=summary --workdir=/tmp/summary
 
 Every host of a TPU pod runs the same command. Config values can be overridden on the
@@ -17,7 +18,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "probe", "summary"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
                                    "that JAX does not detect by itself (TPU pods and SLURM are detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -44,14 +45,17 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from umd_jax import checkpoint, data, sharding, train
+  from umd_jax import checkpoint, data, probe, sharding, train
   _init_distributed()
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
-                 train.TrainingError)
+                 train.TrainingError, probe.ProbeError)
   try:
     if _MODE.value == "summary":
       train.summarize(config, _WORKDIR.value)
+    elif _MODE.value == "probe":
+      probe.run(config, _WORKDIR.value)
+      print(f"results: {_WORKDIR.value}/probe/results.json")
     elif _MODE.value == "pretrain":
       result = train.pretrain(config, _WORKDIR.value)
       print(f"trained steps {result['start_step']} -> {result['step']}; loss {result['first_loss']:.4f} "
@@ -59,9 +63,17 @@ def main(argv):
       print(f"workdir: {result['workdir']}  (checkpoints/, images/, TensorBoard events: "
             f"tensorboard --logdir {result['workdir']})")
   except user_errors as e:
-    logging.error("%s", e)
     sys.exit(f"error: {e}")
 
 
+def _parse_flags(argv):
+  """absl's parser, with a config typo (`--config.batch_sise=8`) reported on one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    message = " ".join(str(e).replace("\\n", " ").split()).replace("\\'", "'")
+    sys.exit(f"error: bad flag or config override: {message}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -72,6 +72,37 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   c.optim.ema_rate = 0.0                   # EMA step size; 0 disables the EMA copy
 
+  c.probe_every = 0                        # few-shot probe during pre-training every N steps (0: off)
+
+  # Probing a frozen backbone (SPEC §6): --mode=probe, and the in-training few-shot evaluator.
+  c.probe = ml_collections.ConfigDict()
+  c.probe.t = -1                           # -1: clean image, timestep index 0; else noise to t, tell t + 1
+  c.probe.block = -1                       # -1: rep (mean of the registers); else a block index
+                                           # (0 .. enc_depth-1 encoder, then decoder), mean-pooled
+  c.probe.train_split = "train"
+  c.probe.eval_split = "validation"
+  c.probe.max_train_images = 0             # 0: the whole split (few-shot pools and cached features)
+  c.probe.max_eval_images = 0
+  c.probe.batch_size = 256                 # feature extraction batch (global)
+  c.probe.noise_seed = 0                   # fixed noise for DDAE-style features
+  c.probe.use_ema = True                   # probe the EMA weights when the checkpoint has them
+  c.probe.fewshot_shots = (1, 5, 10, 25)
+  c.probe.fewshot_seeds = 3
+  c.probe.fewshot_l2 = 1024.0
+  c.probe.linear = True
+  c.probe.linear_epochs = 90
+  c.probe.linear_warmup_epochs = 10
+  c.probe.linear_batch_size = 16384        # MAE protocol: batch 16384, LR 0.1 * 16384 / 256
+  c.probe.linear_base_lr = 0.1             # LR = base * batch / 256; LARS steps are relative to |w|,
+                                           # so small datasets (few steps) need a larger base
+  c.probe.linear_weight_decay = 0.0
+  c.probe.linear_augment = True            # on-line crop + flip through the frozen backbone
+  c.probe.linear_crop_area_min = 0.08
+  c.probe.sweep = False                    # DDAE grid over (block, t)
+  c.probe.sweep_ts = (0, 25, 50, 100, 200, 400)
+  c.probe.sweep_shots = 10
+  c.probe.baselines = False                # also probe raw pixels and a randomly initialised network
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                         # -1: all devices not used by fsdp
   c.mesh.fsdp = 1

@@ -7,8 +7,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Several tests compile the same tiny step (resume, preemption): share compiled programs.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "umd_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from configs import common  # noqa: E402
 

@@ -83,12 +83,13 @@ def _params(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def test_exact_resume(tmp_path, one_device):
+def test_exact_resume(tmp_path, one_device, monkeypatch):
   config = tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "optim.ema_rate": 0.5})
-  full = train.pretrain(config, tmp_path / "run", devices=one_device)
+  monkeypatch.chdir(tmp_path)  # a relative --workdir, as `make demo` passes
+  full = train.pretrain(config, "run", devices=one_device)
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # as if the job died after step 2
-  resumed = train.pretrain(config, tmp_path / "run", devices=one_device)
+  resumed = train.pretrain(config, "run", devices=one_device)
   assert resumed["start_step"] == 2 and resumed["step"] == 4
   for a, b in zip(_params(full["state"]), _params(resumed["state"])):
     np.testing.assert_array_equal(a, b)  # bitwise: same data order, RNG, optimizer and EMA

@@ -5,6 +5,7 @@ Each step directory holds `state` (params, optimizer, EMA, step, RNG, counters),
 directory and renames it when complete, so a crash mid-write never leaves a partial step.
 """
 import json
+import os
 
 import grain
 import jax
@@ -27,10 +28,16 @@ def _ensure_writable(directory: epath.Path) -> None:
                           "choose another --workdir or fix its permissions") from None
 
 
+def _absolute(path) -> epath.Path:
+  """Orbax wants absolute paths; remote ones (gs://...) already are."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 class Checkpointer:
 
   def __init__(self, workdir, *, max_to_keep: int = 3):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = _absolute(workdir) / "checkpoints"
     _ensure_writable(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -68,19 +75,26 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir, abstract_params):
-  """Only the parameters of the latest checkpoint in another workdir (for `config.init_from`)."""
-  manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+def restore_params(workdir, abstract_params, prefer_ema: bool = False):
+  """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
+  the EMA copy instead when `prefer_ema` and the run kept one."""
+  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
   step = manager.latest_step()
   if step is None:
-    raise CheckpointError(f"init_from={workdir!r} has no checkpoint: pre-train there first")
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+    manager.close()
+    raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first "
+                          "(python main.py --mode=pretrain --workdir=...)")
+  key = "params"
   try:
+    if prefer_ema:
+      saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+      key = "ema_params" if saved.get("optim", {}).get("ema_rate", 0) > 0 else "params"
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
+        item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"init_from={workdir!r} step {step}: parameters do not match this config "
+    raise CheckpointError(f"{str(workdir)!r} step {step}: parameters do not match this config "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
   finally:
     manager.close()
-  return restored.state["params"]
+  return restored.state[key]

@@ -15,7 +15,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import checkpoint, corruption, data, diffusion, flops, images, sharding, train_step
+from umd_jax import checkpoint, corruption, data, diffusion, flops, images, probe, sharding, train_step
 from umd_jax.models import umd
 
 
@@ -156,6 +156,10 @@ def pretrain(config, workdir: str, devices=None) -> dict:
           images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
                           upscale=max(1, 256 // picture.shape[0]))
         writer.write_images(step, {"reconstruction": picture[None]})
+      if config.probe_every and (step % config.probe_every == 0 or final):
+        scores = probe.fewshot_eval(config, graphdef, state.params, mesh)
+        writer.write_scalars(step, scores)
+        logging.info("step %d: %s", step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
       if step % config.checkpoint_every == 0 or final or stop.signal:
         _check_finite(state, step, ckpt)
         ckpt.save(step, state, batches.iterator, config)

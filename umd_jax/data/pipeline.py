@@ -71,32 +71,43 @@ class EvalPreprocess(grain.transforms.Map):
 
 
 class Batches:
-  """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`."""
+  """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`.
 
-  def __init__(self, loader: grain.DataLoader, sharding):
-    self.loader, self.sharding = loader, sharding
+  With `pad_to` (evaluation), a short last batch is zero-padded to that many local rows and
+  every batch carries "valid" (B,) bool, so shapes stay static and divisible by the devices.
+  """
+
+  def __init__(self, loader: grain.DataLoader, sharding, pad_to=None):
+    self.loader, self.sharding, self.pad_to = loader, sharding, pad_to
     self.iterator = iter(loader)
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    local = next(self.iterator)
-    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)) for k, v in local.items()}
+    local = {k: np.asarray(v) for k, v in next(self.iterator).items()}
+    if self.pad_to is not None:
+      n = len(local["label"])
+      local = {k: np.concatenate([v, np.zeros((self.pad_to - n,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
+      local["valid"] = np.arange(self.pad_to) < n
+    return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
 
 
 def make_batches(data_config, source, *, global_batch: int, sharding, seed: int, train: bool,
-                 num_epochs=None) -> Batches:
-  """Global batches of `source`; training shuffles (seeded) and repeats, evaluation reads in order."""
+                 num_epochs=None, augment=None) -> Batches:
+  """Global batches of `source`. Training shuffles (seeded), repeats and augments; evaluation
+  reads each record once in order, padding the last batch (see `Batches`). `augment`
+  overrides the training augmentation (e.g. the linear probe's crop range)."""
   processes = jax.process_count()
   if global_batch % processes:
     raise DataError(f"batch_size={global_batch} is not divisible by the {processes} processes")
   local_batch = global_batch // processes
-  if len(source) // processes < local_batch:
+  if train and len(source) // processes < local_batch:
     raise DataError(f"{len(source)} records cannot fill one batch of {global_batch}: lower batch_size")
   d = data_config
-  augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
-             else EvalPreprocess(d.image_size))
+  if augment is None:
+    augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
+               else EvalPreprocess(d.image_size))
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
       shuffle=train, num_epochs=None if train else (num_epochs or 1), seed=seed)
@@ -104,4 +115,4 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
       data_source=source, sampler=sampler,
       operations=[augment, grain.transforms.Batch(local_batch, drop_remainder=train)],
       worker_count=d.num_workers)
-  return Batches(loader, sharding)
+  return Batches(loader, sharding, pad_to=None if train else local_batch)

@@ -141,15 +141,23 @@ class Stack(nnx.Module):
     else:
       self.blocks = nnx.List([make(rngs) for _ in range(depth)])
 
-  def __call__(self, x, cond):
-    apply = lambda block, h, c: block(h, c)
+  def __call__(self, x, cond, pool_from: int | None = None):
+    """Apply every block. With `pool_from`, also return each block's output mean-pooled over
+    tokens[pool_from:] as a (depth, B, D) array (features for DDAE-style probing)."""
+    def apply(block, h, c):
+      h = block(h, c)
+      return h, (None if pool_from is None else h[:, pool_from:].mean(axis=1).astype(jnp.float32))
     if self.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     if self.scan:
-      @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+      @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0))
       def body(block, h, c):
         return apply(block, h, c)
-      return body(self.blocks, x, cond)
-    for block in self.blocks:
-      x = apply(block, x, cond)
-    return x
+      x, pooled = body(self.blocks, x, cond)
+    else:
+      pooled = []
+      for block in self.blocks:
+        x, p = apply(block, x, cond)
+        pooled.append(p)
+      pooled = None if pool_from is None else jnp.stack(pooled)
+    return x if pool_from is None else (x, pooled)

@@ -100,17 +100,22 @@ class UMD(nnx.Module):
       cond = cond + self.label_embed(labels)
     return nnx.silu(cond) if self.adaln else cond
 
-  def encode(self, x, cond, keep_ids=None):
-    """Images (B, H, W, C) -> visible-token outputs (B, K, D) and rep (B, D)."""
+  def encode(self, x, cond, keep_ids=None, pooled=None):
+    """Images (B, H, W, C) -> visible-token outputs (B, K, D) and rep (B, D).
+    With a `pooled` dict, the mean-pooled patch tokens after each block go to pooled["encoder"]."""
     tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...]
     if keep_ids is not None:
       tokens = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
     registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
     h = jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
-    h = self.encoder_norm(self.encoder(h, cond))
+    if pooled is None:
+      h = self.encoder(h, cond)
+    else:
+      h, pooled["encoder"] = self.encoder(h, cond, pool_from=self.num_registers)
+    h = self.encoder_norm(h)
     return h[:, self.num_registers:], h[:, :self.num_registers].mean(axis=1)
 
-  def decode(self, visible, rep, cond, restore_ids=None):
+  def decode(self, visible, rep, cond, restore_ids=None, pooled=None):
     """Visible tokens (B, K, D) + rep -> (x0, eps) images, each (B, H, W, C) in float32."""
     b, k, d = visible.shape
     if restore_ids is not None:
@@ -120,7 +125,11 @@ class UMD(nnx.Module):
     else:
       h = visible
     h = jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...]], axis=1)
-    h = self.decoder_norm(self.decoder(h, cond))[:, 1:]
+    if pooled is None:
+      h = self.decoder(h, cond)
+    else:
+      h, pooled["decoder"] = self.decoder(h, cond, pool_from=1)
+    h = self.decoder_norm(h)[:, 1:]
     if self.adaln:
       shift, scale = jnp.split(self.final_modulation(cond), 2, axis=-1)
       h = layers.modulate(h, shift, scale)
@@ -133,6 +142,15 @@ class UMD(nnx.Module):
     visible, rep = self.encode(x, cond, keep_ids)
     x0, eps = self.decode(visible, rep, cond, restore_ids if keep_ids is not None else None)
     return dict(x0=x0, eps=eps, rep=rep.astype(jnp.float32))
+
+  def features(self, x, t_index, labels=None):
+    """Unmasked forward for probing: rep (B, D) and every block's mean-pooled tokens,
+    stacked as (encoder_depth + decoder_depth, B, D) in block order."""
+    cond = self.condition(t_index, labels)
+    pooled = {}
+    visible, rep = self.encode(x, cond, pooled=pooled)
+    self.decode(visible, rep, cond, pooled=pooled)
+    return dict(rep=rep.astype(jnp.float32), blocks=jnp.concatenate([pooled["encoder"], pooled["decoder"]]))
 
 
 def from_config(config, rngs: nnx.Rngs) -> UMD:

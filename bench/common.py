@@ -1,0 +1,89 @@
+"""Shared benchmark helpers: load a config with overrides, time jitted calls, measure a matmul roofline."""
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from umd_jax.models.umd import DTYPES  # noqa: E402
+
+
+def load_config(spec: str, overrides=()):
+  """'configs/umd_s.py:S/4' plus ['batch_size=32', 'data.image_size=32'] -> locked ConfigDict."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, _, value = item.partition("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+    node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true")
+  return config
+
+
+def time_calls(fn, *args, repeats=20, warmup=3):
+  """Median wall time of fn(*args) with block_until_ready, after warm-up calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 10) -> float:
+  """FLOP/s of a large square dense matmul in `dtype` on the default device: the same-run roofline."""
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  dt = DTYPES[dtype]
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
+  seconds = time_calls(jax.jit(jnp.dot), a, b, repeats=repeats)
+  return 2.0 * n ** 3 / seconds
+
+
+def machine() -> dict:
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+  except OSError:
+    commit = "unknown"
+  return {"backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+          "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+          "commit": commit, "date": time.strftime("%Y-%m-%d")}
+
+
+def report(name: str, rows: list[dict], extra: dict, out: str | None):
+  """Print a table and write JSON (rows + machine facts)."""
+  keys = list(rows[0].keys())
+  widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+  print(f"\n{name}")
+  print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+  for r in rows:
+    print("  ".join(_fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+  for k, v in extra.items():
+    print(f"{k}: {_fmt(v)}")
+  if out:
+    with open(out, "w") as f:
+      json.dump({"benchmark": name, "machine": machine(), "rows": rows, **extra}, f, indent=2)
+
+
+def _fmt(v):
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)

@@ -1,0 +1,63 @@
+"""Masking scaling: step time against mask ratio and method at equal batch. Dropping tokens must pay.
+
+  python bench/masking.py --config=configs/umd_s.py:S/4 --set batch_size=32 --set data.image_size=32
+
+Rows: MaskDiT-style steps (no clean sub-batch) with noised mask ratio 0, 0.25, 0.5, 0.75,
+then the DiT / MaskDiT / MAE / UMD presets. `token_blocks` counts the tokens every
+transformer block processes per image (encoder: registers + kept; decoder: rep + all), the
+work that masking removes; `us_per_token_block` should stay flat across ratios. Attention
+grows with tokens², so the analytic-FLOP column is given too.
+"""
+import argparse
+
+from common import load_config, matmul_peak, report
+from train_step import measure
+
+from configs import common as presets
+from umd_jax import corruption
+from umd_jax.models.umd import parse_variant
+
+
+def token_blocks(config) -> float:
+  v, c, m = parse_variant(config.model.variant), config.corruption, config.model
+  num_patches = (config.data.image_size // v["patch"]) ** 2
+  extra = 0 if m.conditioning == "adaln" else 1
+  n_clean, n_noised = corruption.split_sizes(config.batch_size, c.clean_fraction)
+
+  def per_image(ratio):
+    return (v["encoder_depth"] * (m.num_registers + corruption.num_kept(num_patches, ratio) + extra)
+            + v["decoder_depth"] * (num_patches + 1 + extra))
+  return (n_clean * per_image(c.clean_mask_ratio) + n_noised * per_image(c.noised_mask_ratio)) / config.batch_size
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/umd_s.py:S/4")
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  base = load_config(args.config, args.set)
+  peak = matmul_peak(base.model.dtype)
+  cases = [(f"noised ratio {r}", dict(method="maskdit", clean_fraction=0.0, noised_mask_ratio=r))
+           for r in (0.0, 0.25, 0.5, 0.75)]
+  cases += [(name, dict(method=name, **{k: v for k, v in presets.METHODS[name].items() if k != "conditioning"}))
+            for name in ("dit", "maskdit", "mae", "umd")]
+  rows = []
+  for label, values in cases:
+    config = load_config(args.config, args.set)
+    config.corruption.clean_fraction = values["clean_fraction"]
+    config.corruption.noised_mask_ratio = values["noised_mask_ratio"]
+    config.corruption.clean_mask_ratio = values.get("clean_mask_ratio", config.corruption.clean_mask_ratio)
+    config.model.conditioning = presets.METHODS[values["method"]]["conditioning"]
+    r = measure(config, repeats=args.repeats, peak=peak)
+    blocks = token_blocks(config)
+    rows.append({"case": label, "token_blocks": blocks, "step_ms": r["step_ms"], "model_gflop": r["model_gflop"],
+                 "us_per_token_block": r["step_ms"] * 1e3 / (blocks * config.batch_size), "mfu": r["mfu"]})
+  sweep = [row["us_per_token_block"] for row in rows[:4]]
+  report("masking", rows, {"config": args.config, "roofline_gflops": peak / 1e9,
+                           "per_token_spread": max(sweep) / min(sweep) - 1}, args.json)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,79 @@
+"""Train-step benchmark: compile time, step time, images/s, memory and MFU against a same-run roofline.
+
+  python bench/train_step.py --config=configs/umd_s.py:S/4 --set batch_size=32 --set data.image_size=32
+  python bench/train_step.py --config=configs/demo.py
+  python bench/train_step.py --config=configs/umd_l.py:L/2 --set data.image_size=32 --set data.channels=4 \
+      --set batch_size=8 --compile_only
+
+MFU = analytic model FLOPs of the step (encoder on registers + kept tokens, decoder on all
+tokens, attention included, both sub-batches at their own lengths, backward = 2× forward,
+no remat recompute) / median step time / the FLOP/s of a large dense matmul of the same
+dtype measured on the same device in the same run. XLA's `cost_analysis()` count is printed
+beside the analytic one.
+"""
+import argparse
+import time
+
+from common import load_config, matmul_peak, report, time_calls
+
+import jax
+import numpy as np
+
+from umd_jax import flops, sharding, train_step
+
+
+def measure(config, *, repeats=20, compile_only=False, peak=None):
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.batch_size, mesh)
+  tx, lr = train_step.make_optimizer(config)
+  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+  d = config.data
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (config.batch_size, d.image_size, d.image_size, d.channels)).astype(np.float32),
+           "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  model_flops = flops.train_flops_per_image(config) * config.batch_size
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  memory = compiled.memory_analysis()
+  temp_bytes = getattr(memory, "temp_size_in_bytes", None)
+  row = {"variant": config.model.variant, "image": d.image_size, "batch": config.batch_size,
+         "dtype": config.model.dtype, "compile_s": compile_s, "model_gflop": model_flops / 1e9,
+         "xla_gflop": xla_flops / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
+  if compile_only:
+    return row
+
+  holder = [state]
+
+  def run(b):
+    holder[0], metrics = compiled(holder[0], b)
+    return metrics["loss"]
+
+  seconds = time_calls(run, batch, repeats=repeats)
+  peak = peak or matmul_peak(config.model.dtype)
+  achieved = model_flops / seconds
+  row.update(step_ms=seconds * 1e3, images_per_s=config.batch_size / seconds, achieved_gflops=achieved / 1e9,
+             roofline_gflops=peak / 1e9, mfu=achieved / peak)
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/demo.py")
+  parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--compile_only", action="store_true")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  config = load_config(args.config, args.set)
+  row = measure(config, repeats=args.repeats, compile_only=args.compile_only)
+  report("train_step", [row], {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,147 @@
+"""Sources (digits, TFDS via mock_data, image folder, synthetic) and the grain pipeline."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from conftest import tiny_config
+from umd_jax import data, sharding
+from umd_jax.data import pipeline
+
+
+def _mesh(one_device):
+  return sharding.make_mesh(tiny_config().mesh, one_device)
+
+
+def _first(config, source, one_device, train=True, seed=0, batch=8):
+  it = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(_mesh(one_device)),
+                         seed=seed, train=train)
+  return it, {k: np.asarray(v) for k, v in next(it).items()}
+
+
+def test_digits_fixed_split():
+  train, test = data.make_source(tiny_config().data, "train"), data.make_source(tiny_config().data, "test")
+  assert (len(train), len(test)) == (1500, 297)
+  assert train[0]["image"].shape == (8, 8, 1) and train[0]["image"].dtype == np.uint8
+  assert sorted(set(test.labels.tolist())) == list(range(10))
+  # Same split in every run; no image is in both.
+  again = data.make_source(tiny_config().data, "test")
+  np.testing.assert_array_equal(again.images, test.images)
+  train_set = {im.tobytes() + bytes([l]) for im, l in zip(train.images, train.labels)}
+  assert sum(im.tobytes() + bytes([l]) in train_set for im, l in zip(test.images, test.labels)) < 5  # exact dups only
+
+
+def test_batches_are_global_scaled_and_deterministic(one_device):
+  config = tiny_config()
+  source = data.make_source(config.data, "train")
+  _, a = _first(config, source, one_device)
+  _, b = _first(config, source, one_device)
+  _, c = _first(config, source, one_device, seed=1)
+  assert a["image"].shape == (8, 8, 8, 1) and a["image"].dtype == np.float32 and a["label"].dtype == np.int32
+  assert a["image"].min() >= -1.0 and a["image"].max() <= 1.0 and a["image"].min() == -1.0
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert not np.array_equal(a["label"], c["label"])
+
+
+def test_iterator_state_restores_the_data_order(one_device):
+  config = tiny_config()
+  it, _ = _first(config, data.make_source(config.data, "train"), one_device)
+  saved = it.iterator.get_state()
+  ahead = [np.asarray(next(it)["image"]) for _ in range(3)]
+  it.iterator.set_state(saved)
+  for expected in ahead:
+    np.testing.assert_array_equal(np.asarray(next(it)["image"]), expected)
+
+
+def test_tfds_array_record_source_with_mock_data(one_device):
+  config = tiny_config(**{"data.name": "cifar10", "data.data_dir": "/unused", "data.image_size": 16,
+                          "data.channels": 3, "data.crop_area_min": 0.8, "data.flip": True})
+  with tfds.testing.mock_data(num_examples=24):
+    source = data.make_source(config.data, "train")
+    assert len(source) == 24 and source.num_classes == 10
+    _, batch = _first(config, source, one_device)
+  assert batch["image"].shape == (8, 16, 16, 3)
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert ((0 <= batch["label"]) & (batch["label"] < 10)).all()
+
+
+def _write_folder(root, per_class=5, bad=1):
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["cat", "dog"]):
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+  for i in range(bad):
+    (root / "cat" / f"broken{i}.jpg").write_bytes(b"not an image at all")
+  (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_image_folder_skips_unreadable_files_and_counts_them(tmp_path, one_device):
+  _write_folder(tmp_path / "images")
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3,
+                          "data.image_size": 8})
+  source = data.make_source(config.data, "train")  # no train/ sub-folder: the root is the split
+  assert len(source) == 10 and source.num_skipped == 1 and source.num_classes == 2
+  assert sorted(source.labels.tolist()) == [0] * 5 + [1] * 5
+  _, batch = _first(config, source, one_device)
+  assert batch["image"].shape == (8, 8, 8, 3)
+
+
+def test_image_folder_uses_the_split_subfolder(tmp_path):
+  _write_folder(tmp_path / "images" / "train", per_class=2, bad=0)
+  _write_folder(tmp_path / "images" / "validation", per_class=3, bad=0)
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3})
+  assert len(data.make_source(config.data, "train")) == 4
+  assert len(data.make_source(config.data, "validation")) == 6
+
+
+def test_empty_image_folder_is_a_clear_error(tmp_path):
+  (tmp_path / "images" / "cat").mkdir(parents=True)
+  (tmp_path / "images" / "cat" / "x.png").write_bytes(b"garbage")
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images")})
+  with pytest.raises(data.DataError, match="no readable images.*1 unreadable skipped"):
+    data.make_source(config.data, "train")
+
+
+def test_too_few_records_for_a_batch_is_a_clear_error(tmp_path, one_device):
+  _write_folder(tmp_path / "images", per_class=2, bad=0)
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3})
+  with pytest.raises(data.DataError, match="cannot fill one batch of 8"):
+    _first(config, data.make_source(config.data, "train"), one_device)
+
+
+def test_inception_crop_area_and_aspect(monkeypatch):
+  seen = []
+  real_resize = pipeline._resize
+  monkeypatch.setattr(pipeline, "_resize", lambda image, size: (seen.append(image.shape), real_resize(image, size))[1])
+  rng = np.random.default_rng(0)
+  image = np.zeros((100, 120, 3), np.uint8)
+  for _ in range(300):
+    out = pipeline.inception_crop(image, rng, (0.3, 0.5), 32)
+    assert out.shape == (32, 32, 3)
+  areas = np.array([h * w for h, w, _ in seen]) / (100 * 120)
+  aspects = np.array([w / h for h, w, _ in seen])
+  assert areas.min() >= 0.28 and areas.max() <= 0.52          # rounding of the sides
+  assert aspects.min() >= 0.72 and aspects.max() <= 1.38
+  assert areas.std() > 0.03                                    # really random
+
+
+def test_flip_happens_half_the_time_and_eval_is_a_center_crop():
+  augment = pipeline.TrainAugment(4, (1.0, 1.0), flip=True)
+  image = np.arange(16, dtype=np.uint8).reshape(4, 4, 1) * 10
+  rng = np.random.default_rng(0)
+  flipped = sum(augment.random_map({"image": image, "label": 0}, rng)["image"][0, 0, 0] > -0.9 for _ in range(400))
+  assert 160 < flipped < 240
+  wide = np.zeros((4, 8, 1), np.uint8)
+  wide[:, 2:6] = 255
+  out = pipeline.EvalPreprocess(4).map({"image": wide, "label": 3})
+  np.testing.assert_array_equal(out["image"], np.ones((4, 4, 1), np.float32))
+  assert out["label"] == 3
+
+
+def test_synthetic_source_is_deterministic():
+  config = tiny_config(**{"data.name": "synthetic", "data.synthetic_size": 64, "data.channels": 3})
+  a, b = data.make_source(config.data, "train"), data.make_source(config.data, "train")
+  assert len(a) == 64
+  np.testing.assert_array_equal(a[5]["image"], b[5]["image"])
+  assert a[5]["image"].shape == (8, 8, 3) and not np.array_equal(a[5]["image"], a[6]["image"])

@@ -1,0 +1,163 @@
+"""Probes (SPEC §6): ridge and linear heads against references, LARS, features, the probe mode."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from sklearn.linear_model import LogisticRegression
+
+from conftest import tiny_config
+from umd_jax import checkpoint, data, probe, sharding, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny UMD pre-trained for a few steps (adaLN weights no longer zero)."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  config = tiny_config(**{"total_steps": 6, "checkpoint_every": 6, "optim.base_lr": 1e-2})
+  train.pretrain(config, workdir, devices=jax.devices()[:1])
+  return config, workdir
+
+
+def probe_config(**overrides):
+  base = {"probe.train_split": "train", "probe.eval_split": "test", "probe.batch_size": 64,
+          "probe.fewshot_shots": (1, 5), "probe.fewshot_seeds": 2, "probe.linear_epochs": 10,
+          "probe.linear_base_lr": 10.0,
+          "probe.linear_warmup_epochs": 1, "probe.linear_batch_size": 128, "probe.linear_augment": False}
+  return tiny_config(**{**base, **overrides})
+
+
+def separable(n=600, d=16, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = 6.0 * rng.normal(size=(k, d))
+  y = rng.integers(0, k, n)
+  return (centers[y] + 0.3 * rng.normal(size=(n, d))).astype(np.float32), y.astype(np.int32)  # margins >> noise
+
+
+def test_ridge_is_the_closed_form_solution():
+  rng = np.random.default_rng(0)
+  x, y, l2 = rng.normal(size=(50, 8)), rng.normal(size=(50, 3)), 7.0
+  w = np.asarray(probe.ridge_solve(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), l2))
+  # The same minimiser from an independent route: least squares on the augmented system.
+  aug_x, aug_y = np.vstack([x, np.sqrt(l2) * np.eye(8)]), np.vstack([y, np.zeros((8, 3))])
+  np.testing.assert_allclose(w, np.linalg.lstsq(aug_x, aug_y, rcond=None)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_probes_separate_separable_features():
+  all_x, all_y = separable(n=1200, seed=0)
+  x, y, xt, yt = all_x[:600], all_y[:600], all_x[600:], all_y[600:]
+  cfg = probe_config(**{"probe.linear_epochs": 20, "probe.linear_base_lr": 10.0}).probe
+  assert probe.linear_probe_features(x, y, xt, yt, cfg, num_classes=4)["top1"] >= 0.99
+  few = probe.fewshot(x, y, xt, yt, shots=[5], seeds=3, l2=1.0, num_classes=4)
+  assert few[5]["mean"] >= 0.99
+
+
+def test_linear_probe_matches_logistic_regression_on_digit_pixels():
+  config = probe_config()
+  (tr, ytr), (te, yte) = probe.pixel_features(config, "train"), probe.pixel_features(config, "test")
+  cfg = probe_config(**{"probe.linear_epochs": 100, "probe.linear_warmup_epochs": 5, "probe.linear_base_lr": 10.0,
+                        "probe.linear_batch_size": 256}).probe
+  ours = probe.linear_probe_features(tr[0], ytr, te[0], yte, cfg, num_classes=10)["top1"]
+  mean, std = tr[0].mean(0), tr[0].std(0) + 1e-6
+  reference = LogisticRegression(max_iter=2000).fit((tr[0] - mean) / std, ytr).score((te[0] - mean) / std, yte)
+  assert abs(ours - reference) <= 0.015, (ours, reference)
+
+
+def test_lars_matches_its_definition():
+  lr, wd, mom, tc = 0.1, 0.01, 0.9, 0.001
+  params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "b": jnp.array([0.5, -0.5])}
+  grads = [{"w": jnp.array([[0.1, -0.2], [0.3, 0.4]]), "b": jnp.array([1.0, 2.0])},
+           {"w": jnp.array([[0.0, 0.5], [-0.1, 0.2]]), "b": jnp.array([-1.0, 0.5])}]
+  tx = probe.lars(lr, wd, mom, tc)
+  state, p = tx.init(params), params
+  w, b = np.asarray(params["w"]), np.asarray(params["b"])
+  mu_w, mu_b = np.zeros_like(w), np.zeros_like(b)
+  for g in grads:
+    upd, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, upd)
+    gw = np.asarray(g["w"]) + wd * w                         # decay only on the 2-D weight
+    mu_w = mom * mu_w + tc * np.linalg.norm(w) / np.linalg.norm(gw) * gw
+    mu_b = mom * mu_b + np.asarray(g["b"])                   # bias: no decay, no trust ratio
+    w, b = w - lr * mu_w, b - lr * mu_b
+    np.testing.assert_allclose(np.asarray(p["w"]), w, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(p["b"]), b, rtol=1e-6)
+
+
+def test_features_identical_on_one_and_eight_devices(trained):
+  config, workdir = trained
+  config = probe_config()
+  feats = {}
+  for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    graphdef, params = probe.load_backbone(config, trained[1], mesh)
+    feats[name] = probe.extract(config, graphdef, params, "test", t=100, blocks=[-1, 0, 2], mesh=mesh,
+                                progress=False)
+  assert feats["one"][0].shape == (3, 297, 32)  # 297 test digits: the padded last batch is trimmed
+  np.testing.assert_array_equal(feats["one"][1], feats["eight"][1])
+  np.testing.assert_allclose(feats["one"][0], feats["eight"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_index_conditions_the_features(trained):
+  config, workdir = trained
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  graphdef, params = probe.load_backbone(config, workdir, mesh)
+  model = nnx.merge(graphdef, params)
+  x = next(iter(data.make_batches(config.data, data.make_source(config.data, "test"), global_batch=16,
+                                  sharding=sharding.batch_sharding(mesh), seed=0, train=False)))["image"]
+  clean = model.features(x, jnp.zeros((16,), jnp.int32))
+  told_noisy = model.features(x, jnp.full((16,), 501, jnp.int32))  # same pixels, other timestep index
+  assert float(jnp.abs(clean["rep"] - told_noisy["rep"]).max()) > 1e-4
+  assert clean["blocks"].shape == (3, 16, 32)
+
+
+def test_probe_mode_writes_results_with_sweep_and_baselines(trained):
+  _, workdir = trained
+  config = probe_config(**{"probe.sweep": True, "probe.sweep_ts": (0, 200), "probe.sweep_shots": 5,
+                           "probe.baselines": True})
+  results = probe.run(config, workdir, devices=jax.devices()[:1])
+  saved = json.loads((workdir / "probe" / "results.json").read_text())
+  assert saved["linear"]["top1"] == results["linear"]["top1"] and 0.0 <= saved["linear"]["top1"] <= 1.0
+  assert set(saved["fewshot"]) == {"1", "5"} and len(saved["fewshot"]["5"]["per_seed"]) == 2
+  assert np.asarray(saved["sweep"]["accuracy"]).shape == (4, 2)  # rep + 3 blocks, 2 timesteps
+  assert saved["sweep"]["best"]["accuracy"] == max(map(max, saved["sweep"]["accuracy"]))
+  assert (workdir / "probe" / "sweep.png").exists()
+  assert saved["baselines"]["pixels"]["linear"]["top1"] > 0.8  # digits are nearly linear in pixels
+  assert set(saved["baselines"]) == {"pixels", "random_init"}
+
+
+def test_online_linear_probe_with_augmentation(trained):
+  config, workdir = trained
+  config = probe_config(**{"probe.linear_augment": True, "probe.linear_epochs": 1, "probe.linear_crop_area_min": 0.5})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  graphdef, params = probe.load_backbone(config, workdir, mesh)
+  te = probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh, progress=False)
+  acc = probe.linear_probe_online(config, graphdef, params, mesh, t=-1, block=-1, test_x=te[0][0], test_y=te[1],
+                                  num_classes=10)
+  assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"probe.block": 3}, probe.ProbeError, r"block 3 is out of range: use -1 \(rep\) or 0..2"),
+    ({"probe.t": 1000}, probe.ProbeError, r"t=1000 is outside \[0, 1000\)"),
+    ({"probe.fewshot_shots": (500,)}, probe.ProbeError, "500 shots per class asked"),
+])
+def test_bad_probe_requests_are_clear_errors(trained, overrides, error, message):
+  with pytest.raises(error, match=message):
+    probe.run(probe_config(**{"probe.linear": False, **overrides}), trained[1], devices=jax.devices()[:1])
+
+
+def test_probe_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint: pre-train there first"):
+    probe.run(probe_config(), tmp_path, devices=jax.devices()[:1])
+
+
+def test_empty_split_is_a_clear_error(tmp_path, trained):
+  (tmp_path / "images" / "test" / "a").mkdir(parents=True)
+  config = probe_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images")})
+  with pytest.raises(data.DataError, match="no readable images"):
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    graphdef, params = probe.load_backbone(config, trained[1], mesh)
+    probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh)

@@ -1,0 +1,398 @@
+"""Probing a frozen backbone (SPEC §6): features, linear probe (LARS), few-shot ridge, DDAE sweep.
+
+Features are `rep` at timestep index 0 on clean images (UMD, MAE), or DDAE-style: the image
+noised to a fixed t with a fixed per-image noise, the network told t + 1, and the tokens after
+any encoder/decoder block mean-pooled (DiT, MaskDiT). One jitted, sharded forward gives all
+requested blocks at once.
+"""
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from umd_jax import checkpoint, data, diffusion, sharding, train_step
+
+REP = -1  # block index meaning "rep"
+
+
+class ProbeError(ValueError):
+  """Bad probe request (block, t, split, shots): the message says what to change."""
+
+
+def num_blocks(config) -> int:
+  from umd_jax.models.umd import parse_variant
+  v = parse_variant(config.model.variant)
+  return v["encoder_depth"] + v["decoder_depth"]
+
+
+def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
+  n, T = num_blocks(config), config.diffusion.num_timesteps
+  for b in blocks:
+    if not REP <= b < n:
+      raise ProbeError(f"probe block {b} is out of range: use -1 (rep) or 0..{n - 1} "
+                       f"({n} blocks: encoder first, then decoder)")
+  for t in ts:
+    if not -1 <= t < T:
+      raise ProbeError(f"probe t={t} is outside [0, {T}) (or -1 for the clean image at timestep index 0)")
+
+
+def load_backbone(config, workdir, mesh):
+  """(graphdef, params) of the latest checkpoint in `workdir`, EMA weights if present and wanted."""
+  graphdef, abstract = train_step.abstract_model(config)
+  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  params = checkpoint.restore_params(workdir, target, prefer_ema=config.probe.use_ema)
+  return graphdef, params
+
+
+def random_backbone(config, mesh):
+  """A randomly initialised network of the same shape (a baseline)."""
+  graphdef, abstract = train_step.abstract_model(config)
+  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
+  from umd_jax.models import umd
+  init = lambda: nnx.to_pure_dict(nnx.state(umd.from_config(config, nnx.Rngs(config.seed + 12345)), nnx.Param))
+  return graphdef, jax.jit(init, out_shardings=shardings)()
+
+
+def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int]):
+  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks."""
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  noise_key = jax.random.PRNGKey(config.probe.noise_seed)
+  blocks = tuple(blocks)
+
+  @jax.jit
+  def features(params, images, indices):
+    model = nnx.merge(graphdef, params)
+    b = images.shape[0]
+    if t < 0:
+      x, t_index = images, jnp.zeros((b,), jnp.int32)
+    else:  # fixed noise per image index: the same on any number of devices or batch size
+      eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices)
+      tt = jnp.full((b,), t, jnp.int32)
+      x, t_index = diffusion.q_sample(schedule, images, tt, eps), tt + 1
+    if blocks == (REP,):
+      return model(x, t_index)["rep"][None]  # encoder + decoder heads are cheap next to the sweep
+    out = model.features(x, t_index)
+    return jnp.stack([out["rep"] if blk == REP else out["blocks"][blk] for blk in blocks])
+
+  return features
+
+
+def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], mesh, max_images=0,
+            progress=True):
+  """Features (len(blocks), N, D) and labels (N,) of a whole split (or its first max_images)."""
+  check_request(config, blocks, [t])
+  source = data.make_source(config.data, split)
+  n = len(source) if not max_images else min(max_images, len(source))
+  if n == 0:
+    raise ProbeError(f"split {split!r} of {config.data.name!r} is empty")
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  batch = max(shards, (min(config.probe.batch_size, n) + shards - 1) // shards * shards)
+  source = _Head(source, n)
+  batches = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(mesh),
+                              seed=config.seed, train=False)
+  fn = make_feature_fn(config, graphdef, t, blocks)
+  feats, labels = [], []
+  steps = (n + batch - 1) // batch
+  bs = sharding.batch_sharding(mesh)
+  for i in tqdm(range(steps), desc=f"features {split} t={t}", disable=not progress or jax.process_index() > 0):
+    b = next(batches)
+    indices = jax.device_put(np.arange(i * batch, (i + 1) * batch, dtype=np.int32), bs)
+    f = fn(params, b["image"], indices)
+    valid = np.asarray(b["valid"])
+    feats.append(np.asarray(f)[:, valid])
+    labels.append(np.asarray(b["label"])[valid])
+  return np.concatenate(feats, axis=1), np.concatenate(labels)
+
+
+class _Head:
+  """The first n records of a source."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+  def __repr__(self):
+    return f"Head({self.source!r}, {self.n})"
+
+
+# --- few-shot ridge ---------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _ridge_accuracy(train_x, train_y, test_x, test_y, l2, num_classes):
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # standardise with the shots' statistics
+  def prep(x):
+    x = (x - mean) / std
+    return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # constant bias feature
+  xtr, xte = prep(train_x), prep(test_x)
+  targets = 2.0 * jax.nn.one_hot(train_y, num_classes) - 1.0  # ±1
+  w = ridge_solve(xtr, targets, l2)
+  return jnp.mean(jnp.argmax(xte @ w, axis=1) == test_y)
+
+
+def ridge_solve(x, y, l2):
+  """argmin_w |xw - y|² + l2 |w|² in closed form: (xᵀx + l2 I)⁻¹ xᵀy (float32, on device)."""
+  return jnp.linalg.solve(x.T @ x + l2 * jnp.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+
+
+def fewshot(train_x, train_y, test_x, test_y, *, shots: Sequence[int], seeds: int, l2: float, num_classes: int):
+  """{shots: {"mean", "std", "per_seed"}} accuracy of the ridge probe over `seeds` draws of the shots."""
+  counts = np.bincount(train_y, minlength=num_classes)
+  results = {}
+  for k in shots:
+    if counts.min() < k:
+      raise ProbeError(f"{k} shots per class asked, but class {int(counts.argmin())} has only "
+                       f"{int(counts.min())} training images: lower probe.fewshot_shots")
+    accs = []
+    for seed in range(seeds):
+      rng = np.random.default_rng(seed)
+      idx = np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False) for c in range(num_classes)])
+      accs.append(float(_ridge_accuracy(train_x[idx], train_y[idx], test_x, test_y, l2, num_classes)))
+    results[k] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "per_seed": accs}
+  return results
+
+
+# --- linear probe (MAE protocol) --------------------------------------------------------------
+
+def lars(learning_rate, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+  """LARS as in MoCo v3 / MAE: weight decay and the trust ratio only on ≥2-D weights (not biases)."""
+  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                     optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
+                     optax.trace(decay=momentum), optax.scale_by_learning_rate(learning_rate))
+
+
+def batch_norm(x, stats, train: bool, momentum=0.9, eps=1e-6):
+  """BatchNorm without affine parameters; returns (normalised x, updated running stats)."""
+  if train:
+    mean, var = x.mean(0), x.var(0)
+    stats = {"mean": momentum * stats["mean"] + (1 - momentum) * mean,
+             "var": momentum * stats["var"] + (1 - momentum) * var}
+  else:
+    mean, var = stats["mean"], stats["var"]
+  return (x - mean) * jax.lax.rsqrt(var + eps), stats
+
+
+def init_head(dim, num_classes, seed=0):
+  w = 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (dim, num_classes))
+  return {"w": w, "b": jnp.zeros((num_classes,))}, {"mean": jnp.zeros((dim,)), "var": jnp.ones((dim,))}
+
+
+def head_logits(head, stats, x, train):
+  x, stats = batch_norm(x, stats, train)
+  return x @ head["w"] + head["b"], stats
+
+
+def make_head_step(tx, feature_fn=None):
+  """jit(head, stats, opt, inputs, labels[, params, indices]) -> updated (head, stats, opt, loss).
+  With feature_fn the inputs are images and features come from the frozen backbone on-line."""
+
+  @jax.jit
+  def step(head, stats, opt, inputs, labels, params=None, indices=None):
+    x = inputs if feature_fn is None else jax.lax.stop_gradient(feature_fn(params, inputs, indices)[0])
+
+    def loss_fn(h):
+      logits, new_stats = head_logits(h, stats, x, True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_stats
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(head)
+    updates, opt = tx.update(grads, opt, head)
+    return optax.apply_updates(head, updates), new_stats, opt, loss
+
+  return step
+
+
+def topk_accuracy(logits, labels, ks=(1, 5)):
+  order = np.argsort(-np.asarray(logits), axis=1)
+  return {f"top{k}": float(np.mean((order[:, :k] == np.asarray(labels)[:, None]).any(axis=1))) for k in ks}
+
+
+def linear_schedule(probe_config, num_train, batch):
+  steps_per_epoch = max(1, num_train // batch)
+  total = max(1, probe_config.linear_epochs * steps_per_epoch)
+  warmup = min(total - 1, probe_config.linear_warmup_epochs * steps_per_epoch)
+  peak = probe_config.linear_base_lr * batch / 256
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, 0.0), total
+
+
+def linear_probe_features(train_x, train_y, test_x, test_y, probe_config, num_classes, seed=0):
+  """Linear probe on fixed features (no augmentation): {"top1", "top5"} on the test features."""
+  batch = min(probe_config.linear_batch_size, len(train_y))
+  lr, total = linear_schedule(probe_config, len(train_y), batch)
+  tx = lars(lr, probe_config.linear_weight_decay)
+  head, stats = init_head(train_x.shape[1], num_classes, seed)
+  opt, step = tx.init(head), make_head_step(tx)
+  rng = np.random.default_rng(seed)
+  order = np.array([], np.int64)
+  for _ in range(total):
+    if len(order) < batch:
+      order = np.concatenate([order, rng.permutation(len(train_y))])
+    idx, order = order[:batch], order[batch:]
+    head, stats, opt, _ = step(head, stats, opt, jnp.asarray(train_x[idx]), jnp.asarray(train_y[idx]))
+  logits, _ = head_logits(head, stats, jnp.asarray(test_x), False)
+  return topk_accuracy(logits, test_y, ks=(1, min(5, num_classes)))
+
+
+def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, test_y, num_classes, seed=0):
+  """Linear probe trained through the frozen backbone on crop + flip augmented images."""
+  p = config.probe
+  source = data.make_source(config.data, p.train_split)
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  batch = max(shards, min(p.linear_batch_size, len(source)) // shards * shards)
+  lr, total = linear_schedule(p, len(source), batch)
+  augment = data.pipeline.TrainAugment(config.data.image_size, (p.linear_crop_area_min, 1.0), True)
+  batches = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(mesh),
+                              seed=config.seed + seed, train=True, augment=augment)
+  tx = lars(lr, p.linear_weight_decay)
+  head, stats = init_head(test_x.shape[1], num_classes, seed)
+  opt, step = tx.init(head), make_head_step(tx, make_feature_fn(config, graphdef, t, [block]))
+  bs = sharding.batch_sharding(mesh)
+  for i in tqdm(range(total), desc="linear probe", disable=jax.process_index() > 0):
+    b = next(batches)
+    indices = jax.device_put(np.arange(i * batch, (i + 1) * batch, dtype=np.int32), bs)
+    head, stats, opt, _ = step(head, stats, opt, b["image"], b["label"], params, indices)
+  logits, _ = head_logits(head, stats, jnp.asarray(test_x), False)
+  return topk_accuracy(logits, test_y, ks=(1, min(5, num_classes)))
+
+
+def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
+  """A (rows, cols) accuracy grid as a PNG heatmap with the values written in the cells."""
+  from PIL import Image, ImageDraw
+  from umd_jax import images
+  rows, cols = grid.shape
+  left, top = 64, 24
+  img = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")
+  draw = ImageDraw.Draw(img)
+  lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+  for r in range(rows):
+    draw.text((4, top + r * cell + cell // 3), str(row_labels[r]), fill="black")
+    for c in range(cols):
+      v = (grid[r, c] - lo) / (hi - lo + 1e-12)
+      color = (int(255 * v), int(80 + 100 * (1 - abs(v - 0.5) * 2)), int(255 * (1 - v)))
+      box = (left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1)
+      draw.rectangle(box, fill=color)
+      draw.text((box[0] + 4, box[1] + cell // 3), f"{100 * grid[r, c]:.1f}", fill="white")
+  for c in range(cols):
+    draw.text((left + c * cell + 4, 6), f"t={col_labels[c]}", fill="black")
+  images.save_png(path, np.asarray(img))
+
+
+# --- the probe mode -----------------------------------------------------------------------------
+
+def pixel_features(config, split, max_images=0):
+  """Raw pixels (centre-cropped like the backbone's input) as a (1, N, H·W·C) baseline feature."""
+  source = data.make_source(config.data, split)
+  n = len(source) if not max_images else min(max_images, len(source))
+  prep = data.pipeline.EvalPreprocess(config.data.image_size)
+  records = [prep.map(source[i]) for i in range(n)]
+  return (np.stack([r["image"].reshape(-1) for r in records])[None],
+          np.array([r["label"] for r in records], np.int32))
+
+
+def _heads(config, train_x, train_y, test_x, test_y, online=None):
+  """Few-shot (all configured shot counts) and linear probe on one kind of feature."""
+  p, k = config.probe, config.data.num_classes
+  out = {"fewshot": fewshot(train_x, train_y, test_x, test_y, shots=p.fewshot_shots, seeds=p.fewshot_seeds,
+                            l2=p.fewshot_l2, num_classes=k)}
+  if p.linear:
+    out["linear"] = online() if online else linear_probe_features(train_x, train_y, test_x, test_y, p, k)
+  return out
+
+
+def fewshot_eval(config, graphdef, params, mesh, shots=None, seeds=1):
+  """Few-shot accuracy of the configured feature (used during pre-training)."""
+  p = config.probe
+  tr = extract(config, graphdef, params, p.train_split, t=p.t, blocks=[p.block], mesh=mesh,
+               max_images=p.max_train_images, progress=False)
+  te = extract(config, graphdef, params, p.eval_split, t=p.t, blocks=[p.block], mesh=mesh,
+               max_images=p.max_eval_images, progress=False)
+  counts = np.bincount(tr[1], minlength=config.data.num_classes)
+  usable = [k for k in (shots or p.fewshot_shots) if k <= counts.min()]
+  res = fewshot(tr[0][0], tr[1], te[0][0], te[1], shots=usable, seeds=seeds, l2=p.fewshot_l2,
+                num_classes=config.data.num_classes)
+  return {f"fewshot_{k}shot": v["mean"] for k, v in res.items()}
+
+
+def run(config, workdir, devices=None) -> dict:
+  """--mode=probe: few-shot + linear probe (+ DDAE sweep, + baselines); writes probe/results.json."""
+  import json
+  from etils import epath
+  p = config.probe
+  if config.data.num_classes < 2:
+    raise ProbeError("probing needs labels: set data.num_classes")
+  check_request(config, [p.block], [p.t])
+  mesh = sharding.make_mesh(config.mesh, devices)
+  graphdef, params = load_backbone(config, workdir, mesh)
+  out_dir = epath.Path(workdir) / "probe"
+  kw = dict(mesh=mesh)
+
+  def probe_backbone(params_, seed_offset=0):
+    tr = extract(config, graphdef, params_, p.train_split, t=p.t, blocks=[p.block],
+                 max_images=p.max_train_images, **kw)
+    te = extract(config, graphdef, params_, p.eval_split, t=p.t, blocks=[p.block], max_images=p.max_eval_images, **kw)
+    online = (functools.partial(linear_probe_online, config, graphdef, params_, mesh, t=p.t, block=p.block,
+                                test_x=te[0][0], test_y=te[1], num_classes=config.data.num_classes)
+              if p.linear_augment else None)
+    return _heads(config, tr[0][0], tr[1], te[0][0], te[1], online)
+
+  results = {"feature": {"t": p.t, "block": p.block}, **probe_backbone(params)}
+  if p.sweep:
+    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir)
+  if p.baselines:
+    tr, te = pixel_features(config, p.train_split, p.max_train_images), pixel_features(config, p.eval_split,
+                                                                                     p.max_eval_images)
+    results["baselines"] = {"pixels": _heads(config, tr[0][0], tr[1], te[0][0], te[1]),
+                            "random_init": probe_backbone(random_backbone(config, mesh)[1])}
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+  print(format_table(results))
+  return results
+
+
+def sweep(config, graphdef, params, mesh, out_dir):
+  """DDAE grid: few-shot accuracy for every (block, t); heatmap PNG, table, best cell."""
+  p = config.probe
+  blocks = [REP] + list(range(num_blocks(config)))
+  check_request(config, blocks, p.sweep_ts)
+  grid = np.zeros((len(blocks), len(p.sweep_ts)))
+  for j, t in enumerate(p.sweep_ts):
+    tr = extract(config, graphdef, params, p.train_split, t=t, blocks=blocks, mesh=mesh, max_images=p.max_train_images)
+    te = extract(config, graphdef, params, p.eval_split, t=t, blocks=blocks, mesh=mesh, max_images=p.max_eval_images)
+    for i in range(len(blocks)):
+      grid[i, j] = fewshot(tr[0][i], tr[1], te[0][i], te[1], shots=[p.sweep_shots], seeds=p.fewshot_seeds,
+                           l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]
+  names = ["rep"] + [f"block {b}" for b in blocks[1:]]
+  if jax.process_index() == 0:
+    heatmap_png(grid, names, list(p.sweep_ts), out_dir / "sweep.png")
+  i, j = np.unravel_index(np.argmax(grid), grid.shape)
+  return {"ts": list(p.sweep_ts), "blocks": blocks, "shots": p.sweep_shots, "accuracy": grid.tolist(),
+          "best": {"block": blocks[i], "t": p.sweep_ts[j], "accuracy": float(grid[i, j])}}
+
+
+def format_table(results) -> str:
+  lines = [f"{'features':<14}{'linear top1':>12}" + "".join(f"{str(k) + '-shot':>12}" for k in results["fewshot"])]
+
+  def row(name, r):
+    lin = f"{100 * r['linear']['top1']:.1f}" if "linear" in r else "-"
+    return f"{name:<14}{lin:>12}" + "".join(f"{100 * v['mean']:>8.1f}±{100 * v['std']:<3.1f}" for v in r["fewshot"].values())
+  lines.append(row("backbone", results))
+  for name, r in results.get("baselines", {}).items():
+    lines.append(row(name, r))
+  if "sweep" in results:
+    b = results["sweep"]["best"]
+    lines.append(f"DDAE sweep best: block {b['block']} (-1 = rep), t={b['t']}: {100 * b['accuracy']:.1f}% "
+                 f"({results['sweep']['shots']}-shot)")
+  return "\n".join(lines)
