@@ -161,3 +161,20 @@ def test_empty_split_is_a_clear_error(tmp_path, trained):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     graphdef, params = probe.load_backbone(config, trained[1], mesh)
     probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh)
+
+
+def test_colab_notebook_runs_top_to_bottom(trained, monkeypatch):
+  import os
+
+  import nbclient
+  import nbformat
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.setenv("UMD_WORKDIR", str(trained[1]))
+  monkeypatch.setenv("UMD_QUICK", "1")
+  nb = nbformat.read(os.path.join(root, "notebooks", "probe.ipynb"), as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": os.path.join(root, "notebooks")}}).execute()
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert "1-shot:" in text and "linear probe:" in text and "best:" in text
+  images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(images) == 2  # the sweep heatmap and the PCA / t-SNE scatter

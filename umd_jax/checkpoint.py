@@ -75,6 +75,22 @@ class Checkpointer:
     self.manager.close()
 
 
+def load_config(workdir):
+  """The config a workdir's latest checkpoint was written with, as a locked ConfigDict."""
+  import ml_collections
+  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  finally:
+    manager.close()
+  config = ml_collections.ConfigDict(saved)
+  config.lock()
+  return config
+
+
 def restore_params(workdir, abstract_params, prefer_ema: bool = False):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""
