@@ -7,6 +7,7 @@
 Every host of a TPU pod runs the same command. Config values can be overridden on the
 command line (`--config.batch_size=256`); an unknown key is an error.
 """
+import json
 import logging as std_logging
 import os
 import sys
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "probe", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
                                    "that JAX does not detect by itself (TPU pods and SLURM are detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -45,19 +46,23 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from umd_jax import checkpoint, data, probe, sharding, train
+  from umd_jax import checkpoint, data, generate, probe, sharding, train
   _init_distributed()
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
-                 train.TrainingError, probe.ProbeError)
+                 train.TrainingError, probe.ProbeError,
+                 generate.SampleError)
   try:
     if _MODE.value == "summary":
       train.summarize(config, _WORKDIR.value)
+    elif _MODE.value == "generate":
+      result = generate.run(config, _WORKDIR.value)
+      print(json.dumps(result, indent=2))
     elif _MODE.value == "probe":
       probe.run(config, _WORKDIR.value)
       print(f"results: {_WORKDIR.value}/probe/results.json")
-    elif _MODE.value == "pretrain":
-      result = train.pretrain(config, _WORKDIR.value)
+    elif _MODE.value in ("pretrain", "finetune"):
+      result = getattr(train, _MODE.value)(config, _WORKDIR.value)
       print(f"trained steps {result['start_step']} -> {result['step']}; loss {result['first_loss']:.4f} "
             f"(first logged) -> {result['last_loss']:.4f} (last)")
       print(f"workdir: {result['workdir']}  (checkpoints/, images/, TensorBoard events: "

@@ -29,6 +29,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.image_every = 5000                     # masked / reconstruction / original PNG grid
   c.keep_checkpoints = 3
   c.init_from = ""                         # workdir to take weights from when starting fresh
+                                           # (fine-tuning: the pre-training workdir)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "imagenet2012"             # a TFDS name, or "digits", "folder", "synthetic"
@@ -58,6 +59,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
   c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
   c.corruption.loss_buckets = 10           # per-timestep-bucket loss in the logs
+  c.corruption.label_dropout = 0.0         # class-conditional training: P(label -> null class)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
@@ -103,12 +105,62 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.probe.sweep_shots = 10
   c.probe.baselines = False                # also probe raw pixels and a randomly initialised network
 
+  # Sampling (--mode=generate) and FID / IS (SPEC §4, §6).
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 50_000            # for the .npz (and FID when sample.fid)
+  c.sample.batch_size = 256
+  c.sample.sampler = "ddim"                # "ddim" | "ddpm" (ancestral, all T steps)
+  c.sample.steps = 125
+  c.sample.eta = 1.0
+  c.sample.cfg_scale = 1.0                 # classifier-free guidance; 1: conditional only
+  c.sample.clip = True                     # clip x0 predictions to [-1, 1] (pixels)
+  c.sample.classes = ()                    # () = all classes, cycled
+  c.sample.grid_classes = 10               # rows of samples/grid.png
+  c.sample.grid_per_class = 8
+  c.sample.seed = 0
+  c.sample.use_ema = True
+  c.sample.inpaint = ""                    # "" | "random" | "center" | path to a PNG mask (white = fill)
+  c.sample.inpaint_ratio = 0.5             # share of patches to fill with "random"
+  c.sample.inpaint_resample = 1            # RePaint resampling passes per step
+  c.sample.fid = False
+  c.sample.inception_weights = ""          # local .npz of pytorch-fid InceptionV3 weights (see README)
+  c.sample.fid_reference = ""              # .npz with mu/sigma; "" = computed from data.eval_split, cached
+  c.fid_every = 0                          # FID during fine-tuning every N steps (0: off)
+  c.fid_samples = 10_000
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                         # -1: all devices not used by fsdp
   c.mesh.fsdp = 1
   # Logical parameter axis -> mesh axis (None: replicated). Data lives on ("data", "fsdp").
   c.mesh.rules = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("patch", None),
                   ("layers", None), ("seq", None), ("vocab", None))
+  return c
+
+
+def parse_arg(arg, default_variant: str):
+  """Config argument: a variant ("B/8"), "finetune", or both ("B/8,finetune")."""
+  parts = [p for p in (arg or "").split(",") if p]
+  finetune = "finetune" in parts
+  variants = [p for p in parts if p != "finetune"]
+  return (variants[0] if variants else default_variant), finetune
+
+
+def finetune_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SPEC §5 class-conditional fine-tuning (for generation): from `init_from`'s weights, a new
+  label embedding and optimizer; batch 256, LR 1.5e-4, β2 0.999, no weight decay, 2 warmup
+  epochs of 50, crop area 95-100%, no noised masking, EMA step 1e-4·B/256, label dropout 0.1."""
+  c.model.num_classes = c.data.num_classes
+  c.batch_size = 256
+  c.total_steps = 50 * IMAGENET_TRAIN_IMAGES // 256
+  c.optim.base_lr = 1.5e-4                 # peak 1.5e-4 at batch 256
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.warmup_fraction = 2 / 50
+  c.optim.ema_rate = 1e-4 * c.batch_size / 256
+  c.data.crop_area_min = 0.95
+  c.corruption.noised_mask_ratio = 0.0
+  c.corruption.clean_fraction = 0.05 if c.method in ("umd", "mae") else 0.0
+  c.corruption.label_dropout = 0.1
   return c
 
 

@@ -3,11 +3,18 @@
 
   python main.py --config=configs/mae_b.py --mode=pretrain --workdir=/path/to/workdir \
       --config.data.data_dir=/path/to/tensorflow_datasets
+
+Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
+
+  python main.py --config=configs/mae_b.py:finetune --mode=finetune --workdir=/path/to/finetune \
+      --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
 """
 from configs import common
 
 
 def get_config(arg=None):
   c = common.base_config("mae")
-  c.model.variant = arg or "B/4"
+  c.model.variant, finetune = common.parse_arg(arg, "B/4")
+  if finetune:
+    common.finetune_recipe(c)
   return common.finalize(c)

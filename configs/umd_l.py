@@ -3,6 +3,11 @@
   python main.py --config=configs/umd_l.py --mode=pretrain --workdir=/path/to/workdir \
       --config.data.data_dir=/path/to/tensorflow_datasets
 
+Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
+
+  python main.py --config=configs/umd_l.py:finetune --mode=finetune --workdir=/path/to/finetune \
+      --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
+
 Argument: a variant string, e.g. `--config=configs/umd_l.py:L/8`. Choices where SPEC is silent:
 mask token init N(0, 0.02); weight decay skips biases, LayerNorm scales, registers, mask token.
 """
@@ -11,5 +16,7 @@ from configs import common
 
 def get_config(arg=None):
   c = common.base_config("umd")
-  c.model.variant = arg or "L/4"
+  c.model.variant, finetune = common.parse_arg(arg, "L/4")
+  if finetune:
+    common.finetune_recipe(c)
   return common.finalize(c)

@@ -111,9 +111,15 @@ def test_too_few_records_for_a_batch_is_a_clear_error(tmp_path, one_device):
 
 
 def test_inception_crop_area_and_aspect(monkeypatch):
-  seen = []
+  import threading
+  seen, me = [], threading.get_ident()
   real_resize = pipeline._resize
-  monkeypatch.setattr(pipeline, "_resize", lambda image, size: (seen.append(image.shape), real_resize(image, size))[1])
+
+  def spy(image, size):  # grain prefetch threads of other tests' iterators may call it too
+    if threading.get_ident() == me:
+      seen.append(image.shape)
+    return real_resize(image, size)
+  monkeypatch.setattr(pipeline, "_resize", spy)
   rng = np.random.default_rng(0)
   image = np.zeros((100, 120, 3), np.uint8)
   for _ in range(300):

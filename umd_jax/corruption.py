@@ -64,16 +64,18 @@ def split_sizes(batch: int, clean_fraction: float) -> tuple[int, int]:
 
 def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: jax.Array, *,
              num_patches: int, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
-             labels: Optional[jax.Array] = None, num_buckets: int = 10):
+             labels: Optional[jax.Array] = None, num_buckets: int = 10, label_dropout: float = 0.0,
+             null_label: int = 0):
   """The UMD loss of SPEC §2 and its parts.
 
   apply_fn(x, t_index, labels, keep_ids, restore_ids) -> dict(x0=..., eps=...), images (B, H, W, C);
-  x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label.
+  x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label; in
+  the noised one each label is replaced by `null_label` with probability `label_dropout` (CFG).
   Returns (loss, metrics) with loss_clean, loss_noised and per-timestep-bucket sums/counts.
   """
   batch = x0.shape[0]
   n_clean, n_noised = split_sizes(batch, clean_fraction)
-  k_clean, k_t, k_eps, k_noised = jax.random.split(key, 4)
+  k_clean, k_t, k_eps, k_noised, k_drop = jax.random.split(key, 5)
   zero = jnp.zeros((), jnp.float32)
   metrics = dict(loss_clean=zero, loss_noised=zero,
                  bucket_sum=jnp.zeros((num_buckets,)), bucket_count=jnp.zeros((num_buckets,)))
@@ -93,7 +95,13 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
     eps = jax.random.normal(k_eps, xn.shape, xn.dtype)
     xt = diffusion.q_sample(schedule, xn, t, eps)
     mask = random_mask(k_noised, n_noised, num_patches, noised_mask_ratio)
-    out = apply_fn(xt, t + 1, None if labels is None else labels[n_clean:],
+    noised_labels = None
+    if labels is not None:
+      noised_labels = labels[n_clean:]
+      if label_dropout > 0:
+        drop = jax.random.uniform(k_drop, (n_noised,)) < label_dropout
+        noised_labels = jnp.where(drop, null_label, noised_labels)
+    out = apply_fn(xt, t + 1, noised_labels,
                    *(mask[:2] if mask is not None else (None, None)))
     visible, masked = _regions(mask, xn)
     eps_se, x0_se = jnp.square(out["eps"] - eps), jnp.square(out["x0"] - xn)

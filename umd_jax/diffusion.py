@@ -75,3 +75,113 @@ def q_posterior(schedule: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array):
   mean = (_bcast(schedule.posterior_mean_coef_x0, t, x0.ndim) * x0
           + _bcast(schedule.posterior_mean_coef_xt, t, x0.ndim) * xt)
   return mean, _bcast(schedule.posterior_variance, t, x0.ndim)
+
+
+# --- sampling ---------------------------------------------------------------------------------
+# `denoise(x_t, t)` -> (x0_hat, eps_hat) for integer timesteps t of shape (B,); the network
+# behind it is told t + 1 (index 0 is the clean step). Guidance lives in `guided`.
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+  """`steps` evenly spaced timesteps from T-1 down to 0 (any count from 1 to T)."""
+  if not 1 <= steps <= num_timesteps:
+    raise ValueError(f"sample.steps={steps} must be in [1, {num_timesteps}] (the number of timesteps T)")
+  if steps == 1:
+    return np.array([num_timesteps - 1])
+  return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
+
+
+def _clip_and_eps(schedule, x, t, x0, eps, clip):
+  """Optionally clip x0 to [-1, 1]; then the eps consistent with it (as in ADM)."""
+  if not clip:
+    return x0, eps
+  x0 = jnp.clip(x0, -1.0, 1.0)
+  ab = _bcast(schedule.alphas_cumprod, t, x.ndim)
+  return x0, (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
+
+
+def ddim_step(denoise, schedule: Schedule, x, t, t_prev, key, *, eta: float = 1.0, clip: bool = False):
+  """One DDIM step from timestep t to t_prev (-1: return the x0 prediction). Returns (x_prev, x0_hat)."""
+  tb = jnp.full((x.shape[0],), t)
+  x0, eps = _clip_and_eps(schedule, x, tb, *denoise(x, tb), clip)
+  ab = schedule.alphas_cumprod[t]
+  ab_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+  sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
+  z = jax.random.normal(key, x.shape, x.dtype)
+  x_prev = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * z
+  return jnp.where(t_prev >= 0, x_prev, x0), x0
+
+
+def ddim_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *, steps: int, eta: float = 1.0,
+                clip: bool = False):
+  """DDIM (eta 0: deterministic; eta 1: DDPM-like noise) over `steps` timesteps, one `lax.scan`;
+  the last step returns the x0 prediction."""
+  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
+  t_prev = jnp.concatenate([ts[1:], jnp.array([-1])])
+
+  def body(x, inputs):
+    t, tp, k = inputs
+    return ddim_step(denoise, schedule, x, t, tp, k, eta=eta, clip=clip)[0], None
+
+  x, _ = jax.lax.scan(body, noise, (ts, t_prev, jax.random.split(key, len(ts))))
+  return x
+
+
+def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *, clip: bool = False):
+  """Ancestral DDPM over all T steps: x_{t-1} ~ q(x_{t-1} | x_t, x0_hat) with the posterior variance."""
+  ts = jnp.arange(schedule.num_timesteps - 1, -1, -1)
+  b = noise.shape[0]
+
+  def body(x, inputs):
+    t, k = inputs
+    tb = jnp.full((b,), t)
+    x0, _ = _clip_and_eps(schedule, x, tb, *denoise(x, tb), clip)
+    mean, var = q_posterior(schedule, x0, x, tb)
+    return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * jax.random.normal(k, x.shape, x.dtype), None
+
+  x, _ = jax.lax.scan(body, noise, (ts, jax.random.split(key, len(ts))))
+  return x
+
+
+def inpaint_sample(denoise, schedule: Schedule, images, known, noise, key, *, steps: int, eta: float = 1.0,
+                   clip: bool = False, resample: int = 1):
+  """Fill the unknown region (known == 0) by DDIM sampling with the known region held to its
+  ground truth noised to the current timestep (RePaint); each step is redone `resample` times,
+  re-noising one step back in between. The known pixels of the result equal `images` exactly."""
+  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
+  t_prev = jnp.concatenate([ts[1:], jnp.array([-1])])
+
+  def merge(x, t, k):  # known region at the noise level of timestep t (t = -1: clean)
+    tb = jnp.full((x.shape[0],), jnp.maximum(t, 0))
+    noised = jnp.where(t >= 0, q_sample(schedule, images, tb, jax.random.normal(k, x.shape, x.dtype)), images)
+    return known * noised + (1 - known) * x
+
+  def body(x, inputs):
+    t, tp, k = inputs
+
+    def once(r, x):
+      kr = jax.random.fold_in(k, r)
+      k_step, k_known, k_back = jax.random.split(kr, 3)
+      x_prev = merge(ddim_step(denoise, schedule, x, t, tp, k_step, eta=eta, clip=clip)[0], tp, k_known)
+      # Back to t (q(x_t | x_t_prev)) for another pass, except after the last one.
+      ab_ratio = schedule.alphas_cumprod[t] / jnp.where(tp >= 0, schedule.alphas_cumprod[jnp.maximum(tp, 0)], 1.0)
+      back = jnp.sqrt(ab_ratio) * x_prev + jnp.sqrt(1 - ab_ratio) * jax.random.normal(k_back, x.shape, x.dtype)
+      return jnp.where(r < resample - 1, back, x_prev)
+
+    return jax.lax.fori_loop(0, resample, once, x), None
+
+  x, _ = jax.lax.scan(body, merge(noise, ts[0], key), (ts, t_prev, jax.random.split(key, len(ts))))
+  return known * images + (1 - known) * x
+
+
+def guided(apply, labels: jax.Array, null_label: int, scale: float):
+  """Classifier-free guidance: conditional and null-label halves in one doubled batch,
+  out = uncond + scale · (cond - uncond) on both heads. apply(x, t_index, labels) -> (x0, eps)."""
+  def denoise(x, t):
+    if scale == 1.0:
+      return apply(x, t + 1, labels)
+    both = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]) + 1,
+                 jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+    b = x.shape[0]
+    return tuple(u[b:] + scale * (u[:b] - u[b:]) for u in both)
+  return denoise

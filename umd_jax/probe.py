@@ -44,12 +44,7 @@ def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
 
 def load_backbone(config, workdir, mesh):
   """(graphdef, params) of the latest checkpoint in `workdir`, EMA weights if present and wanted."""
-  graphdef, abstract = train_step.abstract_model(config)
-  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  params = checkpoint.restore_params(workdir, target, prefer_ema=config.probe.use_ema)
-  return graphdef, params
+  return train_step.load_weights(config, workdir, mesh, prefer_ema=config.probe.use_ema)
 
 
 def random_backbone(config, mesh):

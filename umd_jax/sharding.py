@@ -36,6 +36,10 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def num_data_shards(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def check_batch(global_batch: int, mesh, what: str = "batch_size") -> None:
   shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
   if global_batch % shards:

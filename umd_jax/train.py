@@ -119,9 +119,7 @@ def pretrain(config, workdir: str, devices=None) -> dict:
     state = ckpt.restore(start, train_step.abstract_state(state, shardings), batches.iterator)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   elif config.init_from:
-    params = checkpoint.restore_params(config.init_from, jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params, shardings.params))
-    state = state.replace(params=params, ema_params=params if state.ema_params is not None else None)
+    state = state.replace(**_init_from(config, state, shardings))
     logging.info("initialised weights from %s", config.init_from)
   start = int(state.step)
 
@@ -171,6 +169,26 @@ def pretrain(config, workdir: str, devices=None) -> dict:
   writer.flush()
   return dict(start_step=start, step=step, first_loss=first_loss, last_loss=last.get("loss"),
               stopped_by=stop.signal, workdir=str(workdir), state=state)
+
+
+def _init_from(config, state, shardings) -> dict:
+  """Weights of `config.init_from`'s latest checkpoint. A label embedding the source did not
+  have (fine-tuning a self-supervised model) stays freshly initialised, as does the optimizer."""
+  source = checkpoint.load_config(config.init_from)
+  fresh = {"label_embed"} if source.model.num_classes == 0 else set()
+  target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings.params[k])
+            for k, v in state.params.items() if k not in fresh}
+  params = {**state.params, **checkpoint.restore_params(config.init_from, target)}
+  return dict(params=params, ema_params=params if state.ema_params is not None else None)
+
+
+def finetune(config, workdir, devices=None) -> dict:
+  """Class-conditional fine-tuning: the pre-training loop from `init_from`'s weights with labels."""
+  if config.model.num_classes < 1:
+    raise ValueError("fine-tuning is class-conditional: set model.num_classes (the ':finetune' configs do)")
+  if not config.init_from and checkpoint.Checkpointer(workdir).latest_step() is None:
+    raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
+  return pretrain(config, workdir, devices)
 
 
 def _preview_images(config, mesh):

@@ -61,6 +61,16 @@ def abstract_model(config):
   return graphdef, params
 
 
+def load_weights(config, workdir, mesh, prefer_ema: bool = True):
+  """(graphdef, params) of a workdir's latest checkpoint, sharded for `mesh` (EMA if kept and wanted)."""
+  from umd_jax import checkpoint
+  graphdef, abstract = abstract_model(config)
+  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  return graphdef, checkpoint.restore_params(workdir, target, prefer_ema=prefer_ema)
+
+
 def create_state(config, mesh, tx):
   """Shape first, then materialise sharded: returns (graphdef, state, state shardings)."""
   graphdef, abstract_params = abstract_model(config)
@@ -104,7 +114,8 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
       return corruption.umd_loss(apply, schedule, batch["image"], key, num_patches=num_patches,
                                  clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                  noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
-                                 labels=batch["label"] if config.model.num_classes else None)
+                                 labels=batch["label"] if config.model.num_classes else None,
+                                 label_dropout=c.label_dropout, null_label=config.model.num_classes)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

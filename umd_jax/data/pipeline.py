@@ -75,11 +75,11 @@ class Batches:
 
   With `pad_to` (evaluation), a short last batch is zero-padded to that many local rows and
   every batch carries "valid" (B,) bool, so shapes stay static and divisible by the devices.
+  `iterator` is the grain iterator whose state is checkpointed.
   """
 
-  def __init__(self, loader: grain.DataLoader, sharding, pad_to=None):
-    self.loader, self.sharding, self.pad_to = loader, sharding, pad_to
-    self.iterator = iter(loader)
+  def __init__(self, iterator, sharding, pad_to=None):
+    self.iterator, self.sharding, self.pad_to = iterator, sharding, pad_to
 
   def __iter__(self):
     return self
@@ -94,10 +94,10 @@ class Batches:
 
 
 def make_batches(data_config, source, *, global_batch: int, sharding, seed: int, train: bool,
-                 num_epochs=None, augment=None) -> Batches:
-  """Global batches of `source`. Training shuffles (seeded), repeats and augments; evaluation
-  reads each record once in order, padding the last batch (see `Batches`). `augment`
-  overrides the training augmentation (e.g. the linear probe's crop range)."""
+                 augment=None) -> Batches:
+  """Global batches of `source`. Training shuffles (seeded, reshuffled every epoch), repeats and
+  augments; evaluation reads each record once in order, padding the last batch (see `Batches`).
+  `augment` overrides the training augmentation (e.g. the linear probe's crop range)."""
   processes = jax.process_count()
   if global_batch % processes:
     raise DataError(f"batch_size={global_batch} is not divisible by the {processes} processes")
@@ -108,11 +108,15 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
   if augment is None:
     augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
                else EvalPreprocess(d.image_size))
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-      shuffle=train, num_epochs=None if train else (num_epochs or 1), seed=seed)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[augment, grain.transforms.Batch(local_batch, drop_remainder=train)],
-      worker_count=d.num_workers)
-  return Batches(loader, sharding, pad_to=None if train else local_batch)
+  ds = grain.MapDataset.source(source)
+  if train:
+    ds = ds[:len(ds) - len(ds) % processes]  # equal shards, so every process takes the same steps
+  ds = ds[jax.process_index()::processes]    # each process reads only its own records
+  if train:
+    ds = ds.shuffle(seed=seed).repeat().random_map(augment, seed=seed)
+  else:
+    ds = ds.map(augment)
+  ds = ds.batch(local_batch, drop_remainder=train).to_iter_dataset()
+  if d.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  return Batches(iter(ds), sharding, pad_to=None if train else local_batch)

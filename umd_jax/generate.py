@@ -1,0 +1,166 @@
+"""--mode=generate: class-conditional samples (PNG grid, ADM-style .npz), inpainting, FID / IS.
+
+Sampling is one compiled `lax.scan` per batch (diffusion.py), sharded over the batch, using the
+EMA weights when the checkpoint has them. Deterministic for a given `sample.seed`.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from umd_jax import corruption, diffusion, images, sharding, train_step
+
+
+class SampleError(ValueError):
+  """A bad sampling request: the message says what to change."""
+
+
+def check(config) -> list:
+  """Validate config.sample against the model; returns the class list to sample."""
+  s, k = config.sample, config.model.num_classes
+  if s.cfg_scale != 1.0 and k == 0:
+    raise SampleError(f"sample.cfg_scale={s.cfg_scale} needs a class-conditional model (model.num_classes=0): "
+                      "fine-tune with a ':finetune' config, or set sample.cfg_scale=1")
+  classes = list(s.classes) if s.classes else (list(range(k)) if k else [None])
+  bad = [c for c in classes if c is not None and not 0 <= c < k]
+  if bad or (s.classes and not k):
+    raise SampleError(f"sample.classes {bad or list(s.classes)} out of range: the model has {k} classes (0..{k - 1})")
+  if s.sampler not in ("ddim", "ddpm"):
+    raise SampleError(f"sample.sampler={s.sampler!r}: use 'ddim' or 'ddpm'")
+  diffusion.ddim_timesteps(config.diffusion.num_timesteps, s.steps)  # raises for steps outside [1, T]
+  return classes
+
+
+def _denoiser(config, graphdef, params, labels):
+  model = nnx.merge(graphdef, params)
+  apply = lambda x, t, y: (lambda o: (o["x0"], o["eps"]))(model(x, t, y))
+  if config.model.num_classes == 0:
+    return lambda x, t: apply(x, t + 1, None)
+  return diffusion.guided(apply, labels, config.model.num_classes, config.sample.cfg_scale)
+
+
+def make_sampler(config, graphdef, mesh):
+  """jit(params, labels (B,), key) -> images (B, H, W, C) in [-1, 1]."""
+  s, d = config.sample, config.data
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  bs = sharding.batch_sharding(mesh)
+
+  def sample(params, labels, key):
+    k_noise, k_sample = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (labels.shape[0], d.image_size, d.image_size, d.channels))
+    noise = jax.lax.with_sharding_constraint(noise, bs)
+    denoise = _denoiser(config, graphdef, params, labels)
+    if s.sampler == "ddpm":
+      return diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip)
+    return diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip)
+
+  return jax.jit(sample, out_shardings=bs)
+
+
+def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, progress=True) -> np.ndarray:
+  """Samples for every label, in batches of sample.batch_size; uint8 (N, H, W, C)."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  batch = max(shards, -(-min(config.sample.batch_size, len(labels)) // shards) * shards)
+  fn, bs, out = make_sampler(config, graphdef, mesh), sharding.batch_sharding(mesh), []
+  steps = -(-len(labels) // batch)
+  for i in tqdm(range(steps), desc="sampling", disable=not progress or jax.process_index() > 0):
+    chunk = labels[i * batch:(i + 1) * batch]
+    padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
+    x = fn(params, jax.device_put(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i))
+    out.append(images.to_uint8(jax.device_get(x))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
+  """(B, H, W, 1) float, 1 = known pixel. kind: 'random' (patches), 'center' (a box), or a PNG path
+  (white = to fill)."""
+  size = config.data.image_size
+  if kind == "center":
+    m = np.ones((size, size, 1), np.float32)
+    m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
+    return np.broadcast_to(m, (batch, size, size, 1)).copy()
+  if kind == "random":
+    from umd_jax.models.umd import parse_variant
+    patch = parse_variant(config.model.variant)["patch"]
+    m = corruption.random_mask(key, batch, (size // patch) ** 2, config.sample.inpaint_ratio)
+    return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
+  path = epath.Path(kind)
+  if not path.exists():
+    raise SampleError(f"sample.inpaint={kind!r}: use 'random', 'center' or the path of an existing PNG mask")
+  with path.open("rb") as f:
+    gray = np.asarray(Image.open(f).convert("L").resize((size, size), Image.NEAREST))
+  return np.broadcast_to((gray < 128).astype(np.float32)[..., None], (batch, size, size, 1)).copy()
+
+
+def make_inpainter(config, graphdef):
+  s = config.sample
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+  @jax.jit
+  def inpaint(params, x, known, labels, key):
+    k_noise, k_sample = jax.random.split(key)
+    return diffusion.inpaint_sample(_denoiser(config, graphdef, params, labels), schedule, x, known,
+                                    jax.random.normal(k_noise, x.shape), k_sample, steps=s.steps, eta=s.eta,
+                                    clip=s.clip, resample=s.inpaint_resample)
+  return inpaint
+
+
+def run(config, workdir, devices=None) -> dict:
+  """Writes samples/grid.png, samples/samples_<N>x<H>x<W>x<C>.npz (arr_0 uint8 images, arr_1
+  labels), samples/inpaint.png when sample.inpaint is set, and FID / IS when sample.fid."""
+  s = config.sample
+  classes = check(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  graphdef, params = train_step.load_weights(config, workdir, mesh, prefer_ema=s.use_ema)
+  out_dir = epath.Path(workdir) / "samples"
+  is_main = jax.process_index() == 0
+  as_label = lambda c: 0 if c is None else c
+  labels = np.array([as_label(classes[i % len(classes)]) for i in range(s.num_samples)], np.int32)
+  result = {"num_samples": int(s.num_samples), "steps": s.steps, "sampler": s.sampler, "eta": s.eta,
+            "cfg_scale": s.cfg_scale, "seed": s.seed}
+  shown = classes[:s.grid_classes]
+  grid_labels = np.repeat(np.array([as_label(c) for c in shown], np.int32), s.grid_per_class)
+  grid = sample_many(config, graphdef, params, mesh, grid_labels, s.seed + 1, progress=False)
+  rows = [grid[i * s.grid_per_class:(i + 1) * s.grid_per_class].astype(np.float32) / 127.5 - 1 for i in range(len(shown))]
+  samples = sample_many(config, graphdef, params, mesh, labels, s.seed) if s.num_samples else None
+  if is_main:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    picture = images.grid(rows)
+    images.save_png(out_dir / "grid.png", picture, upscale=max(1, 256 // picture.shape[1]))
+    if samples is not None:
+      name = "samples_{}x{}x{}x{}.npz".format(*samples.shape)
+      with (out_dir / name).open("wb") as f:
+        np.savez(f, arr_0=samples, arr_1=labels)
+      result["npz"] = str(out_dir / name)
+  if s.inpaint:
+    result["inpaint"] = _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main)
+  if s.fid:
+    from umd_jax import fid
+    result.update(fid.evaluate(config, samples))
+  if is_main:
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main) -> str:
+  from umd_jax import data
+  s = config.sample
+  n = max(8, -(-8 // sharding.num_data_shards(mesh)) * sharding.num_data_shards(mesh))
+  split = config.data.eval_split
+  batch = next(data.make_batches(config.data, data.make_source(config.data, split), global_batch=n,
+                                 sharding=sharding.batch_sharding(mesh), seed=config.seed, train=False))
+  known = jnp.asarray(inpaint_mask(config, s.inpaint, n, jax.random.PRNGKey(s.seed)))
+  labels = batch["label"] if config.model.num_classes else jnp.zeros((n,), jnp.int32)
+  filled = make_inpainter(config, graphdef)(params, batch["image"], known, labels, jax.random.PRNGKey(s.seed))
+  x, k, f = jax.device_get((batch["image"], known, filled))
+  picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, f, x])
+  path = out_dir / "inpaint.png"
+  if is_main:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images.save_png(path, picture, upscale=max(1, 256 // picture.shape[1]))
+  return str(path)
