@@ -17,6 +17,8 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py --mode=pretrain --workdir=workdirs/demo
 	$(VENV)/bin/python main.py --config=configs/demo.py --mode=probe --workdir=workdirs/demo
+	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=finetune --workdir=workdirs/demo_finetune
+	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -122,6 +122,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.sample.inpaint = ""                    # "" | "random" | "center" | path to a PNG mask (white = fill)
   c.sample.inpaint_ratio = 0.5             # share of patches to fill with "random"
   c.sample.inpaint_resample = 1            # RePaint resampling passes per step
+  c.sample.classifier_score = False        # score samples with a classifier fit on the real images
   c.sample.fid = False
   c.sample.inception_weights = ""          # local .npz of pytorch-fid InceptionV3 weights (see README)
   c.sample.fid_reference = ""              # .npz with mu/sigma; "" = computed from data.eval_split, cached

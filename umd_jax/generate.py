@@ -139,12 +139,47 @@ def run(config, workdir, devices=None) -> dict:
       result["npz"] = str(out_dir / name)
   if s.inpaint:
     result["inpaint"] = _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main)
+  if s.classifier_score and samples is not None:
+    result.update(classifier_score(config, samples, labels))
   if s.fid:
     from umd_jax import fid
-    result.update(fid.evaluate(config, samples))
+    result.update(fid.evaluate(config, samples, workdir))
   if is_main:
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
   return result
+
+
+def classifier_score(config, samples: np.ndarray, labels: np.ndarray) -> dict:
+  """A generation score that needs no downloaded weights: a logistic regression trained on the
+  real training images classifies the samples; accuracy per class and overall."""
+  from sklearn.linear_model import LogisticRegression
+  from umd_jax import data
+  source = data.make_source(config.data, config.data.train_split)
+  prep = data.pipeline.EvalPreprocess(config.data.image_size)
+  real = [prep.map(source[i]) for i in range(len(source))]
+  x = np.stack([r["image"].reshape(-1) for r in real])
+  clf = LogisticRegression(max_iter=2000).fit(x, np.array([r["label"] for r in real]))
+  predicted = clf.predict(samples.reshape(len(samples), -1).astype(np.float32) / 127.5 - 1)
+  per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
+  return {"classifier_accuracy": float(np.mean(predicted == labels)), "classifier_accuracy_per_class": per_class,
+          "classifier_accuracy_on_real_test": float(clf.score(*_eval_pixels(config, prep)))}
+
+
+def _eval_pixels(config, prep):
+  from umd_jax import data
+  source = data.make_source(config.data, config.data.eval_split)
+  real = [prep.map(source[i]) for i in range(len(source))]
+  return np.stack([r["image"].reshape(-1) for r in real]), np.array([r["label"] for r in real])
+
+
+def fid_during_training(config, graphdef, params, mesh, workdir) -> dict:
+  """FID / IS of `config.fid_samples` samples of the current weights (every `config.fid_every` steps)."""
+  from umd_jax import fid
+  classes = check(config)
+  labels = np.array([0 if classes[i % len(classes)] is None else classes[i % len(classes)]
+                     for i in range(config.fid_samples)], np.int32)
+  samples = sample_many(config, graphdef, params, mesh, labels, config.sample.seed, progress=False)
+  return fid.evaluate(config, samples, workdir)
 
 
 def _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main) -> str:

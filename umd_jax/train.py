@@ -15,7 +15,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import checkpoint, corruption, data, diffusion, flops, images, probe, sharding, train_step
+from umd_jax import checkpoint, corruption, data, diffusion, flops, generate, images, probe, sharding, train_step
 from umd_jax.models import umd
 
 
@@ -158,6 +158,11 @@ def pretrain(config, workdir: str, devices=None) -> dict:
         scores = probe.fewshot_eval(config, graphdef, state.params, mesh)
         writer.write_scalars(step, scores)
         logging.info("step %d: %s", step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+      if config.fid_every and (step % config.fid_every == 0 or final):
+        weights = state.ema_params if state.ema_params is not None else state.params
+        scores = generate.fid_during_training(config, graphdef, weights, mesh, workdir)
+        writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
+        logging.info("step %d: FID %.2f, IS %.2f", step, scores["fid"], scores["inception_score"])
       if step % config.checkpoint_every == 0 or final or stop.signal:
         _check_finite(state, step, ckpt)
         ckpt.save(step, state, batches.iterator, config)
@@ -179,7 +184,8 @@ def _init_from(config, state, shardings) -> dict:
   target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings.params[k])
             for k, v in state.params.items() if k not in fresh}
   params = {**state.params, **checkpoint.restore_params(config.init_from, target)}
-  return dict(params=params, ema_params=params if state.ema_params is not None else None)
+  ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None  # own buffers: both are donated
+  return dict(params=params, ema_params=ema)
 
 
 def finetune(config, workdir, devices=None) -> dict:

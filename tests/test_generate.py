@@ -1,0 +1,127 @@
+"""Fine-tuning from a pre-trained workdir, sampling to PNG/.npz, inpainting, bad requests."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from umd_jax import checkpoint, diffusion, fid, generate, sharding, train, train_step
+
+
+def finetune_config(init_from, **overrides):
+  base = {"model.num_classes": 10, "corruption.label_dropout": 0.1, "corruption.clean_fraction": 0.25,
+          "corruption.noised_mask_ratio": 0.0, "optim.ema_rate": 0.1, "init_from": str(init_from),
+          "sample.num_samples": 12, "sample.batch_size": 8, "sample.steps": 4, "sample.grid_classes": 3,
+          "sample.grid_per_class": 2, "sample.cfg_scale": 2.0, "data.eval_split": "test"}
+  return tiny_config(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  pre, fine = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("fine")
+  one = jax.devices()[:1]
+  train.pretrain(tiny_config(**{"total_steps": 3, "checkpoint_every": 3, "optim.base_lr": 1e-2}), pre, devices=one)
+  train.finetune(finetune_config(pre, total_steps=3, checkpoint_every=3), fine, devices=one)
+  return pre, fine
+
+
+def test_finetune_starts_from_pretrained_weights_with_a_new_label_embedding(workdirs):
+  pre, _ = workdirs
+  config = finetune_config(pre)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  tx, _ = train_step.make_optimizer(config)
+  _, state, shardings = train_step.create_state(config, mesh, tx)
+  fresh_label = jax.device_get(state.params["label_embed"])
+  started = train._init_from(config, state, shardings)["params"]
+  pretrained = checkpoint.restore_params(pre, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                           {k: v for k, v in state.params.items() if k != "label_embed"}))
+  for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves({k: started[k] for k in pretrained})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # encoder/decoder unchanged at step 0
+  for a, b in zip(jax.tree.leaves(fresh_label), jax.tree.leaves(started["label_embed"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # label embedding is new
+  assert int(state.step) == 0
+
+
+def test_finetune_needs_init_from_and_classes(tmp_path):
+  with pytest.raises(ValueError, match="needs --config.init_from"):
+    train.finetune(finetune_config(""), tmp_path / "a")
+  with pytest.raises(ValueError, match="fine-tuning is class-conditional"):
+    train.finetune(finetune_config("x", **{"model.num_classes": 0}), tmp_path / "b")
+
+
+def test_label_dropout_replaces_labels_with_the_null_class():
+  from umd_jax import corruption
+  seen = []
+  def apply(x, t, labels, keep, restore):
+    seen.append(labels)
+    return dict(x0=x, eps=x)
+  labels = jnp.zeros((4000,), jnp.int32)
+  corruption.umd_loss(apply, diffusion.make_schedule("cosine"), jnp.zeros((4000, 4, 4, 1)), jax.random.PRNGKey(0),
+                      num_patches=4, clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0,
+                      labels=labels, label_dropout=0.1, null_label=10)
+  dropped = float(jnp.mean(seen[0] == 10))
+  assert abs(dropped - 0.1) < 4 * np.sqrt(0.09 / 4000)
+
+
+def test_generate_writes_grid_and_npz_deterministically(workdirs):
+  _, fine = workdirs
+  config = finetune_config("")
+  result = generate.run(config, fine, devices=jax.devices()[:1])
+  with open(result["npz"], "rb") as f:
+    saved = np.load(f)
+    images, labels = saved["arr_0"], saved["arr_1"]
+  assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.arange(12) % 10)
+  assert (fine / "samples" / "grid.png").exists()
+  assert json.loads((fine / "samples" / "result.json").read_text())["num_samples"] == 12
+  again = generate.run(config, fine, devices=jax.devices())  # 8 devices, same seed
+  with open(again["npz"], "rb") as f:
+    np.testing.assert_array_equal(np.load(f)["arr_0"], images)
+
+
+def test_inpainting_keeps_the_known_pixels(workdirs):
+  _, fine = workdirs
+  for kind in ("center", "random"):
+    config = finetune_config("", **{"sample.inpaint": kind, "sample.inpaint_resample": 2, "sample.num_samples": 0})
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    graphdef, params = train_step.load_weights(config, fine, mesh)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
+    known = jnp.asarray(generate.inpaint_mask(config, kind, 8, jax.random.PRNGKey(1)))
+    assert 0 < float(known.mean()) < 1
+    out = generate.make_inpainter(config, graphdef)(params, x, known, jnp.arange(8) % 10, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(out * known), np.asarray(x * known))
+    assert float(jnp.abs(out - x).max()) > 0  # the unknown region was really filled
+  result = generate.run(finetune_config("", **{"sample.inpaint": "center", "sample.num_samples": 0}), fine,
+                        devices=jax.devices()[:1])
+  assert (fine / "samples" / "inpaint.png").exists() and result["inpaint"].endswith("inpaint.png")
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"model.num_classes": 0, "sample.cfg_scale": 3.0}, generate.SampleError, "needs a class-conditional model"),
+    ({"sample.classes": (3, 10)}, generate.SampleError, r"classes \[10\] out of range"),
+    ({"sample.steps": 1001}, ValueError, r"sample.steps=1001 must be in \[1, 1000\]"),
+    ({"sample.inpaint": "/nonexistent/mask.png"}, generate.SampleError, "existing PNG mask"),
+    ({"sample.fid": True, "sample.inception_weights": "/nonexistent.npz"}, fid.FidError, "convert_inception_weights"),
+])
+def test_bad_sampling_requests_are_clear_errors(workdirs, overrides, error, message):
+  with pytest.raises(error, match=message):
+    generate.run(finetune_config("", **overrides), workdirs[1], devices=jax.devices()[:1])
+
+
+def test_fid_during_generation_with_local_weights(workdirs, tmp_path):
+  from PIL import Image
+  from umd_jax.models import inception
+  np.savez(tmp_path / "inception.npz", **inception.Inception(seed=0).weights)
+  for i in range(6):  # a small reference split keeps the CPU Inception passes short
+    (tmp_path / "real" / "test" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8)).save(
+        tmp_path / "real" / "test" / str(i % 2) / f"{i}.png")
+  config = finetune_config("", **{"sample.fid": True, "sample.inception_weights": str(tmp_path / "inception.npz"),
+                                  "sample.num_samples": 8, "data.name": "folder",
+                                  "data.data_dir": str(tmp_path / "real")})
+  result = generate.run(config, workdirs[1], devices=jax.devices()[:1])
+  assert result["fid"] > 0 and result["inception_score"] >= 1.0 and result["fid_samples"] == 8
+  assert (workdirs[1] / "fid_reference_folder_test_8.npz").exists()  # cached for the next run
