@@ -75,6 +75,15 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_step(workdir):
+  """The newest complete checkpoint step of a workdir, or None."""
+  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def load_config(workdir):
   """The config a workdir's latest checkpoint was written with, as a locked ConfigDict."""
   import ml_collections

@@ -131,7 +131,7 @@ def run(config, workdir, devices=None) -> dict:
   if is_main:
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = images.grid(rows)
-    images.save_png(out_dir / "grid.png", picture, upscale=max(1, 256 // picture.shape[1]))
+    images.save_png(out_dir / "grid.png", picture, upscale=max(1, 512 // picture.shape[1]))
     if samples is not None:
       name = "samples_{}x{}x{}x{}.npz".format(*samples.shape)
       with (out_dir / name).open("wb") as f:

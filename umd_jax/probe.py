@@ -107,6 +107,25 @@ def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], m
   return np.concatenate(feats, axis=1), np.concatenate(labels)
 
 
+def extract_cached(config, graphdef, params, split, *, t, blocks, mesh, max_images=0, cache=None):
+  """`extract`, reusing features saved under `cache` (a directory; None: no caching). File names
+  carry the split, t, blocks and image count; the caller puts the checkpoint step in `cache`."""
+  from etils import epath
+  path = None
+  if cache is not None:
+    path = epath.Path(cache) / f"{split}_t{t}_blocks{'_'.join(map(str, blocks))}_n{max_images}.npz"
+    if path.exists():
+      with path.open("rb") as f:
+        saved = np.load(f)
+        return saved["features"], saved["labels"]
+  feats, labels = extract(config, graphdef, params, split, t=t, blocks=blocks, mesh=mesh, max_images=max_images)
+  if path is not None and jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      np.savez(f, features=feats, labels=labels)
+  return feats, labels
+
+
 class _Head:
   """The first n records of a source."""
 
@@ -331,20 +350,21 @@ def run(config, workdir, devices=None) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = load_backbone(config, workdir, mesh)
   out_dir = epath.Path(workdir) / "probe"
-  kw = dict(mesh=mesh)
+  step = checkpoint.latest_step(workdir)
+  cache = out_dir / f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}"
 
-  def probe_backbone(params_, seed_offset=0):
-    tr = extract(config, graphdef, params_, p.train_split, t=p.t, blocks=[p.block],
-                 max_images=p.max_train_images, **kw)
-    te = extract(config, graphdef, params_, p.eval_split, t=p.t, blocks=[p.block], max_images=p.max_eval_images, **kw)
+  def probe_backbone(params_, cache=None):
+    kw = dict(t=p.t, blocks=[p.block], mesh=mesh, cache=cache)
+    tr = extract_cached(config, graphdef, params_, p.train_split, max_images=p.max_train_images, **kw)
+    te = extract_cached(config, graphdef, params_, p.eval_split, max_images=p.max_eval_images, **kw)
     online = (functools.partial(linear_probe_online, config, graphdef, params_, mesh, t=p.t, block=p.block,
                                 test_x=te[0][0], test_y=te[1], num_classes=config.data.num_classes)
               if p.linear_augment else None)
     return _heads(config, tr[0][0], tr[1], te[0][0], te[1], online)
 
-  results = {"feature": {"t": p.t, "block": p.block}, **probe_backbone(params)}
+  results = {"feature": {"t": p.t, "block": p.block}, "step": step, **probe_backbone(params, cache)}
   if p.sweep:
-    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir)
+    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache)
   if p.baselines:
     tr, te = pixel_features(config, p.train_split, p.max_train_images), pixel_features(config, p.eval_split,
                                                                                      p.max_eval_images)
@@ -357,15 +377,16 @@ def run(config, workdir, devices=None) -> dict:
   return results
 
 
-def sweep(config, graphdef, params, mesh, out_dir):
+def sweep(config, graphdef, params, mesh, out_dir, cache=None):
   """DDAE grid: few-shot accuracy for every (block, t); heatmap PNG, table, best cell."""
   p = config.probe
   blocks = [REP] + list(range(num_blocks(config)))
   check_request(config, blocks, p.sweep_ts)
   grid = np.zeros((len(blocks), len(p.sweep_ts)))
   for j, t in enumerate(p.sweep_ts):
-    tr = extract(config, graphdef, params, p.train_split, t=t, blocks=blocks, mesh=mesh, max_images=p.max_train_images)
-    te = extract(config, graphdef, params, p.eval_split, t=t, blocks=blocks, mesh=mesh, max_images=p.max_eval_images)
+    kw = dict(t=t, blocks=blocks, mesh=mesh, cache=cache)
+    tr = extract_cached(config, graphdef, params, p.train_split, max_images=p.max_train_images, **kw)
+    te = extract_cached(config, graphdef, params, p.eval_split, max_images=p.max_eval_images, **kw)
     for i in range(len(blocks)):
       grid[i, j] = fewshot(tr[0][i], tr[1], te[0][i], te[1], shots=[p.sweep_shots], seeds=p.fewshot_seeds,
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]

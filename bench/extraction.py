@@ -1,0 +1,60 @@
+"""Feature-extraction benchmark: images/s of the probe's jitted, sharded forward (all blocks
+pooled, DDAE-style noise) against the pre-training forward rate measured in the same run.
+
+  python bench/extraction.py --config=configs/demo.py --set probe.batch_size=256
+  python bench/extraction.py --config=configs/umd_s.py:S/4 --set data.image_size=32 --set probe.batch_size=64
+
+Weights are a fresh initialisation (speed does not depend on them).
+"""
+import argparse
+
+from common import load_config, report, time_calls
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from umd_jax import corruption, diffusion, probe, sharding, train_step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/demo.py")
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  config = load_config(args.config, args.set)
+  d, b = config.data, config.probe.batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train_step.make_optimizer(config)
+  graphdef, state, _ = train_step.create_state(config, mesh, tx)
+  bs = sharding.batch_sharding(mesh)
+  images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (b, d.image_size, d.image_size, d.channels))
+                          .astype(np.float32), bs)
+  indices = jax.device_put(np.arange(b, dtype=np.int32), bs)
+  rows = []
+  for name, t, blocks in (("rep, clean", -1, [-1]), ("all blocks, t=100", 100, [-1] + list(range(probe.num_blocks(config))))):
+    fn = probe.make_feature_fn(config, graphdef, t, blocks)
+    seconds = time_calls(fn, state.params, images, indices, repeats=10)
+    rows.append({"features": name, "batch": b, "ms": seconds * 1e3, "images_per_s": b / seconds})
+  # The pre-training forward (both sub-batches at their own lengths, loss included), same batch.
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  c = config.corruption
+  num_patches = (d.image_size // nnx.merge(graphdef, state.params).patch) ** 2
+
+  @jax.jit
+  def train_forward(params, x):
+    model = nnx.merge(graphdef, params)
+    return corruption.umd_loss(lambda *a: model(*a), schedule, x, jax.random.PRNGKey(0), num_patches=num_patches,
+                               clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
+                               noised_mask_ratio=c.noised_mask_ratio)[0]
+  seconds = time_calls(train_forward, state.params, images, repeats=10)
+  rows.append({"features": "pre-training forward", "batch": b, "ms": seconds * 1e3, "images_per_s": b / seconds})
+  for r in rows:
+    r["vs_training_forward"] = r["images_per_s"] / rows[-1]["images_per_s"]
+  report("extraction", rows, {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,51 @@
+"""Sampling benchmark: images/s and the time of one sampling step against a plain forward of
+the same (guidance-doubled) batch; the scan should add no overhead (target ≤ 1.1×).
+
+  python bench/sampling.py --config=configs/demo.py:finetune --set sample.batch_size=256
+  python bench/sampling.py --config=configs/umd_s.py:S/4,finetune --set data.image_size=32 --set sample.batch_size=32
+
+Weights are a fresh initialisation (speed does not depend on them), so no checkpoint is needed.
+"""
+import argparse
+
+from common import load_config, report, time_calls
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from umd_jax import generate, sharding, train_step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/demo.py:finetune")
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  config = load_config(args.config, args.set)
+  s, d = config.sample, config.data
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train_step.make_optimizer(config)
+  graphdef, state, _ = train_step.create_state(config, mesh, tx)
+  params, b = state.params, s.batch_size
+  labels = jax.device_put(jnp.arange(b, dtype=jnp.int32) % max(config.model.num_classes, 1),
+                          sharding.batch_sharding(mesh))
+  sampler = generate.make_sampler(config, graphdef, mesh)
+  sample_s = time_calls(sampler, params, labels, jax.random.PRNGKey(0), repeats=args.repeats, warmup=1)
+  guided = config.model.num_classes > 0 and s.cfg_scale != 1.0
+  rows = 2 * b if guided else b  # guidance runs the conditional and null halves together
+  x = jax.device_put(jnp.zeros((rows, d.image_size, d.image_size, d.channels)), sharding.batch_sharding(mesh))
+  y = jnp.zeros((rows,), jnp.int32) if config.model.num_classes else None
+  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, jnp.full((rows,), 500), y)["x0"])
+  forward_s = time_calls(forward, params, x, repeats=20)
+  steps = 1000 if s.sampler == "ddpm" else s.steps
+  row = {"config": args.config, "batch": b, "steps": steps, "cfg": s.cfg_scale, "sample_s": sample_s,
+         "images_per_s": b / sample_s, "step_ms": sample_s / steps * 1e3, "forward_ms": forward_s * 1e3,
+         "step_over_forward": sample_s / steps / forward_s}
+  report("sampling", [row], {"overrides": " ".join(args.set) or "-"}, args.json)
+
+
+if __name__ == "__main__":
+  main()
