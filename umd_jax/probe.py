@@ -72,8 +72,8 @@ def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int]):
       eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices)
       tt = jnp.full((b,), t, jnp.int32)
       x, t_index = diffusion.q_sample(schedule, images, tt, eps), tt + 1
-    if blocks == (REP,):
-      return model(x, t_index)["rep"][None]  # encoder + decoder heads are cheap next to the sweep
+    if blocks == (REP,):  # the encoder alone gives rep
+      return model.encode(x, model.condition(t_index))[1].astype(jnp.float32)[None]
     out = model.features(x, t_index)
     return jnp.stack([out["rep"] if blk == REP else out["blocks"][blk] for blk in blocks])
 
