@@ -138,9 +138,26 @@ def test_demo_lowers_the_loss(tmp_path, one_device):
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, one_device):
   config = tiny_config(**{"optim.base_lr": float("inf"), "checkpoint_every": 1})
-  with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 1"):
+  with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at step 1 \(loss .*update_norm nan\)"):
     train.pretrain(config, tmp_path / "run", devices=one_device)
   assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_skip_policy_drops_bad_updates_then_stops_after_max_skips(tmp_path, one_device):
+  # An infinite LR makes every update non-finite: each is dropped, so the weights stay at init.
+  config = tiny_config(**{"optim.base_lr": float("inf"), "nonfinite_policy": "skip", "max_skips": 10,
+                          "total_steps": 4, "checkpoint_every": 2})
+  result = train.pretrain(config, tmp_path / "ok", devices=one_device)
+  assert int(result["state"].nonfinite_steps) == 4
+  assert sorted(os.listdir(tmp_path / "ok" / "checkpoints")) == ["2", "4"]  # skipped updates leave a good state
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  _, init, _ = train_step.create_state(config, mesh, train_step.make_optimizer(config)[0])
+  for a, b in zip(_params(result["state"]), _params(init)):
+    np.testing.assert_array_equal(a, b)
+  config = tiny_config(**{"optim.base_lr": float("inf"), "nonfinite_policy": "skip", "max_skips": 2,
+                          "total_steps": 4, "checkpoint_every": 2, "log_every": 1})
+  with pytest.raises(train.TrainingError, match="3 updates skipped .* more than max_skips=2"):
+    train.pretrain(config, tmp_path / "stop", devices=one_device)
 
 
 def test_summary_reports_params_and_flops(tmp_path):
@@ -161,6 +178,7 @@ def test_summary_reports_params_and_flops(tmp_path):
     ({"model.variant": "X/2"}, "NAME/PATCH"),
     ({"batch_size": 12}, "not divisible by the 8 data shards"),
     ({"mesh.fsdp": 3}, "does not divide the 8 devices"),
+    ({"nonfinite_policy": "ignore"}, "use 'stop' or 'skip'"),
     ({"data.name": "cifar10", "data.data_dir": "/nonexistent"}, "tfds build cifar10"),
     ({"data.name": "folder", "data.data_dir": "/nonexistent"}, "does not exist"),
 ])
@@ -182,3 +200,38 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(RuntimeError, match="is not writable"):
     train.pretrain(tiny_config(), blocker / "run")
+
+
+def test_fsdp_holds_an_eighth_of_umd_l_per_device():
+  from flax import nnx
+  from configs import umd_l
+  config = umd_l.get_config()
+  config.mesh.fsdp = 8
+  mesh = sharding.make_mesh(config.mesh)  # 8 fake devices: data 1 × fsdp 8
+  _, abstract = train_step.abstract_model(config)
+  shapes, shards = nnx.to_pure_dict(abstract), sharding.param_shardings(abstract, config.mesh.rules, mesh)
+  nbytes = lambda shape: 4 * int(np.prod(shape))
+  total = sum(nbytes(x.shape) for x in jax.tree.leaves(shapes))
+  per_device = sum(nbytes(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shards)))
+  assert total > 2e9  # UMD-L/4 with adaLN: ~600M float32 parameters
+  assert per_device <= 1.01 * total / 8, per_device / total
+  tx, _ = train_step.make_optimizer(config)
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  opt_shards = sharding.optimizer_shardings(tx, opt_shapes, shards, mesh)
+  opt_total = sum(nbytes(x.shape) for x in jax.tree.leaves(opt_shapes))
+  opt_device = sum(nbytes(s.shard_shape(x.shape)) for x, s in zip(jax.tree.leaves(opt_shapes), jax.tree.leaves(opt_shards)))
+  assert opt_total > 2 * total * 0.99 and opt_device <= 1.01 * opt_total / 8  # Adam moments sharded too
+
+
+def test_remat_lowers_temporary_memory(one_device):
+  temp = {}
+  for remat in ("none", "full"):
+    config = tiny_config(**{"model.remat": remat,
+                            "batch_size": 64})
+    mesh = sharding.make_mesh(config.mesh, one_device)
+    tx, lr = train_step.make_optimizer(config)
+    graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+    step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+    batch = {"image": jax.ShapeDtypeStruct((64, 8, 8, 1), np.float32), "label": jax.ShapeDtypeStruct((64,), np.int32)}
+    temp[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["none"], temp

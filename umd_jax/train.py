@@ -39,6 +39,8 @@ def validate_config(config) -> None:
       raise ValueError(f"corruption.{name}={ratio} must be in [0, 1)")
     if corruption.num_kept(num_patches, ratio) < 1:
       raise ValueError(f"corruption.{name}={ratio} keeps no token of {num_patches}: lower it")
+  if config.nonfinite_policy not in ("stop", "skip"):
+    raise ValueError(f"nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'")
   if config.batch_size < 1 or config.total_steps < 1:
     raise ValueError("batch_size and total_steps must be positive")
 
@@ -87,10 +89,17 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
+def _finite_mean(values) -> float:
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else float("nan")
+
+
 def _mean_metrics(history):
   """Average the per-step metric dicts fetched since the last log; buckets are pooled properly."""
   fetched = jax.device_get(history)
-  out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if not k.startswith("bucket_")}
+  # Skipped (non-finite) steps are left out of the means; the skip count is logged instead.
+  out = {k: _finite_mean([m[k] for m in fetched]) for k in fetched[0] if not k.startswith("bucket_")}
   sums = np.sum([m["bucket_sum"] for m in fetched], axis=0)
   counts = np.sum([m["bucket_count"] for m in fetched], axis=0)
   for i, (s, n) in enumerate(zip(sums, counts)):
@@ -140,8 +149,9 @@ def pretrain(config, workdir: str, devices=None) -> dict:
       progress(step)
       final = step == config.total_steps
       if step == start + 1 or step % config.log_every == 0 or final or stop.signal:
-        _check_finite(state, step, ckpt)
+        _check_finite(config, state, step, ckpt, history)
         last = _mean_metrics(history)
+        last["nonfinite_skipped"] = float(state.nonfinite_steps)
         history = []
         first_loss = first_loss if first_loss is not None else last["loss"]
         writer.write_scalars(step, last)
@@ -164,7 +174,7 @@ def pretrain(config, workdir: str, devices=None) -> dict:
         writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
         logging.info("step %d: FID %.2f, IS %.2f", step, scores["fid"], scores["inception_score"])
       if step % config.checkpoint_every == 0 or final or stop.signal:
-        _check_finite(state, step, ckpt)
+        _check_finite(config, state, step, ckpt, history)
         ckpt.save(step, state, batches.iterator, config)
       if stop.signal:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
@@ -207,13 +217,32 @@ def _preview_images(config, mesh):
   return next(batches)["image"]
 
 
-def _check_finite(state, step, ckpt):
+def _check_finite(config, state, step, ckpt, history):
+  """Policy for updates skipped because the loss, gradient or update was not finite: "stop" at
+  the first, "skip" until more than `max_skips`. Raises without saving, so the latest
+  checkpoint stays the last good state."""
   bad = int(state.first_nonfinite)
-  if bad >= 0:
-    ckpt.wait()
-    raise TrainingError(
-        f"non-finite loss or gradient at step {bad + 1}; stopped at step {step} without saving "
-        f"(latest good checkpoint: step {ckpt.latest_step()}): lower optim.base_lr or check the data")
+  if bad < 0:
+    return
+  skipped = int(state.nonfinite_steps)
+  if config.nonfinite_policy == "skip" and skipped <= config.max_skips:
+    logging.warning("step %d: %d non-finite updates skipped so far (first at step %d)", step, skipped, bad + 1)
+    return
+  ckpt.wait()
+  where = (f"{skipped} updates skipped for a non-finite loss or gradient, more than max_skips={config.max_skips}; "
+           f"the first at step {bad + 1}" if config.nonfinite_policy == "skip" else
+           f"non-finite loss or gradient at step {bad + 1}")
+  raise TrainingError(f"{where}{_describe_bad(history)}; stopped at step {step} without saving (latest good "
+                      f"checkpoint: step {ckpt.latest_step()}): lower optim.base_lr or check the data")
+
+
+def _describe_bad(history) -> str:
+  """Loss parts and norms of the first non-finite step still in the unlogged history."""
+  keys = ("loss", "loss_clean", "loss_noised", "grad_norm", "update_norm")
+  for m in jax.device_get(history):
+    if not all(np.isfinite(m[k]) for k in keys):
+      return " (" + ", ".join(f"{k} {float(m[k]):.4g}" for k in keys) + ")"
+  return ""
 
 
 def _flat(d, prefix=""):
