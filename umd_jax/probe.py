@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -57,7 +58,13 @@ def random_backbone(config, mesh):
 
 
 def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int]):
-  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks."""
+  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks.
+  Memoised, so the evaluator inside the training loop compiles once."""
+  return _feature_fn(ml_collections.FrozenConfigDict(config), graphdef, t, tuple(blocks))
+
+
+@functools.lru_cache(maxsize=32)
+def _feature_fn(config, graphdef, t: int, blocks: tuple):
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   noise_key = jax.random.PRNGKey(config.probe.noise_seed)
   blocks = tuple(blocks)
