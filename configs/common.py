@@ -28,6 +28,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.checkpoint_every = 5000
   c.image_every = 5000                     # masked / reconstruction / original PNG grid
   c.keep_checkpoints = 3
+  c.restore_fallback = True                # a damaged latest checkpoint: resume from the previous one
   c.nonfinite_policy = "stop"              # non-finite loss/gradient: "stop", or "skip" the update
   c.max_skips = 10                         # with "skip": stop once more updates than this were skipped
   c.init_from = ""                         # workdir to take weights from when starting fresh

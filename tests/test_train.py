@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import demo
 from conftest import tiny_config
-from umd_jax import data, sharding, train, train_step
+from umd_jax import checkpoint, data, sharding, train, train_step
 
 
 def _batches(config, mesh, n):
@@ -99,6 +99,26 @@ def test_exact_resume(tmp_path, one_device, monkeypatch):
   assert saved["model"]["variant"] == "Mu/2"
   assert list((tmp_path / "run" / "images").iterdir())  # the reconstruction grid of the last step
   assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "run").iterdir())
+
+
+def _damage(step_dir):
+  for f in step_dir.glob("state/**/*"):
+    if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
+      f.write_bytes(b"\0" * 7)  # truncated garbage in every data file of the state
+
+
+def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, one_device):
+  config = tiny_config(**{"total_steps": 4, "checkpoint_every": 2})
+  full = train.pretrain(config, tmp_path / "run", devices=one_device)
+  _damage(tmp_path / "run" / "checkpoints" / "4")
+  strict = tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "restore_fallback": False})
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 4 .* could not be restored"):
+    train.pretrain(strict, tmp_path / "run", devices=one_device)
+  resumed = train.pretrain(config, tmp_path / "run", devices=one_device)  # falls back to step 2
+  assert resumed["start_step"] == 2 and resumed["step"] == 4
+  for a, b in zip(_params(full["state"]), _params(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
+  assert len(list((tmp_path / "run" / "damaged_checkpoints").iterdir())) == 1  # kept, not deleted
 
 
 def test_sigterm_saves_and_returns_then_resume_finishes(tmp_path, one_device, monkeypatch):

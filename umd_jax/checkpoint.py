@@ -6,8 +6,10 @@ directory and renames it when complete, so a crash mid-write never leaves a part
 """
 import json
 import os
+import time
 
 import grain
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -67,6 +69,24 @@ class Checkpointer:
           "it is damaged or was written by a different config: delete that step directory to resume "
           "from the previous one, or use a new --workdir") from None
     return restored.state
+
+  def restore_latest(self, abstract_state, data_iterator=None, fallback: bool = True):
+    """(state, step) of the newest readable checkpoint. A damaged step is reported by name and,
+    with `fallback`, moved to WORKDIR/damaged_checkpoints/ (kept for a look, out of the way of
+    the step that will be written again) and the previous step is tried."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except CheckpointError as e:
+        if not fallback or i == len(steps) - 1:
+          raise
+        aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(aside)
+        self.manager.reload()
+        logging.warning("%s -- moved it to %s; falling back to step %d (restore_fallback)", e, aside, steps[i + 1])
+    return None, None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

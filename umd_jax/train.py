@@ -123,9 +123,9 @@ def pretrain(config, workdir: str, devices=None) -> dict:
   source = data.make_source(config.data, config.data.train_split)
   batches = data.make_batches(config.data, source, global_batch=config.batch_size,
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, train_step.abstract_state(state, shardings), batches.iterator)
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore_latest(train_step.abstract_state(state, shardings), batches.iterator,
+                                       fallback=config.restore_fallback)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   elif config.init_from:
     state = state.replace(**_init_from(config, state, shardings))
