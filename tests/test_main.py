@@ -37,3 +37,32 @@ def test_bad_value_is_a_one_line_error(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: data.image_size=9 is not divisible by the patch size 2"), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path):
+  import signal
+
+  from umd_jax import checkpoint
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  overrides = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
+               "--config.probe_every=0", "--config.checkpoint_every=1000", "--config.image_every=1000"]
+  command = lambda workdir: [sys.executable, "main.py", "--config=configs/demo.py:30", f"--workdir={workdir}",
+                             *overrides]
+  proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:  # absl logs "step N: loss ..." to stderr
+      if "] step 3: loss" in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  saved = checkpoint.latest_step(tmp_path / "run")
+  assert saved is not None and 3 <= saved < 30  # saved where it was stopped, not at the end
+  done = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"trained steps {saved} -> 30" in done.stdout  # resumed where the signal stopped it
+  assert checkpoint.latest_step(tmp_path / "run") == 30
+  # (That a resumed run equals an uninterrupted one bitwise is tested in-process in test_train.py.)
