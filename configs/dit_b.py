@@ -7,6 +7,9 @@ Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
 
   python main.py --config=configs/dit_b.py:finetune --mode=finetune --workdir=/path/to/finetune \
       --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
+  python main.py --config=configs/dit_b.py:finetune --mode=generate --workdir=/path/to/finetune
+
+Probe the pre-trained model: python main.py --config=configs/dit_b.py --mode=probe --workdir=/path/to/workdir
 
 Same network, loss and recipe as UMD; only the corruption differs. Probe it DDAE-style (SPEC §6).
 """

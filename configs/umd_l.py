@@ -7,8 +7,11 @@ Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
 
   python main.py --config=configs/umd_l.py:finetune --mode=finetune --workdir=/path/to/finetune \
       --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
+  python main.py --config=configs/umd_l.py:finetune --mode=generate --workdir=/path/to/finetune
 
-Argument: a variant string, e.g. `--config=configs/umd_l.py:L/8`. Choices where SPEC is silent:
+Probe the pre-trained model: python main.py --config=configs/umd_l.py --mode=probe --workdir=/path/to/workdir
+
+Argument: a variant and/or `finetune`, e.g. `configs/umd_l.py:L/8` or `configs/umd_l.py:L/8,finetune`. Choices where SPEC is silent:
 mask token init N(0, 0.02); weight decay skips biases, LayerNorm scales, registers, mask token.
 """
 from configs import common
