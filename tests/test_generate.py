@@ -125,3 +125,18 @@ def test_fid_during_generation_with_local_weights(workdirs, tmp_path):
   result = generate.run(config, workdirs[1], devices=jax.devices()[:1])
   assert result["fid"] > 0 and result["inception_score"] >= 1.0 and result["fid_samples"] == 8
   assert (workdirs[1] / "fid_reference_folder_test_8.npz").exists()  # cached for the next run
+
+
+def test_fid_evaluator_inside_finetuning(workdirs, tmp_path):
+  from PIL import Image
+  from umd_jax.models import inception
+  np.savez(tmp_path / "inception.npz", **inception.Inception(seed=0).weights)
+  (tmp_path / "real" / "test" / "0").mkdir(parents=True)
+  for i in range(8):
+    Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(tmp_path / "real" / "test" / "0" / f"{i}.png")
+  config = finetune_config(workdirs[0], **{"total_steps": 2, "checkpoint_every": 2, "fid_every": 2, "fid_samples": 8,
+                                           "sample.inception_weights": str(tmp_path / "inception.npz"),
+                                           "data.name": "folder", "data.data_dir": str(tmp_path / "real"),
+                                           "data.train_split": "test", "batch_size": 8, "model.num_classes": 10})
+  train.finetune(config, tmp_path / "ft", devices=jax.devices()[:1])
+  assert (tmp_path / "ft" / "fid_reference_folder_test_8.npz").exists()  # the evaluator ran at step 2
