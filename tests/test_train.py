@@ -121,6 +121,16 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, one_
   assert len(list((tmp_path / "run" / "damaged_checkpoints").iterdir())) == 1  # kept, not deleted
 
 
+def test_resuming_with_a_different_model_lists_the_changes_and_moves_nothing(tmp_path, one_device):
+  train.pretrain(tiny_config(**{"total_steps": 4, "checkpoint_every": 2}), tmp_path / "run", devices=one_device)
+  other = tiny_config(**{"total_steps": 6, "model.variant": "Ti/2", "model.conditioning": "in_context"})
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .* different config \(model.conditioning: 'adaln' -> "
+                     r"'in_context'; model.variant: 'Mu/2' -> 'Ti/2'\)"):
+    train.pretrain(other, tmp_path / "run", devices=one_device)
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+  assert not (tmp_path / "run" / "damaged_checkpoints").exists()
+
+
 def test_sigterm_saves_and_returns_then_resume_finishes(tmp_path, one_device, monkeypatch):
   make_step = train_step.make_train_step
 

@@ -36,6 +36,24 @@ def _absolute(path) -> epath.Path:
   return path if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
+def _config_changes(manager, step: int, config) -> list:
+  """Values that shape the saved state (model.*, image geometry, EMA on/off) and differ between
+  the config saved at `step` and `config`, as 'key: saved -> now'."""
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  except Exception:  # noqa: BLE001 - no readable config: nothing to compare
+    return []
+  flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in
+                          (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  shaping = lambda k: k.startswith("model.") or k in ("data.image_size", "data.channels")
+  changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if shaping(k) and old.get(k) != new.get(k)]
+  if (old.get("optim.ema_rate", 0) > 0) != (new.get("optim.ema_rate", 0) > 0):
+    changes.append(f"optim.ema_rate: {old.get('optim.ema_rate')!r} -> {new.get('optim.ema_rate')!r} (EMA on/off)")
+  return changes
+
+
 class Checkpointer:
 
   def __init__(self, workdir, *, max_to_keep: int = 3):
@@ -70,11 +88,15 @@ class Checkpointer:
           "from the previous one, or use a new --workdir") from None
     return restored.state
 
-  def restore_latest(self, abstract_state, data_iterator=None, fallback: bool = True):
+  def restore_latest(self, abstract_state, data_iterator=None, fallback: bool = True, config=None):
     """(state, step) of the newest readable checkpoint. A damaged step is reported by name and,
     with `fallback`, moved to WORKDIR/damaged_checkpoints/ (kept for a look, out of the way of
     the step that will be written again) and the previous step is tried."""
     steps = sorted(self.manager.all_steps(), reverse=True)
+    changes = _config_changes(self.manager, steps[0], config) if config is not None and steps else []
+    if changes:  # not damage: a different model; never move a good checkpoint aside
+      raise CheckpointError(f"checkpoint step {steps[0]} in {self.directory} was written with a different "
+                            f"config ({'; '.join(changes)}): run with the original values or use a new --workdir")
     for i, step in enumerate(steps):
       try:
         return self.restore(step, abstract_state, data_iterator), step
@@ -120,7 +142,7 @@ def load_config(workdir):
   return config
 
 
-def restore_params(workdir, abstract_params, prefer_ema: bool = False):
+def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""
   manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
@@ -129,6 +151,11 @@ def restore_params(workdir, abstract_params, prefer_ema: bool = False):
     manager.close()
     raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first "
                           "(python main.py --mode=pretrain --workdir=...)")
+  changes = _config_changes(manager, step, config) if config is not None else []
+  if changes:  # checked first: a failed partial restore makes orbax log tracebacks from its threads
+    manager.close()
+    raise CheckpointError(f"{str(workdir)!r} step {step}: parameters do not match this config "
+                          f"({'; '.join(changes)}): use the config the run was trained with")
   key = "params"
   try:
     if prefer_ema:

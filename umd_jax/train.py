@@ -125,7 +125,7 @@ def pretrain(config, workdir: str, devices=None) -> dict:
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True)
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore_latest(train_step.abstract_state(state, shardings), batches.iterator,
-                                       fallback=config.restore_fallback)
+                                       fallback=config.restore_fallback, config=config)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   elif config.init_from:
     state = state.replace(**_init_from(config, state, shardings))

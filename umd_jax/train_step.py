@@ -68,7 +68,7 @@ def load_weights(config, workdir, mesh, prefer_ema: bool = True):
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
-  return graphdef, checkpoint.restore_params(workdir, target, prefer_ema=prefer_ema)
+  return graphdef, checkpoint.restore_params(workdir, target, prefer_ema=prefer_ema, config=config)
 
 
 def create_state(config, mesh, tx):
