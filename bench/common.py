@@ -1,4 +1,5 @@
 """Shared benchmark helpers: load a config with overrides, time jitted calls, measure a matmul roofline."""
+import argparse
 import importlib.util
 import json
 import os
@@ -33,6 +34,18 @@ def load_config(spec: str, overrides=()):
     current = node[leaf]
     node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true")
   return config
+
+
+def make_parser(doc: str, default_config: str, repeats: int | None = None) -> argparse.ArgumentParser:
+  """The flags every benchmark takes: --config (path[:arg]), --set key=value (repeatable), --json,
+  and --repeats when the benchmark times repeated calls."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=default_config)
+  parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  parser.add_argument("--json", default=None, help="write rows and machine facts to this file")
+  if repeats is not None:
+    parser.add_argument("--repeats", type=int, default=repeats)
+  return parser
 
 
 def time_calls(fn, *args, repeats=20, warmup=3):

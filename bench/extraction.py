@@ -6,9 +6,7 @@ pooled, DDAE-style noise) against the pre-training forward rate measured in the 
 
 Weights are a fresh initialisation (speed does not depend on them).
 """
-import argparse
-
-from common import load_config, report, time_calls
+from common import load_config, make_parser, report, time_calls
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +17,7 @@ from umd_jax import corruption, diffusion, probe, sharding, train_step
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/demo.py")
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--json", default=None)
+  parser = make_parser(__doc__, "configs/demo.py")
   args = parser.parse_args()
   config = load_config(args.config, args.set)
   d, b = config.data, config.probe.batch_size

@@ -6,12 +6,10 @@
 The TFDS source is a small dataset of random images that the benchmark writes itself in
 array_record format (in a temporary directory), read back through `tfds.data_source`.
 """
-import argparse
-import os
 import tempfile
 import time
 
-from common import load_config, report
+from common import load_config, make_parser, report
 from train_step import measure
 
 import numpy as np
@@ -49,10 +47,7 @@ def pipeline_rate(config, source, batches=50):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/demo.py")
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--json", default=None)
+  parser = make_parser(__doc__, "configs/demo.py")
   args = parser.parse_args()
   config = load_config(args.config, args.set)
   consumed = measure(config, repeats=10, xla_check=False)["images_per_s"]

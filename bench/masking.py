@@ -8,9 +8,7 @@ transformer block processes per image (encoder: registers + kept; decoder: rep +
 work that masking removes; `us_per_token_block` should stay flat across ratios. Attention
 grows with tokens², so the analytic-FLOP column is given too.
 """
-import argparse
-
-from common import load_config, matmul_peak, report
+from common import load_config, make_parser, matmul_peak, report
 from train_step import measure
 
 from configs import common as presets
@@ -31,11 +29,7 @@ def token_blocks(config) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/umd_s.py:S/4")
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--json", default=None)
+  parser = make_parser(__doc__, "configs/umd_s.py:S/4", repeats=10)
   args = parser.parse_args()
   base = load_config(args.config, args.set)
   peak = matmul_peak(base.model.dtype)

@@ -6,9 +6,7 @@ the same (guidance-doubled) batch; the scan should add no overhead (target ≤ 1
 
 Weights are a fresh initialisation (speed does not depend on them), so no checkpoint is needed.
 """
-import argparse
-
-from common import load_config, report, time_calls
+from common import load_config, make_parser, report, time_calls
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +16,7 @@ from umd_jax import generate, sharding, train_step
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/demo.py:finetune")
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--json", default=None)
+  parser = make_parser(__doc__, "configs/demo.py:finetune", repeats=5)
   args = parser.parse_args()
   config = load_config(args.config, args.set)
   s, d = config.sample, config.data

@@ -12,10 +12,9 @@ dtype measured on the same device in the same run. XLA's `cost_analysis()` count
 step lowered with unrolled layers) is printed beside the analytic one; it includes the
 elementwise, norm, softmax and optimizer work that model FLOPs leave out.
 """
-import argparse
 import time
 
-from common import load_config, matmul_peak, report, time_calls
+from common import load_config, make_parser, matmul_peak, report, time_calls
 
 import jax
 import numpy as np
@@ -77,13 +76,9 @@ def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/demo.py")
-  parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-  parser.add_argument("--repeats", type=int, default=20)
+  parser = make_parser(__doc__, "configs/demo.py", repeats=20)
   parser.add_argument("--compile_only", action="store_true")
   parser.add_argument("--no_xla_check", action="store_true", help="skip the unrolled cost_analysis() cross-check")
-  parser.add_argument("--json", default=None)
   args = parser.parse_args()
   config = load_config(args.config, args.set)
   row = measure(config, repeats=args.repeats, compile_only=args.compile_only, xla_check=not args.no_xla_check)

@@ -72,7 +72,7 @@ def _sampler(config, graphdef, mesh):
 
 def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, progress=True) -> np.ndarray:
   """Samples for every label, in batches of sample.batch_size; uint8 (N, H, W, C)."""
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.num_data_shards(mesh)
   batch = max(shards, -(-min(config.sample.batch_size, len(labels)) // shards) * shards)
   fn, bs, out = make_sampler(config, graphdef, mesh), sharding.batch_sharding(mesh), []
   steps = -(-len(labels) // batch)

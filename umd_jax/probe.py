@@ -95,7 +95,7 @@ def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], m
   n = len(source) if not max_images else min(max_images, len(source))
   if n == 0:
     raise ProbeError(f"split {split!r} of {config.data.name!r} is empty")
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.num_data_shards(mesh)
   batch = max(shards, (min(config.probe.batch_size, n) + shards - 1) // shards * shards)
   source = _Head(source, n)
   batches = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(mesh),
@@ -270,7 +270,7 @@ def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, tes
   """Linear probe trained through the frozen backbone on crop + flip augmented images."""
   p = config.probe
   source = data.make_source(config.data, p.train_split)
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.num_data_shards(mesh)
   batch = max(shards, min(p.linear_batch_size, len(source)) // shards * shards)
   lr, total = linear_schedule(p, len(source), batch)
   augment = data.pipeline.TrainAugment(config.data.image_size, (p.linear_crop_area_min, 1.0), True)

@@ -41,7 +41,7 @@ def num_data_shards(mesh) -> int:
 
 
 def check_batch(global_batch: int, mesh, what: str = "batch_size") -> None:
-  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  shards = num_data_shards(mesh)
   if global_batch % shards:
     raise ShardingError(f"{what}={global_batch} is not divisible by the {shards} data shards "
                         f"(mesh data×fsdp): use a multiple of {shards}")

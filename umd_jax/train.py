@@ -209,7 +209,7 @@ def finetune(config, workdir, devices=None) -> dict:
 
 def _preview_images(config, mesh):
   """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else train."""
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.num_data_shards(mesh)
   split = config.data.eval_split if config.data.name == "digits" else config.data.train_split
   batches = data.make_batches(config.data, data.make_source(config.data, split), train=False,
                               global_batch=shards * max(1, 8 // shards),

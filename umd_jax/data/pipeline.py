@@ -2,7 +2,7 @@
 
 Training: Inception crop (area range from config, aspect 3/4..4/3) + horizontal flip.
 Evaluation: resize the shorter side, centre crop. Pixels end up float32 in [-1, 1].
-Each process reads its own shard of the records (`ShardByJaxProcess`); the iterator state
+Each process reads its own slice of the records (`ds[process_index::process_count]`); the iterator state
 is checkpointed with the model, so a resumed run continues the same data order.
 """
 import math
