@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,46 @@ def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 10)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
   seconds = time_calls(jax.jit(jnp.dot), a, b, repeats=repeats)
   return 2.0 * n ** 3 / seconds
+
+
+def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15) -> list[dict]:
+  """Trace `steps` calls of fn with jax.profiler (TensorBoard / Perfetto files under `logdir`) and
+  return the ops that took the most device time: [{op, ms_per_call, share}], busiest first, then the
+  totals of matmul / attention / other kernels (by kernel name: meaningful on GPU; XLA:CPU fuses dots)."""
+  import collections
+  import glob
+  import gzip
+  jax.block_until_ready(fn(*args))
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(steps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+  path = sorted(glob.glob(os.path.join(logdir, "**", "*perfetto_trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  names = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  accel = {pid for pid, n in names.items() if "/device:" in n and "CPU" not in n}
+  # Accelerator: its op lines (not the module/step summary lines). CPU: XLA's worker threads.
+  skip = ("python", "Modules", "Steps", "Framework", "Source", "Host")
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or (accel and e["pid"] not in accel) or "ThunkExecutor" in e["name"]:
+      continue
+    if not any(w in threads.get((e["pid"], e.get("tid")), "") for w in skip):
+      totals[e["name"]] += e.get("dur", 0) / 1e3
+  busy = sum(totals.values()) or 1.0
+  kinds = collections.Counter()
+  for n, ms in totals.items():
+    low = n.lower()
+    kind = ("attention" if any(w in low for w in ("sdpa", "flash", "fmha")) else
+            "matmul" if any(w in low for w in ("gemm", "nvjet", "cublas", "cutlass", "xmma", "dot")) else
+            "other: " + re.sub(r"[._]?\d+$", "", n)[:40])  # fusion family, e.g. input_add_reduce_fusion
+    kinds[kind] += ms
+  ops = [{"op": n[:60], "ms_per_call": ms / steps, "share": ms / busy} for n, ms in totals.most_common(top)]
+  return ops + [{"op": f"[all {k}]", "ms_per_call": ms / steps, "share": ms / busy} for k, ms in kinds.most_common(top)]
 
 
 def machine() -> dict:

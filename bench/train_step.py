@@ -14,7 +14,7 @@ elementwise, norm, softmax and optimizer work that model FLOPs leave out.
 """
 import time
 
-from common import load_config, make_parser, matmul_peak, report, time_calls
+from common import load_config, make_parser, matmul_peak, profile, report, time_calls
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ def xla_flops(config, batch) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True):
+def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True, profile_dir=None):
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   tx, lr = train_step.make_optimizer(config)
@@ -68,6 +68,11 @@ def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True
     return metrics["loss"]
 
   seconds = time_calls(run, batch, repeats=repeats)
+  if profile_dir:
+    ops = profile(run, batch, logdir=profile_dir)
+    print(f"\nbusiest device ops ({profile_dir}):")
+    for op in ops:
+      print(f"  {op['share']:6.1%}  {op['ms_per_call']:8.2f} ms  {op['op']}")
   peak = peak or matmul_peak(config.model.dtype)
   achieved = model_flops / seconds
   row.update(step_ms=seconds * 1e3, images_per_s=config.batch_size / seconds, achieved_gflops=achieved / 1e9,
@@ -79,9 +84,12 @@ def main():
   parser = make_parser(__doc__, "configs/demo.py", repeats=20)
   parser.add_argument("--compile_only", action="store_true")
   parser.add_argument("--no_xla_check", action="store_true", help="skip the unrolled cost_analysis() cross-check")
+  parser.add_argument("--profile", default=None, help="also trace 5 steps with jax.profiler into this directory "
+                      "and print the ops that took the most device time")
   args = parser.parse_args()
   config = load_config(args.config, args.set)
-  row = measure(config, repeats=args.repeats, compile_only=args.compile_only, xla_check=not args.no_xla_check)
+  row = measure(config, repeats=args.repeats, compile_only=args.compile_only, xla_check=not args.no_xla_check,
+                profile_dir=args.profile)
   report("train_step", [row], {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
 
 

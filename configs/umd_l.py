@@ -13,6 +13,7 @@ Probe the pre-trained model: python main.py --config=configs/umd_l.py --mode=pro
 
 Argument: a variant and/or `finetune`, e.g. `configs/umd_l.py:L/8` or `configs/umd_l.py:L/8,finetune`. Choices where SPEC is silent:
 mask token init N(0, 0.02); weight decay skips biases, LayerNorm scales, registers, mask token.
+Layers are scanned (`nnx.scan`) here for compile time; `--config.model.scan_layers=false` runs faster.
 """
 from configs import common
 
@@ -20,6 +21,7 @@ from configs import common
 def get_config(arg=None):
   c = common.base_config("umd")
   c.model.variant, finetune = common.parse_arg(arg, "L/4")
+  c.model.scan_layers = True  # 24+ blocks: scanned layers keep the compile under a minute
   if finetune:
     common.finetune_recipe(c)
   return common.finalize(c)

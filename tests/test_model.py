@@ -132,6 +132,14 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   out = run(model, images(), jnp.zeros((3,), jnp.int32))
   assert out["x0"].dtype == jnp.float32 and bool(jnp.isfinite(out["x0"]).all())
+  # The residual stream runs in bf16 (no silent promotion to float32 by the position tables) ...
+  visible, _ = nnx.jit(lambda m, x: m.encode(x, m.condition(jnp.zeros((3,), jnp.int32))))(model, images())
+  assert visible.dtype == jnp.bfloat16
+  # ... and computes the float32 model's function to bf16 accuracy.
+  t = jnp.array([0, 300, 900])
+  lo, hi = run(randomize(make(dtype="bfloat16")), images(), t), run(randomize(make()), images(), t)
+  for key in ("x0", "eps", "rep"):
+    assert np.linalg.norm(lo[key] - hi[key]) / np.linalg.norm(hi[key]) < 3e-2, key
 
 
 def test_labels_use_the_null_row_by_default():
@@ -144,3 +152,35 @@ def test_labels_use_the_null_row_by_default():
 def test_image_size_not_divisible_by_patch_is_a_clear_error():
   with pytest.raises(ValueError, match="not divisible by patch size 3"):
     make(patch=3)
+
+
+def test_attention_choice_is_validated_and_auto_is_xla_off_gpu():
+  from umd_jax.models import layers
+  assert layers.attention_implementation("auto", jnp.bfloat16, 64) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert layers.attention_implementation("auto", jnp.float32, 64) == "xla"
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    layers.attention_implementation("flash", jnp.float32, 64)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+      layers.attention_implementation("cudnn", jnp.bfloat16, 64)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU "
+                    "(run on one with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("n", [64, 68, 257])
+def test_cudnn_attention_matches_xla_with_padded_lengths(n):
+  from umd_jax.models import layers
+  keys = jax.random.split(jax.random.PRNGKey(n), 4)
+  q, k, v, g = (jax.random.normal(key, (4, n, 6, 64), jnp.bfloat16) for key in keys)
+
+  def loss(impl, q, k, v):
+    out = (layers._cudnn_attention(q, k, v) if impl == "cudnn"
+           else jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+    return jnp.sum(out.astype(jnp.float32) * g), out
+
+  for a, b in zip(jax.grad(lambda *t: loss("cudnn", *t), argnums=(0, 1, 2), has_aux=True)(q, k, v),
+                  jax.grad(lambda *t: loss("xla", *t), argnums=(0, 1, 2), has_aux=True)(q, k, v)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+      assert np.linalg.norm(x - y) / np.linalg.norm(y) < 2e-2

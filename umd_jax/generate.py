@@ -39,8 +39,11 @@ def check(config) -> list:
 
 
 def _denoiser(config, graphdef, params, labels):
-  model = nnx.merge(graphdef, params)
-  apply = lambda x, t, y: (lambda o: (o["x0"], o["eps"]))(model(x, t, y))
+  def apply(x, t, y):
+    # Merged where it is called (inside the sampling scan): newer Flax refuses a module built at
+    # an outer trace level inside the model's own nnx.scan.
+    out = nnx.merge(graphdef, params)(x, t, y)
+    return out["x0"], out["eps"]
   if config.model.num_classes == 0:
     return lambda x, t: apply(x, t + 1, None)
   return diffusion.guided(apply, labels, config.model.num_classes, config.sample.cfg_scale)

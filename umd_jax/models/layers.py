@@ -68,17 +68,52 @@ class LabelEmbedder(nnx.Module):
     return self.mlp(self.table(labels))
 
 
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, dtype, head_dim: int) -> str:
+  """`model.attention` -> the `jax.nn.dot_product_attention` implementation. 'auto' takes cuDNN's
+  fused (flash) attention on NVIDIA GPUs in bfloat16/float16 -- it never materialises the
+  (B, H, N, N) logits, which in XLA's version dominate step time and memory -- and XLA's elsewhere."""
+  if choice not in ATTENTION:
+    raise ValueError(f"model.attention={choice!r}: use one of {list(ATTENTION)}")
+  fits = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+  if choice == "cudnn" and not fits:
+    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype bfloat16/float16 and a head "
+                     f"dim divisible by 8 (backend {jax.default_backend()}, head dim {head_dim}): use 'auto'")
+  return choice if choice != "auto" else ("cudnn" if fits else "xla")
+
+
 class Attention(nnx.Module):
-  def __init__(self, width, heads, *, dtype, rngs):
+  def __init__(self, width, heads, *, dtype, rngs, attention: str = "auto"):
     self.heads = heads
+    self.implementation = attention_implementation(attention, dtype, width // heads)
     self.qkv = dense(width, 3 * width, ("embed", "heads"), dtype=dtype, rngs=rngs)
     self.proj = dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):  # (B, N, D)
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, H, d/H)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, N, H, d/H)
+    if self.implementation == "cudnn":
+      out = _cudnn_attention(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return self.proj(out.reshape(b, n, d))
+
+
+def _cudnn_attention(q, k, v):
+  """cuDNN flash attention. Its kernels want sequence lengths divisible by 8 (ours are registers +
+  kept tokens, or 1 + patches): pad to that and mask the padded keys out through the lengths."""
+  b, n = q.shape[:2]
+  pad = -n % 8
+  if not pad:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+  lengths = jnp.full((b,), n, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation="cudnn")
+  return out[:, :n]
 
 
 class Mlp(nnx.Module):
@@ -97,10 +132,10 @@ def modulate(x, shift, scale):
 class Block(nnx.Module):
   """Pre-LN transformer block. adaLN-Zero when `adaln`, else the condition is an in-context token."""
 
-  def __init__(self, width, heads, *, adaln: bool, dtype, rngs):
+  def __init__(self, width, heads, *, adaln: bool, dtype, rngs, attention: str = "auto"):
     self.adaln = adaln
     self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
     self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(width, dtype=dtype, rngs=rngs)
     if adaln:
@@ -127,11 +162,11 @@ REMAT_POLICIES = {
 class Stack(nnx.Module):
   """`depth` blocks, either stacked and run with `nnx.scan` (fast compiles at depth 24) or unrolled."""
 
-  def __init__(self, depth, width, heads, *, adaln, dtype, scan, remat, rngs):
+  def __init__(self, depth, width, heads, *, adaln, dtype, scan, remat, rngs, attention="auto"):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)}")
     self.scan, self.remat = scan, remat
-    make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r)
+    make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r, attention=attention)
     if scan:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

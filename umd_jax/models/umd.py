@@ -43,7 +43,7 @@ class UMD(nnx.Module):
   def __init__(self, *, image_size: int, channels: int, patch: int, width: int, encoder_depth: int,
                decoder_depth: int, heads: int, num_registers: int = 4, conditioning: str = "adaln",
                num_classes: int = 0, dtype: str = "float32", scan_layers: bool = True,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
     if image_size % patch:
       raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
                        "change data.image_size or model.variant")
@@ -59,7 +59,7 @@ class UMD(nnx.Module):
     self.num_registers = num_registers
     self.adaln = conditioning == "adaln"
     self.dtype = dt = DTYPES[dtype]
-    stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, rngs=rngs)
+    stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, attention=attention, rngs=rngs)
     pos_init = layers.logical(nnx.initializers.normal(1 / math.sqrt(self.num_patches)), None, "seq", "embed")
     token_shape = (1, self.num_patches, width)
 
@@ -103,7 +103,9 @@ class UMD(nnx.Module):
   def encode(self, x, cond, keep_ids=None, pooled=None):
     """Images (B, H, W, C) -> visible-token outputs (B, K, D) and rep (B, D).
     With a `pooled` dict, the mean-pooled patch tokens after each block go to pooled["encoder"]."""
-    tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...]
+    # The residual stream stays in the compute dtype (bf16 on accelerators halves the bytes every
+    # norm, gate and residual add moves); LayerNorm statistics are still taken in float32.
+    tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...].astype(self.dtype)
     if keep_ids is not None:
       tokens = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
     registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
@@ -124,7 +126,7 @@ class UMD(nnx.Module):
       h = jnp.take_along_axis(h, restore_ids[..., None], axis=1)  # back to patch order
     else:
       h = visible
-    h = jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...]], axis=1)
+    h = jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...].astype(h.dtype)], axis=1)
     if pooled is None:
       h = self.decoder(h, cond)
     else:
@@ -158,4 +160,4 @@ def from_config(config, rngs: nnx.Rngs) -> UMD:
   m = config.model
   return UMD(image_size=config.data.image_size, channels=config.data.channels, num_registers=m.num_registers,
              conditioning=m.conditioning, num_classes=m.num_classes, dtype=m.dtype,
-             scan_layers=m.scan_layers, remat=m.remat, rngs=rngs, **parse_variant(m.variant))
+             scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, rngs=rngs, **parse_variant(m.variant))

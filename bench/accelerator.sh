@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The accelerator rows of BENCHMARKS.md in one go (GPU or TPU host, bfloat16 compute).
+#
+#   bash bench/accelerator.sh [OUTDIR]        # JSON per benchmark in OUTDIR (default: bench_out/)
+#   PART=train bash bench/accelerator.sh      # only the train-step rows; PART=scaling: masking + sampling
+#
+# Each script prints a table; the JSON files hold the rows plus machine facts (devices, jax, commit).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench_out}
+mkdir -p "$out"
+part=${PART:-all}
+bf16="--set model.dtype=bfloat16"
+run() { echo "+ $*"; python "$@" || echo "FAILED ($?): $*"; }
+
+if [[ $part == all || $part == train ]]; then
+  # Issue target: UMD-B/4 at 64 px, global batch 256, MFU >= 45% of the measured bf16 matmul peak.
+  run bench/train_step.py --config=configs/umd_b.py:B/4 --set batch_size=256 $bf16 --no_xla_check --json "$out/train_b4_scan.json"
+  run bench/train_step.py --config=configs/umd_b.py:B/4 --set batch_size=256 $bf16 \
+    --set model.scan_layers=false --no_xla_check --profile "$out/trace_b4" --json "$out/train_b4_unrolled.json"
+  # UMD-L/2 on 32x32x4 (latent-shaped) inputs; batch 256 with remat of everything but matmuls.
+  run bench/train_step.py --config=configs/umd_l.py:L/2 --set batch_size=256 --set data.image_size=32 \
+    --set data.channels=4 --set diffusion.schedule=linear --set model.remat=dots $bf16 --no_xla_check \
+    --json "$out/train_l2_latent.json"
+fi
+if [[ $part == all || $part == scaling ]]; then
+  run bench/masking.py --config=configs/umd_b.py:B/4 --set batch_size=256 $bf16 --repeats 10 \
+    --json "$out/masking_b4.json"
+  run bench/sampling.py --config=configs/umd_b.py:B/4,finetune --set sample.batch_size=256 $bf16 \
+    --set sample.steps=50 --json "$out/sampling_b4.json"
+fi
