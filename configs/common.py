@@ -23,6 +23,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.method = method
   c.seed = 0
   c.batch_size = 1024                      # global, over all hosts and devices
+  c.grad_accum_steps = 1                   # >1: the batch as that many micro-batches per update (less memory)
   c.total_steps = 800 * IMAGENET_TRAIN_IMAGES // 1024   # 800 epochs at batch 1024
   c.log_every = 100
   c.checkpoint_every = 5000

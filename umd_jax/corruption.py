@@ -24,10 +24,16 @@ def num_kept(num_patches: int, ratio: float) -> int:
 
 def random_mask(key, batch: int, num_patches: int, ratio: float) -> Optional[Mask]:
   """MAE-style per-sample masking: argsort of uniform noise, keep the first int(L(1-r))."""
+  return sample_mask(jax.random.split(key, batch), num_patches, ratio)
+
+
+def sample_mask(keys, num_patches: int, ratio: float) -> Optional[Mask]:
+  """random_mask with one key per sample (B keys): a sample's mask depends on its key alone."""
   if ratio == 0:
     return None
-  keep = num_kept(num_patches, ratio)
-  ids_shuffle = jnp.argsort(jax.random.uniform(key, (batch, num_patches)), axis=1)
+  batch, keep = keys.shape[0], num_kept(num_patches, ratio)
+  noise = jax.vmap(lambda k: jax.random.uniform(k, (num_patches,)))(keys)
+  ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, keep)), jnp.ones((batch, num_patches - keep))], axis=1)
   return Mask(ids_shuffle[:, :keep], ids_restore, jnp.take_along_axis(mask, ids_restore, axis=1))
@@ -62,20 +68,32 @@ def split_sizes(batch: int, clean_fraction: float) -> tuple[int, int]:
   return n_clean, batch - n_clean
 
 
+def _per_sample(keys, purpose: int, draw: Callable):
+  """draw(key) for every sample's key folded with `purpose` (one stream per kind of draw)."""
+  return jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(keys)
+
+
 def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: jax.Array, *,
              num_patches: int, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
              labels: Optional[jax.Array] = None, num_buckets: int = 10, label_dropout: float = 0.0,
-             null_label: int = 0):
+             null_label: int = 0, sample_ids: Optional[jax.Array] = None):
   """The UMD loss of SPEC §2 and its parts.
 
   apply_fn(x, t_index, labels, keep_ids, restore_ids) -> dict(x0=..., eps=...), images (B, H, W, C);
   x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label; in
   the noised one each label is replaced by `null_label` with probability `label_dropout` (CFG).
   Returns (loss, metrics) with loss_clean, loss_noised and per-timestep-bucket sums/counts.
+
+  Every random draw of a sample (mask, t, noise, label drop) comes from fold_in(key, its
+  `sample_ids` entry; default its row): a micro-batch of rows with their global ids draws
+  exactly what the full batch draws for them (gradient accumulation). Each sub-batch's loss is
+  a mean over equal-sized per-sample regions, so the loss is the mean of per-sample losses.
   """
   batch = x0.shape[0]
   n_clean, n_noised = split_sizes(batch, clean_fraction)
-  k_clean, k_t, k_eps, k_noised, k_drop = jax.random.split(key, 5)
+  ids = jnp.arange(batch) if sample_ids is None else sample_ids
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  k_clean, k_noised = keys[:n_clean], keys[n_clean:]
   zero = jnp.zeros((), jnp.float32)
   metrics = dict(loss_clean=zero, loss_noised=zero,
                  bucket_sum=jnp.zeros((num_buckets,)), bucket_count=jnp.zeros((num_buckets,)))
@@ -83,7 +101,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
   loss = zero
   if n_clean:
     xc = x0[:n_clean]
-    mask = random_mask(k_clean, n_clean, num_patches, clean_mask_ratio)
+    mask = sample_mask(_per_sample(k_clean, 0, lambda k: k), num_patches, clean_mask_ratio)
     out = apply_fn(xc, jnp.zeros((n_clean,), jnp.int32), None,
                    *(mask[:2] if mask is not None else (None, None)))
     _, masked = _regions(mask, xc)
@@ -91,15 +109,15 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
     loss = loss + (n_clean / batch) * metrics["loss_clean"]
   if n_noised:
     xn = x0[n_clean:]
-    t = jax.random.randint(k_t, (n_noised,), 0, schedule.num_timesteps)
-    eps = jax.random.normal(k_eps, xn.shape, xn.dtype)
+    t = _per_sample(k_noised, 1, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))
+    eps = _per_sample(k_noised, 2, lambda k: jax.random.normal(k, xn.shape[1:], xn.dtype))
     xt = diffusion.q_sample(schedule, xn, t, eps)
-    mask = random_mask(k_noised, n_noised, num_patches, noised_mask_ratio)
+    mask = sample_mask(_per_sample(k_noised, 3, lambda k: k), num_patches, noised_mask_ratio)
     noised_labels = None
     if labels is not None:
       noised_labels = labels[n_clean:]
       if label_dropout > 0:
-        drop = jax.random.uniform(k_drop, (n_noised,)) < label_dropout
+        drop = _per_sample(k_noised, 4, lambda k: jax.random.uniform(k, ())) < label_dropout
         noised_labels = jnp.where(drop, null_label, noised_labels)
     out = apply_fn(xt, t + 1, noised_labels,
                    *(mask[:2] if mask is not None else (None, None)))

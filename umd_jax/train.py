@@ -43,6 +43,7 @@ def validate_config(config) -> None:
     raise ValueError(f"nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'")
   if config.batch_size < 1 or config.total_steps < 1:
     raise ValueError("batch_size and total_steps must be positive")
+  train_step.accumulation_order(config.batch_size, c.clean_fraction, config.grad_accum_steps)
 
 
 def _reconstruction_fn(config, graphdef):

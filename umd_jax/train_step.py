@@ -10,6 +10,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -98,26 +99,65 @@ def abstract_state(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def accumulation_order(batch_size: int, clean_fraction: float, steps: int) -> np.ndarray:
+  """(steps, batch_size // steps) rows of the global batch for each micro-batch: every micro-batch
+  takes an equal share of the clean rows (which come first) and of the noised rows, so it is
+  split like the full batch and the mean of the micro-batch losses is the full-batch loss."""
+  n_clean, n_noised = corruption.split_sizes(batch_size, clean_fraction)
+  micro = batch_size // steps if steps > 0 else 0
+  if steps < 1 or batch_size % steps or n_clean % steps or corruption.split_sizes(micro, clean_fraction) != (
+      n_clean // steps, n_noised // steps):
+    raise ValueError(f"grad_accum_steps={steps} must divide batch_size={batch_size} and its {n_clean} clean "
+                     f"and {n_noised} noised samples (corruption.clean_fraction={clean_fraction}): pick a divisor")
+  clean = np.arange(n_clean).reshape(steps, -1)
+  noised = (n_clean + np.arange(n_noised)).reshape(steps, -1)
+  return np.concatenate([clean, noised], axis=1)
+
+
 def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
-  """jit(step)(state, batch) -> (state, metrics); the state buffers are donated."""
+  """jit(step)(state, batch) -> (state, metrics); the state buffers are donated. With
+  config.grad_accum_steps = m > 1 the batch is taken as m micro-batches in a `lax.scan` inside
+  the step (activations of one micro-batch at a time) and their mean gradient makes one update,
+  equal to the full-batch update."""
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   c = config.corruption
   num_patches = (config.data.image_size // umd.parse_variant(config.model.variant)["patch"]) ** 2
   ema_rate = config.optim.ema_rate
+  accum = config.grad_accum_steps
+  order = accumulation_order(config.batch_size, c.clean_fraction, accum)
+  sharding.check_batch(order.shape[1], mesh, what="the micro-batch batch_size/grad_accum_steps")
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
 
-    def loss_fn(params):
+    def loss_fn(params, images, labels, sample_ids=None):
       model = nnx.merge(graphdef, params)
       apply = lambda x, t, labels, keep, restore: model(x, t, labels, keep, restore)
-      return corruption.umd_loss(apply, schedule, batch["image"], key, num_patches=num_patches,
+      return corruption.umd_loss(apply, schedule, images, key, num_patches=num_patches,
                                  clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                  noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
-                                 labels=batch["label"] if config.model.num_classes else None,
-                                 label_dropout=c.label_dropout, null_label=config.model.num_classes)
+                                 labels=labels if config.model.num_classes else None,
+                                 label_dropout=c.label_dropout, null_label=config.model.num_classes,
+                                 sample_ids=sample_ids)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch["image"], batch["label"])
+    else:
+      ids = jnp.asarray(order)
+      micro = {k: jax.lax.with_sharding_constraint(jnp.take(v, ids, axis=0), micro_sharding)
+               for k, v in batch.items()}
+
+      def accumulate(total, xs):
+        (loss, metrics), grads = grad_fn(state.params, xs["image"], xs["label"], xs["ids"])
+        return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, (losses, parts) = jax.lax.scan(accumulate, zeros, {**micro, "ids": ids})
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = losses.mean()
+      metrics = {k: v.sum(axis=0) if k.startswith("bucket_") else v.mean(axis=0) for k, v in parts.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
