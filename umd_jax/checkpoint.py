@@ -22,7 +22,8 @@ class CheckpointError(RuntimeError):
 def _ensure_writable(directory: epath.Path) -> None:
   try:
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".write_test"
+    # One probe file per process: every host of a pod checks the shared workdir at once.
+    probe = directory / f".write_test.{jax.process_index()}.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:

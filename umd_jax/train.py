@@ -3,6 +3,7 @@
 Resume order: the workdir's latest checkpoint, else `config.init_from`'s weights, else scratch.
 SIGTERM / SIGINT save a checkpoint at the current step and return cleanly.
 """
+import functools
 import json
 import signal
 import time
@@ -46,8 +47,9 @@ def validate_config(config) -> None:
   train_step.accumulation_order(config.batch_size, c.clean_fraction, config.grad_accum_steps)
 
 
-def _reconstruction_fn(config, graphdef):
-  """jit(params, images, key) -> rows (input shown to the model, x0 prediction, original)."""
+def _reconstruction_fn(config, graphdef, mesh):
+  """jit(params, images, key) -> rows (input shown to the model, x0 prediction, original),
+  replicated so that every process can fetch them (a batch-sharded result spans all hosts)."""
   c = config.corruption
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   patch = umd.parse_variant(config.model.variant)["patch"]
@@ -55,7 +57,7 @@ def _reconstruction_fn(config, graphdef):
   clean = c.clean_fraction > 0
   ratio = c.clean_mask_ratio if clean else c.noised_mask_ratio
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def reconstruct(params, x0, key):
     k_mask, k_eps = jax.random.split(key)
     b = x0.shape[0]
@@ -119,7 +121,7 @@ def pretrain(config, workdir: str, devices=None) -> dict:
   tx, lr = train_step.make_optimizer(config)
   graphdef, state, shardings = train_step.create_state(config, mesh, tx)
   step_fn = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
-  reconstruct = _reconstruction_fn(config, graphdef)
+  reconstruct = _reconstruction_fn(config, graphdef, mesh)
 
   source = data.make_source(config.data, config.data.train_split)
   batches = data.make_batches(config.data, source, global_batch=config.batch_size,

@@ -2,8 +2,12 @@
 
 Training: Inception crop (area range from config, aspect 3/4..4/3) + horizontal flip.
 Evaluation: resize the shorter side, centre crop. Pixels end up float32 in [-1, 1].
-Each process reads its own slice of the records (`ds[process_index::process_count]`); the iterator state
-is checkpointed with the model, so a resumed run continues the same data order.
+Training: one global stream (shuffle of all records, reshuffled every epoch, augmentation
+seeded per stream position) cut into global batches; process i reads and decodes only rows
+[i·B/n, (i+1)·B/n) of each, so the global batches are the same on any number of processes and
+every epoch's records are split disjointly between them. Evaluation: process i reads records
+i, i+n, ... once. The iterator state is checkpointed with the model, so a resumed run continues
+the same data order.
 """
 import math
 
@@ -102,21 +106,19 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
   if global_batch % processes:
     raise DataError(f"batch_size={global_batch} is not divisible by the {processes} processes")
   local_batch = global_batch // processes
-  if train and len(source) // processes < local_batch:
+  if train and len(source) < global_batch:
     raise DataError(f"{len(source)} records cannot fill one batch of {global_batch}: lower batch_size")
   d = data_config
   if augment is None:
     augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
                else EvalPreprocess(d.image_size))
   ds = grain.MapDataset.source(source)
-  if train:
-    ds = ds[:len(ds) - len(ds) % processes]  # equal shards, so every process takes the same steps
-  ds = ds[jax.process_index()::processes]    # each process reads only its own records
-  if train:
-    ds = ds.shuffle(seed=seed).repeat().random_map(augment, seed=seed)
+  if train:  # lazy: a process only reads and augments the records of its own rows
+    ds = ds.shuffle(seed=seed).repeat().random_map(augment, seed=seed).batch(local_batch, drop_remainder=True)
+    ds = ds[jax.process_index()::processes]  # its B/n rows of every global batch
   else:
-    ds = ds.map(augment)
-  ds = ds.batch(local_batch, drop_remainder=train).to_iter_dataset()
+    ds = ds[jax.process_index()::processes].map(augment).batch(local_batch, drop_remainder=False)
+  ds = ds.to_iter_dataset()
   if d.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return Batches(iter(ds), sharding, pad_to=None if train else local_batch)
