@@ -66,3 +66,44 @@ def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path)
   assert f"trained steps {saved} -> 30" in done.stdout  # resumed where the signal stopped it
   assert checkpoint.latest_step(tmp_path / "run") == 30
   # (That a resumed run equals an uninterrupted one bitwise is tested in-process in test_train.py.)
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_step_to_resume_from(tmp_path):
+  """A process killed while orbax writes a step (its temporary folder is on disk) never leaves a
+  readable partial step: the same command resumes from the last committed one and finishes."""
+  import signal
+  import time
+
+  from umd_jax import checkpoint
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, "main.py", "--config=configs/demo.py:12", f"--workdir={tmp_path}",
+             "--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
+             "--config.probe_every=0", "--config.checkpoint_every=1", "--config.image_every=1000"]
+  ckpts = tmp_path / "checkpoints"
+  partial = None
+  for _ in range(5):  # a write takes tens of ms; catch one in progress (each try resumes the last)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      deadline, seen = time.monotonic() + 240, None
+      while proc.poll() is None and time.monotonic() < deadline and seen is None:
+        names = os.listdir(ckpts) if ckpts.exists() else []
+        writing = [n for n in names if ".orbax-checkpoint-tmp" in n]
+        if writing and any(n.isdigit() for n in names):
+          proc.send_signal(signal.SIGKILL)
+          seen = writing[0]
+        time.sleep(0.001)
+    finally:
+      proc.kill()
+      proc.wait()
+    if seen and (ckpts / seen).exists():  # still there after the kill: the write was cut short
+      partial = seen
+      break
+  assert partial is not None, "no checkpoint write was caught in progress"
+  assert proc.returncode == -signal.SIGKILL
+  committed = checkpoint.latest_step(tmp_path)
+  assert committed is not None and committed < int(partial.split(".")[0]) <= 12
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"trained steps {committed} -> 12" in done.stdout
+  assert checkpoint.latest_step(tmp_path) == 12
+  assert not [n for n in os.listdir(ckpts) if ".orbax-checkpoint-tmp" in n]  # the partial write is gone

@@ -61,7 +61,11 @@ class Checkpointer:
     self.directory = _absolute(workdir) / "checkpoints"
     _ensure_writable(self.directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            # A write cut short (SIGKILL, preemption without grace) leaves only a `*.orbax-checkpoint-tmp*`
+            # folder, which is never read as a step; it is removed when the next run starts.
+            cleanup_tmp_directories=True))
 
   def latest_step(self):
     return self.manager.latest_step()
