@@ -7,8 +7,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def main_env():
+  """One CPU device, and the test session's compilation cache: every main.py process after the
+  first one of a config loads its compiled programs instead of compiling them again."""
+  import jax
+  return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def run_main(*args):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = main_env()
   return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
 
@@ -43,7 +52,7 @@ def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path)
   import signal
 
   from umd_jax import checkpoint
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = main_env()
   overrides = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
                "--config.probe_every=0", "--config.checkpoint_every=1000", "--config.image_every=1000"]
   command = lambda workdir: [sys.executable, "main.py", "--config=configs/demo.py:30", f"--workdir={workdir}",
@@ -75,7 +84,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_step_to_resume_fr
   import time
 
   from umd_jax import checkpoint
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = main_env()
   command = [sys.executable, "main.py", "--config=configs/demo.py:12", f"--workdir={tmp_path}",
              "--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
              "--config.probe_every=0", "--config.checkpoint_every=1", "--config.image_every=1000"]

@@ -121,14 +121,35 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, one_
   assert len(list((tmp_path / "run" / "damaged_checkpoints").iterdir())) == 1  # kept, not deleted
 
 
-def test_resuming_with_a_different_model_lists_the_changes_and_moves_nothing(tmp_path, one_device):
+def test_resuming_with_a_different_model_lists_the_parameters_and_moves_nothing(tmp_path, one_device):
   train.pretrain(tiny_config(**{"total_steps": 4, "checkpoint_every": 2}), tmp_path / "run", devices=one_device)
-  other = tiny_config(**{"total_steps": 6, "model.variant": "Ti/2", "model.conditioning": "in_context"})
-  with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .* different config \(model.conditioning: 'adaln' -> "
-                     r"'in_context'; model.variant: 'Mu/2' -> 'Ti/2'\)"):
+  other = tiny_config(**{"total_steps": 6, "data.image_size": 12})  # more patches: position tables grow
+  with pytest.raises(checkpoint.CheckpointError) as error:
     train.pretrain(other, tmp_path / "run", devices=one_device)
+  message = str(error.value)
+  assert message.startswith(f"checkpoint step 4 in {tmp_path / 'run' / 'checkpoints'} was written for a different model: "
+                            "2 parameters do not match (decoder_pos: saved (1, 16, 32) float32, model (1, 36, 32) "
+                            "float32; encoder_pos: saved (1, 16, 32) float32, model (1, 36, 32) float32); "
+                            "changed config: data.image_size: 8 -> 12"), message
+  wider = tiny_config(**{"total_steps": 6, "model.variant": "Ti/2", "model.conditioning": "in_context"})
+  with pytest.raises(checkpoint.CheckpointError, match=r"parameters do not match \(.*decoder/blocks/0/attn/proj/"
+                     r"kernel: saved \(32, 32\) float32, model \(64, 64\) float32.*; and \d+ more\); changed config: "
+                     r"model.conditioning: 'adaln' -> 'in_context'; model.variant: 'Mu/2' -> 'Ti/2'"):
+    train.pretrain(wider, tmp_path / "run", devices=one_device)
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 4: \d+ parameters do not match .*use the config"):
+    checkpoint.restore_params(tmp_path / "run", _abstract_params(wider))  # init_from / probe / generate
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
   assert not (tmp_path / "run" / "damaged_checkpoints").exists()
+  # Same parameters, other compute settings: resumes (with a warning).
+  same = tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "model.dtype": "bfloat16", "model.remat": "full"})
+  assert train.pretrain(same, tmp_path / "run", devices=one_device)["start_step"] == 4
+
+
+def _abstract_params(config):
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  tx, _ = train_step.make_optimizer(config)
+  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
 
 
 def test_sigterm_saves_and_returns_then_resume_finishes(tmp_path, one_device, monkeypatch):

@@ -11,6 +11,7 @@ import time
 import grain
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -53,6 +54,37 @@ def _config_changes(manager, step: int, config) -> list:
   if (old.get("optim.ema_rate", 0) > 0) != (new.get("optim.ema_rate", 0) > 0):
     changes.append(f"optim.ema_rate: {old.get('optim.ema_rate')!r} -> {new.get('optim.ema_rate')!r} (EMA on/off)")
   return changes
+
+
+def _param_mismatches(step_dir, abstract_params, key: str = "params", extra_ok: bool = False) -> list:
+  """'path: saved (shape) dtype, model (shape) dtype' for each parameter of `abstract_params` whose
+  shape or dtype differs from step_dir's `key` tree, or that one side lacks (saved extras are fine
+  with `extra_ok`: a partial restore). Read from orbax's metadata; nothing is loaded."""
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")[key]
+  except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports the damage
+    return []
+  if saved is None:
+    return [f"{key}: not in the checkpoint"]
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  flat = lambda tree: {name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  old, new = flat(saved), flat(abstract_params)
+  describe = lambda x: f"{tuple(x.shape)} {np.dtype(x.dtype).name}"
+  out = []
+  for path in sorted(set(new) | (set() if extra_ok else set(old))):
+    if path not in old:
+      out.append(f"{path}: not in the checkpoint, model {describe(new[path])}")
+    elif path not in new:
+      out.append(f"{path}: saved {describe(old[path])}, not in this model")
+    elif describe(old[path]) != describe(new[path]):
+      out.append(f"{path}: saved {describe(old[path])}, model {describe(new[path])}")
+  return out
+
+
+def _mismatch_message(mismatches: list, changes: list) -> str:
+  shown = "; ".join(mismatches[:6]) + (f"; and {len(mismatches) - 6} more" if len(mismatches) > 6 else "")
+  why = f"; changed config: {'; '.join(changes)}" if changes else ""
+  return f"{len(mismatches)} parameters do not match ({shown}){why}"
 
 
 class Checkpointer:
@@ -99,9 +131,14 @@ class Checkpointer:
     the step that will be written again) and the previous step is tried."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     changes = _config_changes(self.manager, steps[0], config) if config is not None and steps else []
-    if changes:  # not damage: a different model; never move a good checkpoint aside
-      raise CheckpointError(f"checkpoint step {steps[0]} in {self.directory} was written with a different "
-                            f"config ({'; '.join(changes)}): run with the original values or use a new --workdir")
+    mismatches = _param_mismatches(self.directory / str(steps[0]), abstract_state.params) if steps else []
+    ema = [c for c in changes if "EMA on/off" in c]
+    if mismatches or ema:  # not damage: a different model; never move a good checkpoint aside
+      what = _mismatch_message(mismatches, changes) if mismatches else ema[0]
+      raise CheckpointError(f"checkpoint step {steps[0]} in {self.directory} was written for a different "
+                            f"model: {what}: run with the original values or use a new --workdir")
+    if changes:  # e.g. model.dtype, model.remat, model.attention: same parameters, other compute
+      logging.warning("resuming step %d with changed settings: %s", steps[0], "; ".join(changes))
     for i, step in enumerate(steps):
       try:
         return self.restore(step, abstract_state, data_iterator), step
@@ -156,16 +193,21 @@ def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=No
     manager.close()
     raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first "
                           "(python main.py --mode=pretrain --workdir=...)")
-  changes = _config_changes(manager, step, config) if config is not None else []
-  if changes:  # checked first: a failed partial restore makes orbax log tracebacks from its threads
-    manager.close()
-    raise CheckpointError(f"{str(workdir)!r} step {step}: parameters do not match this config "
-                          f"({'; '.join(changes)}): use the config the run was trained with")
   key = "params"
-  try:
-    if prefer_ema:
+  if prefer_ema:
+    try:
       saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
       key = "ema_params" if saved.get("optim", {}).get("ema_rate", 0) > 0 else "params"
+    except Exception:  # noqa: BLE001 - no readable config: the parameters then
+      pass
+  # Checked first: a failed partial restore makes orbax log tracebacks from its threads.
+  mismatches = _param_mismatches(manager.directory / str(step), abstract_params, key, extra_ok=True)
+  if mismatches:
+    changes = _config_changes(manager, step, config) if config is not None else []
+    manager.close()
+    raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
+                          "use the config the run was trained with")
+  try:
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
