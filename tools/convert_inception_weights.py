@@ -14,7 +14,7 @@ import numpy as np
 
 def main(src, dst):
   import torch
-  state = torch.load(src, map_location="cpu")
+  state = torch.load(src, map_location="cpu", weights_only=True)  # tensors only: no pickled code runs
   arrays = {k: v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
   np.savez(dst, **arrays)
   print(f"wrote {len(arrays)} arrays to {dst}")
