@@ -32,6 +32,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def micro_batch_sharding(mesh) -> NamedSharding:
+  """(micro-batches, B/m, ...) arrays: the micro-batch rows split like a batch (grad accumulation)."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

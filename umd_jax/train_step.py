@@ -126,7 +126,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   accum = config.grad_accum_steps
   order = accumulation_order(config.batch_size, c.clean_fraction, accum)
   sharding.check_batch(order.shape[1], mesh, what="the micro-batch batch_size/grad_accum_steps")
-  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+  micro_sharding = sharding.micro_batch_sharding(mesh)
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
