@@ -140,3 +140,16 @@ def test_fid_evaluator_inside_finetuning(workdirs, tmp_path):
                                            "data.train_split": "test", "batch_size": 8, "model.num_classes": 10})
   train.finetune(config, tmp_path / "ft", devices=jax.devices()[:1])
   assert (tmp_path / "ft" / "fid_reference_folder_test_8.npz").exists()  # the evaluator ran at step 2
+
+
+def test_classifier_score_rates_real_digits_high_and_noise_at_chance():
+  from umd_jax import data
+  config = finetune_config("")
+  real = data.make_source(config.data, "test")
+  images = np.stack([real[i]["image"] for i in range(len(real))]).astype(np.uint8)
+  labels = np.array([real[i]["label"] for i in range(len(real))])
+  good = generate.classifier_score(config, images, labels)
+  assert good["classifier_accuracy"] == pytest.approx(good["classifier_accuracy_on_real_test"])
+  assert good["classifier_accuracy"] > 0.9
+  noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+  assert generate.classifier_score(config, noise, labels)["classifier_accuracy"] < 0.3

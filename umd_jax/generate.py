@@ -164,21 +164,17 @@ def classifier_score(config, samples: np.ndarray, labels: np.ndarray) -> dict:
   """A generation score that needs no downloaded weights: a logistic regression trained on the
   real training images classifies the samples; accuracy per class and overall."""
   from sklearn.linear_model import LogisticRegression
-  from umd_jax import data
-  source = data.make_source(config.data, config.data.train_split)
-  prep = data.pipeline.EvalPreprocess(config.data.image_size)
-  real = [prep.map(source[i]) for i in range(len(source))]
-  x = np.stack([r["image"].reshape(-1) for r in real])
-  clf = LogisticRegression(max_iter=2000).fit(x, np.array([r["label"] for r in real]))
+  clf = LogisticRegression(max_iter=2000).fit(*_pixels(config, config.data.train_split))
   predicted = clf.predict(samples.reshape(len(samples), -1).astype(np.float32) / 127.5 - 1)
   per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
   return {"classifier_accuracy": float(np.mean(predicted == labels)), "classifier_accuracy_per_class": per_class,
-          "classifier_accuracy_on_real_test": float(clf.score(*_eval_pixels(config, prep)))}
+          "classifier_accuracy_on_real_test": float(clf.score(*_pixels(config, config.data.eval_split)))}
 
 
-def _eval_pixels(config, prep):
+def _pixels(config, split):
+  """Every image of a split, centre-cropped and flattened to [-1, 1] pixels, and its labels."""
   from umd_jax import data
-  source = data.make_source(config.data, config.data.eval_split)
+  source, prep = data.make_source(config.data, split), data.pipeline.EvalPreprocess(config.data.image_size)
   real = [prep.map(source[i]) for i in range(len(source))]
   return np.stack([r["image"].reshape(-1) for r in real]), np.array([r["label"] for r in real])
 

@@ -2,11 +2,11 @@
 
 Training: Inception crop (area range from config, aspect 3/4..4/3) + horizontal flip.
 Evaluation: resize the shorter side, centre crop. Pixels end up float32 in [-1, 1].
-Training: one global stream (shuffle of all records, reshuffled every epoch, augmentation
+Order, training: one global stream (shuffle of all records, reshuffled every epoch, augmentation
 seeded per stream position) cut into global batches; process i reads and decodes only rows
 [i·B/n, (i+1)·B/n) of each, so the global batches are the same on any number of processes and
-every epoch's records are split disjointly between them. Evaluation: process i reads records
-i, i+n, ... once. The iterator state is checkpointed with the model, so a resumed run continues
+every epoch's records are split disjointly between them. Order, evaluation: process i reads
+records i, i+n, ... once. The iterator state is checkpointed with the model, so a resumed run continues
 the same data order.
 """
 import math
