@@ -51,24 +51,40 @@ def make_parser(doc: str, default_config: str, repeats: int | None = None) -> ar
 
 def time_calls(fn, *args, repeats=20, warmup=3):
   """Median wall time of fn(*args) with block_until_ready, after warm-up calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+  return statistics.median(time_rounds({"fn": lambda: fn(*args)}, repeats=repeats, warmup=warmup)["fn"])
+
+
+def time_rounds(fns: dict, repeats=20, warmup=3) -> dict:
+  """{name: no-argument fn} -> {name: [wall seconds of each call]}, block_until_ready after each
+  call. The fns take turns, one call each per round, so a shared machine that slows down mid-run
+  (this project's CPU host: the same step read 61-87 ms within an hour) slows every fn of that
+  round alike: compare fns by per-round ratios (`median_ratio`), not by separately timed medians."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
-def matmul_peak(dtype: str = "float32", n: int | None = None, repeats: int = 10) -> float:
-  """FLOP/s of a large square dense matmul in `dtype` on the default device: the same-run roofline."""
+def median_ratio(num: list, den: list) -> float:
+  """Median over rounds of num[i] / den[i] (two timings taken in the same rounds)."""
+  return statistics.median(a / b for a, b in zip(num, den))
+
+
+def matmul_call(dtype: str = "float32", n: int | None = None):
+  """(fn, flops): a no-argument call of a large square dense matmul in `dtype` on the default
+  device, the roofline every MFU here is measured against, and its FLOP count."""
   n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   dt = DTYPES[dtype]
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
-  seconds = time_calls(jax.jit(jnp.dot), a, b, repeats=repeats)
-  return 2.0 * n ** 3 / seconds
+  dot = jax.jit(jnp.dot)
+  return (lambda: dot(a, b)), 2.0 * n ** 3
 
 
 def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15) -> list[dict]:

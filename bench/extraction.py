@@ -6,7 +6,9 @@ pooled, DDAE-style noise) against the pre-training forward rate measured in the 
 
 Weights are a fresh initialisation (speed does not depend on them).
 """
-from common import load_config, make_parser, report, time_calls
+import statistics
+
+from common import load_config, make_parser, median_ratio, report, time_rounds
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from umd_jax import corruption, diffusion, probe, sharding, train_step
 
 
 def main():
-  parser = make_parser(__doc__, "configs/demo.py")
+  parser = make_parser(__doc__, "configs/demo.py", repeats=10)
   args = parser.parse_args()
   config = load_config(args.config, args.set)
   d, b = config.data, config.probe.batch_size
@@ -28,11 +30,10 @@ def main():
   images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (b, d.image_size, d.image_size, d.channels))
                           .astype(np.float32), bs)
   indices = jax.device_put(np.arange(b, dtype=np.int32), bs)
-  rows = []
+  calls = {}
   for name, t, blocks in (("rep, clean", -1, [-1]), ("all blocks, t=100", 100, [-1] + list(range(probe.num_blocks(config))))):
     fn = probe.make_feature_fn(config, graphdef, t, blocks)
-    seconds = time_calls(fn, state.params, images, indices, repeats=10)
-    rows.append({"features": name, "batch": b, "ms": seconds * 1e3, "images_per_s": b / seconds})
+    calls[name] = lambda fn=fn: fn(state.params, images, indices)
   # The pre-training forward (both sub-batches at their own lengths, loss included), same batch.
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   c = config.corruption
@@ -44,10 +45,11 @@ def main():
     return corruption.umd_loss(lambda *a: model(*a), schedule, x, jax.random.PRNGKey(0), num_patches=num_patches,
                                clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                noised_mask_ratio=c.noised_mask_ratio)[0]
-  seconds = time_calls(train_forward, state.params, images, repeats=10)
-  rows.append({"features": "pre-training forward", "batch": b, "ms": seconds * 1e3, "images_per_s": b / seconds})
-  for r in rows:
-    r["vs_training_forward"] = r["images_per_s"] / rows[-1]["images_per_s"]
+  calls["pre-training forward"] = lambda: train_forward(state.params, images)
+  times = time_rounds(calls, repeats=args.repeats)  # the three take turns (see common.time_rounds)
+  rows = [{"features": name, "batch": b, "ms": statistics.median(ts) * 1e3,
+           "images_per_s": b / statistics.median(ts),
+           "vs_training_forward": median_ratio(times["pre-training forward"], ts)} for name, ts in times.items()]
   report("extraction", rows, {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
 
 

@@ -5,11 +5,15 @@
 Rows: MaskDiT-style steps (no clean sub-batch) with noised mask ratio 0, 0.25, 0.5, 0.75,
 then the DiT / MaskDiT / MAE / UMD presets. `token_blocks` counts the tokens every
 transformer block processes per image (encoder: registers + kept; decoder: rep + all), the
-work that masking removes; `us_per_token_block` should stay flat across ratios. Attention
-grows with tokens², so the analytic-FLOP column is given too.
+work that masking removes; time per token-block should stay flat across ratios:
+`per_token_vs_first` is it relative to ratio 0, as the median of per-round ratios (every
+case's step takes a turn in each round, so a shared machine's slow spells cancel out).
+Attention grows with tokens², so the analytic-FLOP column is given too.
 """
-from common import load_config, make_parser, matmul_peak, report
-from train_step import measure
+import statistics
+
+from common import load_config, make_parser, matmul_call, median_ratio, report, time_rounds
+from train_step import build, timing
 
 from configs import common as presets
 from umd_jax import corruption
@@ -31,25 +35,35 @@ def token_blocks(config) -> float:
 def main():
   parser = make_parser(__doc__, "configs/umd_s.py:S/4", repeats=10)
   args = parser.parse_args()
-  base = load_config(args.config, args.set)
-  peak = matmul_peak(base.model.dtype)
   cases = [(f"noised ratio {r}", dict(method="maskdit", clean_fraction=0.0, noised_mask_ratio=r))
            for r in (0.0, 0.25, 0.5, 0.75)]
   cases += [(name, dict(method=name, **{k: v for k, v in presets.METHODS[name].items() if k != "conditioning"}))
             for name in ("dit", "maskdit", "mae", "umd")]
-  rows = []
+  built = {}
   for label, values in cases:
     config = load_config(args.config, args.set)
     config.corruption.clean_fraction = values["clean_fraction"]
     config.corruption.noised_mask_ratio = values["noised_mask_ratio"]
     config.corruption.clean_mask_ratio = values.get("clean_mask_ratio", config.corruption.clean_mask_ratio)
     config.model.conditioning = presets.METHODS[values["method"]]["conditioning"]
-    r = measure(config, repeats=args.repeats, peak=peak, xla_check=False)
+    built[label] = (config, *build(config, xla_check=False))
+  matmul, matmul_flops = matmul_call(config.model.dtype)
+  # Every case's step and the roofline matmul take turns in each round (see common.time_rounds).
+  times = time_rounds({**{label: run for label, (_, _, run) in built.items()}, "matmul": matmul},
+                      repeats=args.repeats)
+  first = cases[0][0]
+  rows = []
+  for label, (config, row, _) in built.items():
+    t = timing(row, times[label], times["matmul"], matmul_flops)
     blocks = token_blocks(config)
-    rows.append({"case": label, "token_blocks": blocks, "step_ms": r["step_ms"], "model_gflop": r["model_gflop"],
-                 "us_per_token_block": r["step_ms"] * 1e3 / (blocks * config.batch_size), "mfu": r["mfu"]})
-  sweep = [row["us_per_token_block"] for row in rows[:4]]
-  report("masking", rows, {"config": args.config, "roofline_gflops": peak / 1e9,
+    rows.append({"case": label, "token_blocks": blocks, "step_ms": t["step_ms"], "model_gflop": row["model_gflop"],
+                 "us_per_token_block": t["step_ms"] * 1e3 / (blocks * config.batch_size),
+                 # time per token-block relative to the first case, as a median of per-round ratios
+                 "per_token_vs_first": median_ratio(times[label], times[first]) * token_blocks(built[first][0]) / blocks,
+                 "mfu": t["mfu"]})
+  sweep = [row["per_token_vs_first"] for row in rows[:4]]
+  report("masking", rows, {"config": args.config,
+                           "roofline_gflops": matmul_flops / statistics.median(times["matmul"]) / 1e9,
                            "per_token_spread": max(sweep) / min(sweep) - 1}, args.json)
 
 

@@ -7,14 +7,16 @@
 
 MFU = analytic model FLOPs of the step (encoder on registers + kept tokens, decoder on all
 tokens, attention included, both sub-batches at their own lengths, backward = 2× forward,
-no remat recompute) / median step time / the FLOP/s of a large dense matmul of the same
-dtype measured on the same device in the same run. XLA's `cost_analysis()` count (of the
+no remat recompute) / step time / the FLOP/s of a large dense matmul of the same dtype on
+the same device. The step and the matmul take turns (one call each per round) and the MFU
+is the median of the rounds' ratios, so a shared machine's slow spells cancel out. XLA's `cost_analysis()` count (of the
 step lowered with unrolled layers) is printed beside the analytic one; it includes the
 elementwise, norm, softmax and optimizer work that model FLOPs leave out.
 """
+import statistics
 import time
 
-from common import load_config, make_parser, matmul_peak, profile, report, time_calls
+from common import load_config, make_parser, matmul_call, median_ratio, profile, report, time_rounds
 
 import jax
 import numpy as np
@@ -37,7 +39,8 @@ def xla_flops(config, batch) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True, profile_dir=None):
+def build(config, *, xla_check=True):
+  """Compile the step of `config` on a random batch -> (row of compile facts, no-argument step call)."""
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   tx, lr = train_step.make_optimizer(config)
@@ -58,26 +61,34 @@ def measure(config, *, repeats=20, compile_only=False, peak=None, xla_check=True
   row = {"variant": config.model.variant, "image": d.image_size, "batch": config.batch_size,
          "dtype": config.model.dtype, "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
-  if compile_only:
-    return row
-
   holder = [state]
 
-  def run(b):
-    holder[0], metrics = compiled(holder[0], b)
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
     return metrics["loss"]
+  return row, run
 
-  seconds = time_calls(run, batch, repeats=repeats)
+
+def timing(row, step_times, matmul_times, matmul_flops) -> dict:
+  """Step time, images/s, FLOP/s and MFU (median of per-round ratios to the matmul) for a row."""
+  seconds, flop = statistics.median(step_times), row["model_gflop"] * 1e9
+  return dict(step_ms=seconds * 1e3, images_per_s=row["batch"] / seconds, achieved_gflops=flop / seconds / 1e9,
+              roofline_gflops=matmul_flops / statistics.median(matmul_times) / 1e9,
+              mfu=flop / matmul_flops * median_ratio(matmul_times, step_times))
+
+
+def measure(config, *, repeats=20, compile_only=False, xla_check=True, profile_dir=None):
+  row, run = build(config, xla_check=xla_check)
+  if compile_only:
+    return row
+  matmul, matmul_flops = matmul_call(config.model.dtype)
+  times = time_rounds({"step": run, "matmul": matmul}, repeats=repeats)
   if profile_dir:
-    ops = profile(run, batch, logdir=profile_dir)
+    ops = profile(run, logdir=profile_dir)
     print(f"\nbusiest device ops ({profile_dir}):")
     for op in ops:
       print(f"  {op['share']:6.1%}  {op['ms_per_call']:8.2f} ms  {op['op']}")
-  peak = peak or matmul_peak(config.model.dtype)
-  achieved = model_flops / seconds
-  row.update(step_ms=seconds * 1e3, images_per_s=config.batch_size / seconds, achieved_gflops=achieved / 1e9,
-             roofline_gflops=peak / 1e9, mfu=achieved / peak)
-  return row
+  return {**row, **timing(row, times["step"], times["matmul"], matmul_flops)}
 
 
 def main():

@@ -1,0 +1,35 @@
+"""The benchmark harness: interleaved timing rounds and the train-step row (no timing is asserted)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import common as bench_common  # noqa: E402
+import train_step as bench_train_step  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+
+from umd_jax import flops  # noqa: E402
+
+
+def test_rounds_alternate_the_calls_and_ratios_pair_rounds():
+  calls = []
+  times = bench_common.time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                   repeats=3, warmup=2)
+  # warm-up calls of each, then one call of each per round, in turn
+  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+  assert [len(t) for t in times.values()] == [3, 3] and all(x >= 0 for t in times.values() for x in t)
+  # per-round ratios: a machine twice as slow in round 2 leaves the ratio unchanged
+  assert bench_common.median_ratio([2.0, 4.0, 2.0], [1.0, 2.0, 1.0]) == 2.0
+  assert bench_common.median_ratio([1.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
+
+
+def test_train_step_row_is_consistent():
+  config = tiny_config()
+  row = bench_train_step.measure(config, repeats=2, xla_check=False)
+  assert row["model_gflop"] == pytest.approx(flops.train_flops_per_image(config) * config.batch_size / 1e9)
+  assert row["images_per_s"] == pytest.approx(config.batch_size / (row["step_ms"] / 1e3))
+  assert row["achieved_gflops"] == pytest.approx(row["model_gflop"] / (row["step_ms"] / 1e3))
+  assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
+  assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
