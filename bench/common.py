@@ -49,25 +49,27 @@ def make_parser(doc: str, default_config: str, repeats: int | None = None) -> ar
   return parser
 
 
-def time_calls(fn, *args, repeats=20, warmup=3):
-  """Median wall time of fn(*args) with block_until_ready, after warm-up calls."""
-  return statistics.median(time_rounds({"fn": lambda: fn(*args)}, repeats=repeats, warmup=warmup)["fn"])
-
-
-def time_rounds(fns: dict, repeats=20, warmup=3) -> dict:
-  """{name: no-argument fn} -> {name: [wall seconds of each call]}, block_until_ready after each
+def time_rounds(fns: dict, repeats=20, warmup=3, best_of: dict | None = None) -> dict:
+  """{name: no-argument fn} -> {name: [wall seconds of each round]}, block_until_ready after each
   call. The fns take turns, one call each per round, so a shared machine that slows down mid-run
   (this project's CPU host: the same step read 61-87 ms within an hour) slows every fn of that
-  round alike: compare fns by per-round ratios (`median_ratio`), not by separately timed medians."""
+  round alike: compare fns by per-round ratios (`median_ratio`), not by separately timed medians.
+  `best_of={name: k}` calls that fn k times in a row per round and keeps the fastest: a roofline
+  matmul run right after a long step starts with cold caches (on this CPU it then read 130-150
+  instead of ~200 GFLOP/s), and a roofline should be the warm rate."""
+  best_of = best_of or {}
   for fn in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+      calls = []
+      for _ in range(best_of.get(name, 1)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        calls.append(time.perf_counter() - start)
+      times[name].append(min(calls))
   return times
 
 

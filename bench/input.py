@@ -14,11 +14,13 @@ from train_step import measure
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from umd_jax import data, sharding
+from umd_jax.data import pipeline
 
 
-class BenchImages(tfds.core.GeneratorBasedBuilder):
+class BenchImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Random 32×32 RGB images with labels, written by the benchmark (no download)."""
   VERSION = tfds.core.Version("1.0.0")
 
@@ -49,6 +51,7 @@ def pipeline_rate(config, source, batches=50):
 def main():
   parser = make_parser(__doc__, "configs/demo.py")
   args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes (data.num_workers > 0) read absl flags
   config = load_config(args.config, args.set)
   consumed = measure(config, repeats=10, xla_check=False)["images_per_s"]
   rows = []
@@ -67,7 +70,8 @@ def main():
         c.data.name, c.data.data_dir, c.data.channels = "bench_images", data_dir, c.data.channels
       source = data.make_source(c.data, c.data.train_split if name != "tfds array_record" else "train")
       rate = pipeline_rate(c, source)
-      rows.append({"source": name, "images_per_s": rate, "train_step_images_per_s": consumed,
+      rows.append({"source": name, "read_threads": pipeline.read_threads(c.data, source),
+                   "images_per_s": rate, "train_step_images_per_s": consumed,
                    "headroom": rate / consumed})
   report("input", rows, {"config": args.config, "workers": config.data.num_workers}, args.json)
 

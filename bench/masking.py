@@ -50,7 +50,7 @@ def main():
   matmul, matmul_flops = matmul_call(config.model.dtype)
   # Every case's step and the roofline matmul take turns in each round (see common.time_rounds).
   times = time_rounds({**{label: run for label, (_, _, run) in built.items()}, "matmul": matmul},
-                      repeats=args.repeats)
+                      repeats=args.repeats, best_of={"matmul": 3})
   first = cases[0][0]
   rows = []
   for label, (config, row, _) in built.items():

@@ -4,12 +4,14 @@
   python bench/train_step.py --config=configs/demo.py
   python bench/train_step.py --config=configs/umd_l.py:L/2 --set data.image_size=32 --set data.channels=4 \
       --set batch_size=8 --compile_only
+  python bench/train_step.py --config=configs/demo.py --compare grad_accum_steps=2   # A/B in the same rounds
 
 MFU = analytic model FLOPs of the step (encoder on registers + kept tokens, decoder on all
 tokens, attention included, both sub-batches at their own lengths, backward = 2× forward,
 no remat recompute) / step time / the FLOP/s of a large dense matmul of the same dtype on
-the same device. The step and the matmul take turns (one call each per round) and the MFU
-is the median of the rounds' ratios, so a shared machine's slow spells cancel out. XLA's `cost_analysis()` count (of the
+the same device. The step and the matmul take turns in each round (the matmul's time is the
+fastest of 3 back-to-back calls: its warm rate) and the MFU is the median of the rounds'
+ratios, so a shared machine's slow spells cancel out. XLA's `cost_analysis()` count (of the
 step lowered with unrolled layers) is printed beside the analytic one; it includes the
 elementwise, norm, softmax and optimizer work that model FLOPs leave out.
 """
@@ -78,17 +80,28 @@ def timing(row, step_times, matmul_times, matmul_flops) -> dict:
 
 
 def measure(config, *, repeats=20, compile_only=False, xla_check=True, profile_dir=None):
-  row, run = build(config, xla_check=xla_check)
   if compile_only:
-    return row
-  matmul, matmul_flops = matmul_call(config.model.dtype)
-  times = time_rounds({"step": run, "matmul": matmul}, repeats=repeats)
+    return build(config, xla_check=xla_check)[0]
+  return measure_all([config], repeats=repeats, xla_check=xla_check, profile_dir=profile_dir)[0]
+
+
+def measure_all(configs, *, repeats=20, xla_check=True, profile_dir=None) -> list[dict]:
+  """Rows for several configs whose steps (and the roofline matmul) take turns in every round;
+  with more than one, `vs_first` is each step's time over the first's (median of per-round ratios)."""
+  built = [build(c, xla_check=xla_check) for c in configs]
+  matmul, matmul_flops = matmul_call(configs[0].model.dtype)
+  times = time_rounds({**{i: run for i, (_, run) in enumerate(built)}, "matmul": matmul}, repeats=repeats,
+                      best_of={"matmul": 3})
   if profile_dir:
-    ops = profile(run, logdir=profile_dir)
+    ops = profile(built[0][1], logdir=profile_dir)
     print(f"\nbusiest device ops ({profile_dir}):")
     for op in ops:
       print(f"  {op['share']:6.1%}  {op['ms_per_call']:8.2f} ms  {op['op']}")
-  return {**row, **timing(row, times["step"], times["matmul"], matmul_flops)}
+  rows = [{**row, **timing(row, times[i], times["matmul"], matmul_flops)} for i, (row, _) in enumerate(built)]
+  if len(rows) > 1:
+    for i, row in enumerate(rows):
+      row["vs_first"] = median_ratio(times[i], times[0])
+  return rows
 
 
 def main():
@@ -97,11 +110,19 @@ def main():
   parser.add_argument("--no_xla_check", action="store_true", help="skip the unrolled cost_analysis() cross-check")
   parser.add_argument("--profile", default=None, help="also trace 5 steps with jax.profiler into this directory "
                       "and print the ops that took the most device time")
+  parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                      help="another row: these overrides on top of --set, timed in the same rounds (repeatable)")
   args = parser.parse_args()
-  config = load_config(args.config, args.set)
-  row = measure(config, repeats=args.repeats, compile_only=args.compile_only, xla_check=not args.no_xla_check,
-                profile_dir=args.profile)
-  report("train_step", [row], {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
+  configs = [load_config(args.config, args.set)]
+  configs += [load_config(args.config, args.set + c.split(",")) for c in args.compare]
+  if args.compile_only:
+    rows = [build(c, xla_check=not args.no_xla_check)[0] for c in configs]
+  else:
+    rows = measure_all(configs, repeats=args.repeats, xla_check=not args.no_xla_check, profile_dir=args.profile)
+  if args.compare:
+    for row, label in zip(rows, ["-"] + args.compare):
+      row["compare"] = label
+  report("train_step", rows, {"config": args.config, "overrides": " ".join(args.set) or "-"}, args.json)
 
 
 if __name__ == "__main__":

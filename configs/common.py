@@ -47,6 +47,8 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.data.crop_area_max = 1.0
   c.data.flip = True
   c.data.num_workers = 8                   # grain worker processes per host (0: in-process)
+  c.data.read_threads = -1                 # grain reader threads per process; -1: 0 for in-memory sources
+                                           # (digits, synthetic: threads only contend for the GIL), else 16
   c.data.synthetic_size = 10_000           # records of the synthetic source
 
   c.model = ml_collections.ConfigDict()

@@ -25,11 +25,13 @@ def test_rounds_alternate_the_calls_and_ratios_pair_rounds():
   assert bench_common.median_ratio([1.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == 3.0
 
 
-def test_train_step_row_is_consistent():
+def test_train_step_rows_are_consistent():
   config = tiny_config()
-  row = bench_train_step.measure(config, repeats=2, xla_check=False)
-  assert row["model_gflop"] == pytest.approx(flops.train_flops_per_image(config) * config.batch_size / 1e9)
-  assert row["images_per_s"] == pytest.approx(config.batch_size / (row["step_ms"] / 1e3))
-  assert row["achieved_gflops"] == pytest.approx(row["model_gflop"] / (row["step_ms"] / 1e3))
-  assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
-  assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
+  rows = bench_train_step.measure_all([config, tiny_config(grad_accum_steps=2)], repeats=2, xla_check=False)
+  for row in rows:
+    assert row["model_gflop"] == pytest.approx(flops.train_flops_per_image(config) * config.batch_size / 1e9)
+    assert row["images_per_s"] == pytest.approx(config.batch_size / (row["step_ms"] / 1e3))
+    assert row["achieved_gflops"] == pytest.approx(row["model_gflop"] / (row["step_ms"] / 1e3))
+    assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
+    assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
+  assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0

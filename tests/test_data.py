@@ -43,6 +43,21 @@ def test_batches_are_global_scaled_and_deterministic(one_device):
   assert not np.array_equal(a["label"], c["label"])
 
 
+def test_reader_threads_by_source_and_same_batches_either_way(one_device):
+  config = tiny_config()
+  source = data.make_source(config.data, "train")
+  assert pipeline.read_threads(config.data, source) == 0  # in memory: no reader threads
+  assert pipeline.read_threads(config.data, object()) == 16  # files: grain's default
+  threaded = tiny_config(**{"data.read_threads": 4})
+  assert pipeline.read_threads(threaded.data, source) == 4
+  it_a, _ = _first(config, source, one_device)
+  it_b, _ = _first(threaded, source, one_device)
+  for _ in range(3):  # the order does not depend on how many threads read the records
+    np.testing.assert_array_equal(np.asarray(next(it_a)["image"]), np.asarray(next(it_b)["image"]))
+  with pytest.raises(data.DataError, match="data.read_threads=-2"):
+    pipeline.read_threads(tiny_config(**{"data.read_threads": -2}).data, source)
+
+
 def test_iterator_state_restores_the_data_order(one_device):
   config = tiny_config()
   it, _ = _first(config, data.make_source(config.data, "train"), one_device)

@@ -138,6 +138,7 @@ class _Head:
 
   def __init__(self, source, n):
     self.source, self.n = source, n
+    self.in_memory = getattr(source, "in_memory", False)
 
   def __len__(self):
     return self.n

@@ -32,6 +32,7 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 class DigitsSource:
   """scikit-learn's 1,797 handwritten 8×8 digits, 10 classes; fixed split (last 297 = 'test')."""
   TEST_SIZE = 297
+  in_memory = True  # no file reads: the pipeline uses no reader threads (see pipeline.read_threads)
 
   def __init__(self, split: str, channels: int = 1):
     from sklearn.datasets import load_digits
@@ -61,6 +62,7 @@ class SyntheticSource:
   """Deterministic random images (for benchmarks): record i is the same on every host and run.
   Records are rolls of a fixed bank of random images, so reading one costs no RNG set-up."""
   BANK = 256
+  in_memory = True
 
   def __init__(self, size: int, image_size: int, channels: int, num_classes: int):
     self.size, self.shape, self.num_classes = size, (image_size, image_size, channels), max(num_classes, 1)
