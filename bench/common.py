@@ -89,10 +89,37 @@ def matmul_call(dtype: str = "float32", n: int | None = None):
   return (lambda: dot(a, b)), 2.0 * n ** 3
 
 
-def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15) -> list[dict]:
+def dot_instructions(hlo_text: str) -> set:
+  """Names of the instructions of an optimised HLO module whose computation (or one it calls)
+  holds a dot or convolution. XLA:CPU names its dot fusions after the library that runs them
+  (`ynn_fusion.462`), so a trace's op names alone do not say which ops are matmuls."""
+  bodies, calls, current = {}, {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      bodies[current] = []
+    elif current is not None:
+      bodies[current].append(line)
+      op = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = .*calls=%([\w.\-]+)", line)
+      if op:
+        calls[op.group(1)] = op.group(2)
+  memo = {}
+
+  def has_dot(name, depth=0):
+    if name not in memo:
+      body = "\n".join(bodies.get(name, ()))
+      memo[name] = (" dot(" in body or " convolution(" in body or (depth < 8 and any(
+          has_dot(sub, depth + 1) for sub in re.findall(r"calls=%([\w.\-]+)", body) if sub != name)))
+    return memo[name]
+  return {inst for inst, comp in calls.items() if has_dot(comp)}
+
+
+def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15, hlo_text: str = "") -> list[dict]:
   """Trace `steps` calls of fn with jax.profiler (TensorBoard / Perfetto files under `logdir`) and
   return the ops that took the most device time: [{op, ms_per_call, share}], busiest first, then the
-  totals of matmul / attention / other kernels (by kernel name: meaningful on GPU; XLA:CPU fuses dots)."""
+  totals of matmul / attention / other kernels: by kernel name (cuBLAS, cuDNN), and with the
+  compiled program's `hlo_text`, every fusion that contains a dot counts as matmul (XLA:CPU)."""
   import collections
   import glob
   import gzip
@@ -118,11 +145,12 @@ def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15) -> list[dict]
     if not any(w in threads.get((e["pid"], e.get("tid")), "") for w in skip):
       totals[e["name"]] += e.get("dur", 0) / 1e3
   busy = sum(totals.values()) or 1.0
+  dots = dot_instructions(hlo_text)
   kinds = collections.Counter()
   for n, ms in totals.items():
     low = n.lower()
     kind = ("attention" if any(w in low for w in ("sdpa", "flash", "fmha")) else
-            "matmul" if any(w in low for w in ("gemm", "nvjet", "cublas", "cutlass", "xmma", "dot")) else
+            "matmul" if n in dots or any(w in low for w in ("gemm", "nvjet", "cublas", "cutlass", "xmma", "dot")) else
             "other: " + re.sub(r"[._]?\d+$", "", n)[:40])  # fusion family, e.g. input_add_reduce_fusion
     kinds[kind] += ms
   ops = [{"op": n[:60], "ms_per_call": ms / steps, "share": ms / busy} for n, ms in totals.most_common(top)]

@@ -49,11 +49,11 @@ def main():
     built[label] = (config, *build(config, xla_check=False))
   matmul, matmul_flops = matmul_call(config.model.dtype)
   # Every case's step and the roofline matmul take turns in each round (see common.time_rounds).
-  times = time_rounds({**{label: run for label, (_, _, run) in built.items()}, "matmul": matmul},
+  times = time_rounds({**{label: run for label, (_, _, run, _) in built.items()}, "matmul": matmul},
                       repeats=args.repeats, best_of={"matmul": 3})
   first = cases[0][0]
   rows = []
-  for label, (config, row, _) in built.items():
+  for label, (config, row, _, _) in built.items():
     t = timing(row, times[label], times["matmul"], matmul_flops)
     blocks = token_blocks(config)
     rows.append({"case": label, "token_blocks": blocks, "step_ms": t["step_ms"], "model_gflop": row["model_gflop"],

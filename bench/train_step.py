@@ -42,7 +42,8 @@ def xla_flops(config, batch) -> float:
 
 
 def build(config, *, xla_check=True):
-  """Compile the step of `config` on a random batch -> (row of compile facts, no-argument step call)."""
+  """Compile the step of `config` on a random batch -> (row of compile facts, no-argument step call,
+  the compiled step)."""
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   tx, lr = train_step.make_optimizer(config)
@@ -68,7 +69,7 @@ def build(config, *, xla_check=True):
   def run():
     holder[0], metrics = compiled(holder[0], batch)
     return metrics["loss"]
-  return row, run
+  return row, run, compiled
 
 
 def timing(row, step_times, matmul_times, matmul_flops) -> dict:
@@ -90,14 +91,14 @@ def measure_all(configs, *, repeats=20, xla_check=True, profile_dir=None) -> lis
   with more than one, `vs_first` is each step's time over the first's (median of per-round ratios)."""
   built = [build(c, xla_check=xla_check) for c in configs]
   matmul, matmul_flops = matmul_call(configs[0].model.dtype)
-  times = time_rounds({**{i: run for i, (_, run) in enumerate(built)}, "matmul": matmul}, repeats=repeats,
+  times = time_rounds({**{i: run for i, (_, run, _) in enumerate(built)}, "matmul": matmul}, repeats=repeats,
                       best_of={"matmul": 3})
   if profile_dir:
-    ops = profile(built[0][1], logdir=profile_dir)
+    ops = profile(built[0][1], logdir=profile_dir, hlo_text=built[0][2].as_text())
     print(f"\nbusiest device ops ({profile_dir}):")
     for op in ops:
       print(f"  {op['share']:6.1%}  {op['ms_per_call']:8.2f} ms  {op['op']}")
-  rows = [{**row, **timing(row, times[i], times["matmul"], matmul_flops)} for i, (row, _) in enumerate(built)]
+  rows = [{**row, **timing(row, times[i], times["matmul"], matmul_flops)} for i, (row, _, _) in enumerate(built)]
   if len(rows) > 1:
     for i, row in enumerate(rows):
       row["vs_first"] = median_ratio(times[i], times[0])

@@ -35,3 +35,14 @@ def test_train_step_rows_are_consistent():
     assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
     assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
   assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
+
+
+def test_dot_instructions_finds_the_fused_matmuls():
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((64, 64))
+  with_dot = jax.jit(lambda a: jnp.tanh(a @ a) + 1).lower(a).compile().as_text()
+  elementwise = jax.jit(lambda a: jnp.tanh(a) * 2 + 1).lower(a).compile().as_text()
+  found = bench_common.dot_instructions(with_dot)
+  assert found and all(f"%{name} = " in with_dot or f" {name} = " in with_dot for name in found)
+  assert bench_common.dot_instructions(elementwise) == set()
