@@ -11,7 +11,6 @@ import statistics
 from common import load_config, make_parser, median_ratio, report, time_rounds
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

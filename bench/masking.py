@@ -47,11 +47,11 @@ def main():
     config.corruption.clean_mask_ratio = values.get("clean_mask_ratio", config.corruption.clean_mask_ratio)
     config.model.conditioning = presets.METHODS[values["method"]]["conditioning"]
     built[label] = (config, *build(config, xla_check=False))
-  matmul, matmul_flops = matmul_call(config.model.dtype)
+  first = cases[0][0]
+  matmul, matmul_flops = matmul_call(built[first][0].model.dtype)
   # Every case's step and the roofline matmul take turns in each round (see common.time_rounds).
   times = time_rounds({**{label: run for label, (_, _, run, _) in built.items()}, "matmul": matmul},
                       repeats=args.repeats, best_of={"matmul": 3})
-  first = cases[0][0]
   rows = []
   for label, (config, row, _, _) in built.items():
     t = timing(row, times[label], times["matmul"], matmul_flops)

@@ -80,9 +80,7 @@ def timing(row, step_times, matmul_times, matmul_flops) -> dict:
               mfu=flop / matmul_flops * median_ratio(matmul_times, step_times))
 
 
-def measure(config, *, repeats=20, compile_only=False, xla_check=True, profile_dir=None):
-  if compile_only:
-    return build(config, xla_check=xla_check)[0]
+def measure(config, *, repeats=20, xla_check=True, profile_dir=None):
   return measure_all([config], repeats=repeats, xla_check=xla_check, profile_dir=profile_dir)[0]
 
 
