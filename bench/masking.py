@@ -9,8 +9,8 @@ work that masking removes; time per token-block should stay flat across ratios:
 `per_token_vs_first` is it relative to ratio 0, as the median of per-round ratios (every
 case's step takes a turn in each round, so a shared machine's slow spells cancel out).
 Attention grows with tokens², so the analytic-FLOP column is given too. All eight compiled
-steps and their train states are held at once (UMD-B/4: ~17 GB of float32 parameters and AdamW moments besides
-one step's temporaries).
+steps and their train states are held at once (UMD-B/4: ~17 GB of float32 parameters and
+AdamW moments, besides one step's temporaries).
 """
 import statistics
 
