@@ -54,6 +54,7 @@ def main():
   # Every case's step and the roofline matmul take turns in each round (see common.time_rounds).
   times = time_rounds({**{label: run for label, (_, _, run, _) in built.items()}, "matmul": matmul},
                       repeats=args.repeats, best_of={"matmul": 3})
+  first_blocks = token_blocks(built[first][0])
   rows = []
   for label, (config, row, _, _) in built.items():
     t = timing(row, times[label], times["matmul"], matmul_flops)
@@ -61,7 +62,7 @@ def main():
     rows.append({"case": label, "token_blocks": blocks, "step_ms": t["step_ms"], "model_gflop": row["model_gflop"],
                  "us_per_token_block": t["step_ms"] * 1e3 / (blocks * config.batch_size),
                  # time per token-block relative to the first case, as a median of per-round ratios
-                 "per_token_vs_first": median_ratio(times[label], times[first]) * token_blocks(built[first][0]) / blocks,
+                 "per_token_vs_first": median_ratio(times[label], times[first]) * first_blocks / blocks,
                  "mfu": t["mfu"]})
   sweep = [row["per_token_vs_first"] for row in rows[:4]]
   report("masking", rows, {"config": args.config,
