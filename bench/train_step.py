@@ -5,6 +5,8 @@
   python bench/train_step.py --config=configs/umd_l.py:L/2 --set data.image_size=32 --set data.channels=4 \
       --set batch_size=8 --compile_only
   python bench/train_step.py --config=configs/demo.py --compare grad_accum_steps=2   # A/B in the same rounds
+  python bench/train_step.py --config=configs/demo.py \
+      --compare xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option, same rounds
 
 MFU = analytic model FLOPs of the step (encoder on registers + kept tokens, decoder on all
 tokens, attention included, both sub-batches at their own lengths, backward = 2× forward,
@@ -14,6 +16,10 @@ fastest of 3 back-to-back calls: its warm rate) and the MFU is the median of the
 ratios, so a shared machine's slow spells cancel out. XLA's `cost_analysis()` count (of the
 step lowered with unrolled layers) is printed beside the analytic one; it includes the
 elementwise, norm, softmax and optimizer work that model FLOPs leave out.
+
+In --set and --compare, a key that starts with `xla_` is an XLA compiler option for that row's
+step (`compile(compiler_options=...)`; true/false and integers are converted), so flag A/Bs
+share rounds too, which separate processes with different XLA_FLAGS cannot.
 """
 import statistics
 import time
@@ -41,9 +47,23 @@ def xla_flops(config, batch) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def build(config, *, xla_check=True):
-  """Compile the step of `config` on a random batch -> (row of compile facts, no-argument step call,
-  the compiled step)."""
+def split_options(items) -> tuple[list, dict]:
+  """KEY=VALUE items -> (config overrides, XLA compiler options: the keys starting with 'xla_')."""
+  def value(v):
+    if v.lower() in ("true", "false"):
+      return v.lower() == "true"
+    try:
+      return int(v)
+    except ValueError:
+      return v
+  pairs = [item.partition("=") for item in items]
+  return ([f"{k}={v}" for k, _, v in pairs if not k.startswith("xla_")],
+          {k: value(v) for k, _, v in pairs if k.startswith("xla_")})
+
+
+def build(config, *, xla_check=True, compiler_options=None):
+  """Compile the step of `config` (with these XLA compiler options) on a random batch -> (row of
+  compile facts, no-argument step call, the compiled step)."""
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
   tx, lr = train_step.make_optimizer(config)
@@ -55,7 +75,7 @@ def build(config, *, xla_check=True):
            "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - start
   model_flops = flops.train_flops_per_image(config) * config.batch_size
   xla = xla_flops(config, batch) if xla_check else float("nan")
@@ -84,10 +104,12 @@ def measure(config, *, repeats=20, xla_check=True, profile_dir=None):
   return measure_all([config], repeats=repeats, xla_check=xla_check, profile_dir=profile_dir)[0]
 
 
-def measure_all(configs, *, repeats=20, xla_check=True, profile_dir=None) -> list[dict]:
-  """Rows for several configs whose steps (and the roofline matmul) take turns in every round;
-  with more than one, `vs_first` is each step's time over the first's (median of per-round ratios)."""
-  built = [build(c, xla_check=xla_check) for c in configs]
+def measure_all(configs, *, repeats=20, xla_check=True, profile_dir=None, compiler_options=None) -> list[dict]:
+  """Rows for several configs (each with its dict of XLA compiler options, if given) whose steps
+  (and the roofline matmul) take turns in every round; with more than one, `vs_first` is each
+  step's time over the first's (median of per-round ratios)."""
+  options = compiler_options or [None] * len(configs)
+  built = [build(c, xla_check=xla_check, compiler_options=o) for c, o in zip(configs, options)]
   matmul, matmul_flops = matmul_call(configs[0].model.dtype)
   times = time_rounds({**{i: run for i, (_, run, _) in enumerate(built)}, "matmul": matmul}, repeats=repeats,
                       best_of={"matmul": 3})
@@ -110,14 +132,17 @@ def main():
   parser.add_argument("--profile", default=None, help="also trace 5 steps with jax.profiler into this directory "
                       "and print the ops that took the most device time")
   parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                      help="another row: these overrides on top of --set, timed in the same rounds (repeatable)")
+                      help="another row: these overrides (config keys, or xla_* compiler options) on top of --set, "
+                      "timed in the same rounds (repeatable)")
   args = parser.parse_args()
-  configs = [load_config(args.config, args.set)]
-  configs += [load_config(args.config, args.set + c.split(",")) for c in args.compare]
+  rows_spec = [split_options(args.set + (c.split(",") if c else [])) for c in [""] + args.compare]
+  configs = [load_config(args.config, overrides) for overrides, _ in rows_spec]
+  options = [opts for _, opts in rows_spec]
   if args.compile_only:
-    rows = [build(c, xla_check=not args.no_xla_check)[0] for c in configs]
+    rows = [build(c, xla_check=not args.no_xla_check, compiler_options=o)[0] for c, o in zip(configs, options)]
   else:
-    rows = measure_all(configs, repeats=args.repeats, xla_check=not args.no_xla_check, profile_dir=args.profile)
+    rows = measure_all(configs, repeats=args.repeats, xla_check=not args.no_xla_check, profile_dir=args.profile,
+                       compiler_options=options)
   if args.compare:
     for row, label in zip(rows, ["-"] + args.compare):
       row["compare"] = label

@@ -46,3 +46,22 @@ def test_dot_instructions_finds_the_fused_matmuls():
   found = bench_common.dot_instructions(with_dot)
   assert found and all(f"%{name} = " in with_dot or f" {name} = " in with_dot for name in found)
   assert bench_common.dot_instructions(elementwise) == set()
+
+
+def test_xla_options_split_from_config_overrides_and_reach_the_compiler():
+  import jax
+  config_overrides, options = bench_train_step.split_options(
+      ["batch_size=8", "xla_cpu_enable_fast_math=False", "xla_gpu_autotune_level=0",
+       "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"])
+  assert config_overrides == ["batch_size=8"]
+  assert options == {"xla_cpu_enable_fast_math": False, "xla_gpu_autotune_level": 0,
+                     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  config = tiny_config()
+  _, run_default, compiled_default = bench_train_step.build(config, xla_check=False)
+  _, run_option, compiled_option = bench_train_step.build(
+      config, xla_check=False, compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
+  assert float(run_option()) == pytest.approx(float(run_default()), rel=1e-5)  # same step, other fusions
+  if jax.default_backend() == "cpu":  # only XLA:CPU reads this option: dots alone in library fusions
+    assert compiled_option.as_text().count("ynn_fusion") < compiled_default.as_text().count("ynn_fusion")
+  with pytest.raises(Exception, match="No such compile option"):
+    bench_train_step.build(config, xla_check=False, compiler_options={"xla_no_such_option": 1})
