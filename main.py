@@ -21,18 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
 _MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
-                                   "that JAX does not detect by itself (TPU pods and SLURM are detected).")
+                                   "that JAX does not detect by itself (TPU slices, SLURM, Open MPI and "
+                                   "Kubernetes jobs are detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _init_distributed():
-  import jax
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()  # detects SLURM and multi-host TPU slices
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -46,8 +39,8 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from umd_jax import checkpoint, data, generate, probe, sharding, train
-  _init_distributed()
+  from umd_jax import checkpoint, data, generate, multihost, probe, sharding, train
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
                  train.TrainingError, probe.ProbeError,

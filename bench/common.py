@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from umd_jax.models.umd import DTYPES  # noqa: E402
+from umd_jax.models.umd import DTYPES, compute_dtype  # noqa: E402
 
 
 def load_config(spec: str, overrides=()):
@@ -82,7 +82,7 @@ def matmul_call(dtype: str = "float32", n: int | None = None):
   """(fn, flops): a no-argument call of a large square dense matmul in `dtype` on the default
   device, the roofline every MFU here is measured against, and its FLOP count."""
   n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-  dt = DTYPES[dtype]
+  dt = DTYPES[compute_dtype(dtype)]
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
   dot = jax.jit(jnp.dot)

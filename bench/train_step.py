@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from umd_jax import flops, sharding, train_step
+from umd_jax.models.umd import compute_dtype
 
 
 def xla_flops(config, batch) -> float:
@@ -82,7 +83,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, "temp_size_in_bytes", None)
   row = {"variant": config.model.variant, "image": d.image_size, "batch": config.batch_size,
-         "dtype": config.model.dtype, "compile_s": compile_s, "model_gflop": model_flops / 1e9,
+         "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
   holder = [state]
 

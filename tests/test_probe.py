@@ -57,10 +57,16 @@ def test_probes_separate_separable_features():
 
 def test_linear_probe_matches_logistic_regression_on_digit_pixels():
   config = probe_config()
-  (tr, ytr), (te, yte) = probe.pixel_features(config, "train"), probe.pixel_features(config, "test")
+  mesh = sharding.make_mesh(config.mesh)
+  train_feats, test_feats = probe.pixel_features(config, "train", mesh), probe.pixel_features(config, "test", mesh)
   cfg = probe_config(**{"probe.linear_epochs": 100, "probe.linear_warmup_epochs": 5, "probe.linear_base_lr": 10.0,
                         "probe.linear_batch_size": 256}).probe
-  ours = probe.linear_probe_features(tr[0], ytr, te[0], yte, cfg, num_classes=10)["top1"]
+  # sharded over 8 devices, padded rows after the real ones
+  assert train_feats.x.shape[1] > train_feats.n and len(train_feats.x.sharding.device_set) == 8
+  ours = probe.linear_probe_features(train_feats.block(0), train_feats.y, test_feats.block(0), test_feats.y,
+                                     cfg, num_classes=10)["top1"]
+  tr, ytr = np.asarray(train_feats.x)[:, :train_feats.n], train_feats.y
+  te, yte = np.asarray(test_feats.x)[:, :test_feats.n], test_feats.y
   mean, std = tr[0].mean(0), tr[0].std(0) + 1e-6
   reference = LogisticRegression(max_iter=2000).fit((tr[0] - mean) / std, ytr).score((te[0] - mean) / std, yte)
   assert abs(ours - reference) <= 0.015, (ours, reference)
@@ -95,9 +101,13 @@ def test_features_identical_on_one_and_eight_devices(trained):
     graphdef, params = probe.load_backbone(config, trained[1], mesh)
     feats[name] = probe.extract(config, graphdef, params, "test", t=100, blocks=[-1, 0, 2], mesh=mesh,
                                 progress=False)
-  assert feats["one"][0].shape == (3, 297, 32)  # 297 test digits: the padded last batch is trimmed
-  np.testing.assert_array_equal(feats["one"][1], feats["eight"][1])
-  np.testing.assert_allclose(feats["one"][0], feats["eight"][0], rtol=1e-4, atol=1e-5)
+  # 297 test digits in order (the padding after them is left out); the batch is 64, so 320 rows
+  assert feats["one"].x.shape == (3, 320, 32) and feats["one"].n == 297
+  test_labels = np.array([r["label"] for r in data.make_source(config.data, "test")])
+  np.testing.assert_array_equal(feats["one"].y, test_labels)
+  np.testing.assert_array_equal(feats["eight"].y, test_labels)
+  np.testing.assert_allclose(np.asarray(feats["one"].x)[:, :297], np.asarray(feats["eight"].x)[:, :297],
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_timestep_index_conditions_the_features(trained):
@@ -138,7 +148,7 @@ def test_online_linear_probe_with_augmentation(trained):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   graphdef, params = probe.load_backbone(config, workdir, mesh)
   te = probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh, progress=False)
-  acc = probe.linear_probe_online(config, graphdef, params, mesh, t=-1, block=-1, test_x=te[0][0], test_y=te[1],
+  acc = probe.linear_probe_online(config, graphdef, params, mesh, t=-1, block=-1, test_x=te.block(0), test_y=te.y,
                                   num_classes=10)
   assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0
 

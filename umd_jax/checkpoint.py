@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -145,9 +146,14 @@ class Checkpointer:
       except CheckpointError as e:
         if not fallback or i == len(steps) - 1:
           raise
-        aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        (self.directory / str(step)).rename(aside)
+        # Process 0 moves it (one rename, one name: the time is agreed); the others wait for it.
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+        aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+          aside.parent.mkdir(parents=True, exist_ok=True)
+          (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices(f"damaged checkpoint {step} moved aside")
         self.manager.reload()
         logging.warning("%s -- moved it to %s; falling back to step %d (restore_fallback)", e, aside, steps[i + 1])
     return None, None

@@ -1,15 +1,21 @@
 """FID and Inception Score (SPEC §6) with pytorch-fid's InceptionV3 (models/inception.py).
 
-Statistics are float64 on the host; the Fréchet distance uses a symmetric square root
-(eigh of sqrt(S1)·S2·sqrt(S1)), stable where sqrtm(S1·S2) of a product is not.
+Activations, their mean and covariance (float32, mean removed before the product, highest
+matmul precision) and the Inception Score are computed on the devices with the rows sharded
+over the batch, so no host holds every sample; the Fréchet distance is float64 on the host and
+uses a symmetric square root (eigh of sqrt(S1)·S2·sqrt(S1)), stable where sqrtm(S1·S2) is not.
 """
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from umd_jax import multihost, sharding
+from umd_jax.images import to_uint8_device
 from umd_jax.models.inception import Inception
 
 
@@ -35,26 +41,50 @@ def load_inception(path: str) -> Inception:
   return net
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _forward(weights, images):
   return Inception(weights)(images)
 
 
-def activations(net: Inception, images: np.ndarray, batch: int = 200, progress=True):
-  """(pool (N, 2048), logits (N, 1008)) as float64 for uint8 images (N, H, W, C)."""
+def _rows(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+
+def activations(net: Inception, images, mesh, batch: int = 200, progress=True):
+  """(pool (N, 2048), logits (N, 1008)) float32 of uint8 images (N, H, W, C), a host array or a
+  global one with rows sharded over the batch; the results stay on the devices, rows sharded.
+  N must be a multiple of the mesh's data shards (pad it)."""
+  shards = sharding.num_data_shards(mesh)
+  if not isinstance(images, jax.Array):
+    images = multihost.global_array(images, _rows(mesh))
+  weights = {k: multihost.global_array(w, sharding.replicated(mesh)) for k, w in net.weights.items()}
+  forward = jax.jit(_forward, out_shardings=(_rows(mesh), _rows(mesh)))
+  batch = -(-min(batch, len(images)) // shards) * shards
   pools, logits = [], []
-  batch = min(batch, len(images))
-  for i in tqdm(range(0, len(images), batch), desc="inception", disable=not progress):
-    chunk = images[i:i + batch]
-    padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    p, l = jax.device_get(_forward(net.weights, padded))
-    pools.append(p[:len(chunk)])
-    logits.append(l[:len(chunk)])
-  return np.concatenate(pools).astype(np.float64), np.concatenate(logits).astype(np.float64)
+  for i in tqdm(range(0, len(images), batch), desc="inception", disable=not progress or not multihost.is_main()):
+    p, l = forward(weights, images[i:i + batch])
+    pools.append(p)
+    logits.append(l)
+  concat = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=_rows(mesh))
+  return concat(*pools), concat(*logits)
 
 
-def statistics(pool: np.ndarray):
-  return pool.mean(axis=0), np.cov(pool, rowvar=False)
+@jax.jit
+def _moments(pool, n):
+  """Mean and covariance (divisor n - 1) of the first n rows, centred before the product."""
+  real = (jnp.arange(pool.shape[0]) < n)[:, None]
+  mu = jnp.sum(jnp.where(real, pool, 0.0), axis=0) / n
+  centred = jnp.where(real, pool - mu, 0.0)
+  return mu, jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST) / (n - 1)
+
+
+def statistics(pool, n: int | None = None):
+  """mu, sigma (float64, on every host) of the first n rows of pool (all by default), computed
+  where pool lives (sharded on device) in float32 with the mean removed first."""
+  n = len(pool) if n is None else n
+  mu, sigma = multihost.to_host(_moments(jnp.asarray(pool, jnp.float32) if not isinstance(pool, jax.Array)
+                                         else pool, n))
+  return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 def _sqrt_psd(m):
@@ -71,43 +101,61 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10):
-  """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` parts."""
-  p = np.exp(logits - logits.max(axis=1, keepdims=True))
-  p /= p.sum(axis=1, keepdims=True)
-  scores = []
-  for part in np.array_split(p, max(1, min(splits, len(p)))):
-    py = part.mean(axis=0, keepdims=True)
-    scores.append(np.exp(np.mean(np.sum(part * (np.log(part + 1e-12) - np.log(py + 1e-12)), axis=1))))
+@functools.partial(jax.jit, static_argnames=("splits",))
+def _inception_score_parts(logits, part, splits):
+  """exp(E KL(p(y|x) || p(y))) within each part; rows whose part is `splits` (padding) count nowhere."""
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=1)
+  member = jax.nn.one_hot(part, splits)  # (N, splits); padding rows are all zero
+  count = member.sum(axis=0)
+  py = jnp.matmul(member.T, p, precision=jax.lax.Precision.HIGHEST) / count[:, None]
+  py_row = jnp.take(py, jnp.minimum(part, splits - 1), axis=0)
+  kl = jnp.sum(p * (jnp.log(p + 1e-12) - jnp.log(py_row + 1e-12)), axis=1)
+  return jnp.exp(jnp.sum(member * kl[:, None], axis=0) / count)
+
+
+def inception_score(logits, splits: int = 10, n: int | None = None):
+  """Inception Score of the first n rows (all by default): mean and std over `splits` consecutive
+  parts (numpy.array_split's), computed where the logits live."""
+  n = len(logits) if n is None else n
+  splits = max(1, min(splits, n))
+  part = np.full(len(logits), splits, np.int32)
+  for i, rows in enumerate(np.array_split(np.arange(n), splits)):
+    part[rows] = i
+  scores = multihost.to_host(_inception_score_parts(logits, part, splits)).astype(np.float64)
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def reference_statistics(config, net: Inception, workdir=None):
-  """mu, sigma of data.eval_split (centre-cropped like the model's input); cached as .npz."""
+def reference_statistics(config, net: Inception, mesh, workdir=None):
+  """mu, sigma of data.eval_split (centre-cropped like the model's input); cached as .npz by
+  process 0 and read back only where every process sees the file."""
   from umd_jax import data
   s, d = config.sample, config.data
   path = epath.Path(s.fid_reference) if s.fid_reference else (
       epath.Path(workdir or ".") / f"fid_reference_{d.name}_{d.eval_split}_{d.image_size}.npz")
-  if path.exists():
+  if multihost.all_processes(path.exists()):
     with path.open("rb") as f:
       ref = np.load(f)
       return ref["mu"], ref["sigma"]
   source = data.make_source(d, d.eval_split)
-  prep = data.pipeline.EvalPreprocess(d.image_size)
-  real = np.stack([np.round((prep.map(source[i])["image"] + 1) * 127.5).astype(np.uint8) for i in range(len(source))])
-  mu, sigma = statistics(activations(net, real)[0])
-  if jax.process_index() == 0:
+  batch = -(-200 // sharding.num_data_shards(mesh)) * sharding.num_data_shards(mesh)
+  batches = data.make_batches(d, source, global_batch=batch, sharding=_rows(mesh), seed=0, train=False)
+  to_uint8 = jax.jit(to_uint8_device, out_shardings=_rows(mesh))
+  real = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=_rows(mesh))(
+      *[to_uint8(next(batches)["image"]) for _ in range(-(-len(source) // batch))])
+  mu, sigma = statistics(activations(net, real, mesh)[0], len(source))
+  if multihost.is_main():
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
       np.savez(f, mu=mu, sigma=sigma)
   return mu, sigma
 
 
-def evaluate(config, samples: np.ndarray, workdir=None) -> dict:
-  """FID against the reference statistics and Inception Score of uint8 samples."""
+def evaluate(config, samples, n: int, mesh, workdir=None) -> dict:
+  """FID against the reference statistics and Inception Score of the first n uint8 samples
+  (N, H, W, C; a global array with rows sharded over the batch, or a host array)."""
   net = load_inception(config.sample.inception_weights)
-  pool, logits = activations(net, samples)
-  mu, sigma = reference_statistics(config, net, workdir)
-  is_mean, is_std = inception_score(logits)
-  return {"fid": frechet_distance(*statistics(pool), mu, sigma), "inception_score": is_mean,
-          "inception_score_std": is_std, "fid_samples": int(len(samples))}
+  pool, logits = activations(net, samples, mesh)
+  mu, sigma = reference_statistics(config, net, mesh, workdir)
+  is_mean, is_std = inception_score(logits, n=n)
+  return {"fid": frechet_distance(*statistics(pool, n), mu, sigma), "inception_score": is_mean,
+          "inception_score_std": is_std, "fid_samples": int(n)}

@@ -1,7 +1,9 @@
 """--mode=generate: class-conditional samples (PNG grid, ADM-style .npz), inpainting, FID / IS.
 
 Sampling is one compiled `lax.scan` per batch (diffusion.py), sharded over the batch, using the
-EMA weights when the checkpoint has them. Deterministic for a given `sample.seed`.
+EMA weights when the checkpoint has them. Deterministic for a given `sample.seed`, on any number
+of devices and processes. Samples stay on the devices (rows sharded over the batch) for FID;
+they are gathered to the hosts only for what is written or scored on the host.
 """
 import functools
 import json
@@ -15,7 +17,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from umd_jax import corruption, diffusion, images, sharding, train_step
+from umd_jax import corruption, diffusion, images, multihost, sharding, train_step
 
 
 class SampleError(ValueError):
@@ -50,8 +52,8 @@ def _denoiser(config, graphdef, params, labels):
 
 
 def make_sampler(config, graphdef, mesh):
-  """jit(params, labels (B,), key) -> images (B, H, W, C) in [-1, 1]. Memoised, so FID during
-  fine-tuning compiles the sampler once."""
+  """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (`images.to_uint8`'s rounding),
+  rows sharded over the batch. Memoised, so FID during fine-tuning compiles the sampler once."""
   return _sampler(ml_collections.FrozenConfigDict(config), graphdef, mesh)
 
 
@@ -67,24 +69,26 @@ def _sampler(config, graphdef, mesh):
     noise = jax.lax.with_sharding_constraint(noise, bs)
     denoise = _denoiser(config, graphdef, params, labels)
     if s.sampler == "ddpm":
-      return diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip)
-    return diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip)
+      x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip)
+    else:
+      x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip)
+    return images.to_uint8_device(x)
 
   return jax.jit(sample, out_shardings=bs)
 
 
-def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, progress=True) -> np.ndarray:
-  """Samples for every label, in batches of sample.batch_size; uint8 (N, H, W, C)."""
+def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, progress=True) -> jax.Array:
+  """uint8 samples (N_pad, H, W, C) for every label, in batches of sample.batch_size, rows sharded
+  over the batch; row i is the sample of labels[i], rows from len(labels) on are padding."""
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, -(-min(config.sample.batch_size, len(labels)) // shards) * shards)
   fn, bs, out = make_sampler(config, graphdef, mesh), sharding.batch_sharding(mesh), []
   steps = -(-len(labels) // batch)
-  for i in tqdm(range(steps), desc="sampling", disable=not progress or jax.process_index() > 0):
+  for i in tqdm(range(steps), desc="sampling", disable=not progress or not multihost.is_main()):
     chunk = labels[i * batch:(i + 1) * batch]
     padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    x = fn(params, jax.device_put(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i))
-    out.append(images.to_uint8(jax.device_get(x))[:len(chunk)])
-  return np.concatenate(out)
+    out.append(fn(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+  return jax.jit(lambda *x: jnp.concatenate(x), out_shardings=bs)(*out)
 
 
 def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
@@ -129,32 +133,34 @@ def run(config, workdir, devices=None) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = train_step.load_weights(config, workdir, mesh, prefer_ema=s.use_ema)
   out_dir = epath.Path(workdir) / "samples"
-  is_main = jax.process_index() == 0
+  is_main = multihost.is_main()
   as_label = lambda c: 0 if c is None else c
   labels = np.array([as_label(classes[i % len(classes)]) for i in range(s.num_samples)], np.int32)
   result = {"num_samples": int(s.num_samples), "steps": s.steps, "sampler": s.sampler, "eta": s.eta,
             "cfg_scale": s.cfg_scale, "seed": s.seed}
   shown = classes[:s.grid_classes]
   grid_labels = np.repeat(np.array([as_label(c) for c in shown], np.int32), s.grid_per_class)
-  grid = sample_many(config, graphdef, params, mesh, grid_labels, s.seed + 1, progress=False)
+  grid = multihost.to_host(sample_many(config, graphdef, params, mesh, grid_labels, s.seed + 1, progress=False))
   rows = [grid[i * s.grid_per_class:(i + 1) * s.grid_per_class].astype(np.float32) / 127.5 - 1 for i in range(len(shown))]
   samples = sample_many(config, graphdef, params, mesh, labels, s.seed) if s.num_samples else None
+  # gathered for the .npz and the host-side classifier (collective: every process takes part)
+  host_samples = multihost.to_host(samples)[:len(labels)] if samples is not None else None
   if is_main:
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = images.grid(rows)
     images.save_png(out_dir / "grid.png", picture, upscale=max(1, 512 // picture.shape[1]))
     if samples is not None:
-      name = "samples_{}x{}x{}x{}.npz".format(*samples.shape)
+      name = "samples_{}x{}x{}x{}.npz".format(*host_samples.shape)
       with (out_dir / name).open("wb") as f:
-        np.savez(f, arr_0=samples, arr_1=labels)
+        np.savez(f, arr_0=host_samples, arr_1=labels)
       result["npz"] = str(out_dir / name)
   if s.inpaint:
     result["inpaint"] = _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main)
   if s.classifier_score and samples is not None:
-    result.update(classifier_score(config, samples, labels))
+    result.update(classifier_score(config, host_samples, labels))
   if s.fid:
     from umd_jax import fid
-    result.update(fid.evaluate(config, samples, workdir))
+    result.update(fid.evaluate(config, samples, len(labels), mesh, workdir))
   if is_main:
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
   return result
@@ -186,7 +192,7 @@ def fid_during_training(config, graphdef, params, mesh, workdir) -> dict:
   labels = np.array([0 if classes[i % len(classes)] is None else classes[i % len(classes)]
                      for i in range(config.fid_samples)], np.int32)
   samples = sample_many(config, graphdef, params, mesh, labels, config.sample.seed, progress=False)
-  return fid.evaluate(config, samples, workdir)
+  return fid.evaluate(config, samples, len(labels), mesh, workdir)
 
 
 def _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main) -> str:
@@ -196,10 +202,11 @@ def _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main) -> str:
   split = config.data.eval_split
   batch = next(data.make_batches(config.data, data.make_source(config.data, split), global_batch=n,
                                  sharding=sharding.batch_sharding(mesh), seed=config.seed, train=False))
-  known = jnp.asarray(inpaint_mask(config, s.inpaint, n, jax.random.PRNGKey(s.seed)))
-  labels = batch["label"] if config.model.num_classes else jnp.zeros((n,), jnp.int32)
+  bs = sharding.batch_sharding(mesh)
+  known = multihost.global_array(inpaint_mask(config, s.inpaint, n, jax.random.PRNGKey(s.seed)), bs)
+  labels = batch["label"] if config.model.num_classes else multihost.global_array(np.zeros((n,), np.int32), bs)
   filled = make_inpainter(config, graphdef)(params, batch["image"], known, labels, jax.random.PRNGKey(s.seed))
-  x, k, f = jax.device_get((batch["image"], known, filled))
+  x, k, f = multihost.to_host((batch["image"], known, filled))
   picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, f, x])
   path = out_dir / "inpaint.png"
   if is_main:

@@ -1,12 +1,18 @@
-"""Image grids for TensorBoard and PNG files."""
+"""Image grids for TensorBoard and PNG files, and the uint8 convention of saved samples."""
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from PIL import Image
 
 
 def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8, any leading shape."""
+  """[-1, 1] floats -> uint8, any leading shape: round((x + 1) · 127.5), clipped."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_uint8_device(images):
+  """`to_uint8` in JAX (the same values), for arrays that stay on the devices."""
+  return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def grid(rows, pad: int = 1) -> np.ndarray:

@@ -4,8 +4,15 @@ Features are `rep` at timestep index 0 on clean images (UMD, MAE), or DDAE-style
 noised to a fixed t with a fixed per-image noise, the network told t + 1, and the tokens after
 any encoder/decoder block mean-pooled (DiT, MaskDiT). One jitted, sharded forward gives all
 requested blocks at once.
+
+Multi-host: features stay on the devices, their rows sharded over the batch in the split's order
+(row r is record r on any number of processes); the ridge solve, the linear probe and the test
+accuracies run as sharded jitted computations on them. Only labels (to draw the shots) and the
+scalar results come to the hosts, and features only to be written to the cache.
 """
+import dataclasses
 import functools
+import json
 from typing import Sequence
 
 import jax
@@ -13,11 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
+from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from umd_jax import checkpoint, data, diffusion, sharding, train_step
+from umd_jax import checkpoint, data, diffusion, multihost, sharding, train_step
 
 REP = -1  # block index meaning "rep"
 
@@ -57,19 +65,23 @@ def random_backbone(config, mesh):
   return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
-def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int]):
-  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks.
-  Memoised, so the evaluator inside the training loop compiles once."""
-  return _feature_fn(ml_collections.FrozenConfigDict(config), graphdef, t, tuple(blocks))
+def rows_sharding(mesh) -> NamedSharding:
+  """(K, N, D) features: the N rows split over the batch axes."""
+  return NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+
+def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int], mesh):
+  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks, rows
+  sharded like the batch. Memoised, so the evaluator inside the training loop compiles once."""
+  return _feature_fn(ml_collections.FrozenConfigDict(config), graphdef, t, tuple(blocks), mesh)
 
 
 @functools.lru_cache(maxsize=32)
-def _feature_fn(config, graphdef, t: int, blocks: tuple):
+def _feature_fn(config, graphdef, t: int, blocks: tuple, mesh):
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   noise_key = jax.random.PRNGKey(config.probe.noise_seed)
   blocks = tuple(blocks)
 
-  @jax.jit
   def features(params, images, indices):
     model = nnx.merge(graphdef, params)
     b = images.shape[0]
@@ -84,53 +96,78 @@ def _feature_fn(config, graphdef, t: int, blocks: tuple):
     out = model.features(x, t_index)
     return jnp.stack([out["rep"] if blk == REP else out["blocks"][blk] for blk in blocks])
 
-  return features
+  return jax.jit(features, out_shardings=rows_sharding(mesh))
 
 
-def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], mesh, max_images=0,
-            progress=True):
-  """Features (len(blocks), N, D) and labels (N,) of a whole split (or its first max_images)."""
-  check_request(config, blocks, [t])
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """Features of a split in its order: row r is record r, whatever the number of processes."""
+  x: jax.Array  # (K, N_pad, D) float32, rows sharded over the batch axes; rows >= n are padding
+  y: np.ndarray  # (n,) int32 labels of the real rows, on every process (shots are drawn from them)
+
+  @property
+  def n(self) -> int:
+    return len(self.y)
+
+  def block(self, k: int) -> jax.Array:
+    return self.x[k]  # (N_pad, D)
+
+
+def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Features:
+  """Runs fn(images, indices) -> (K, B, D) over a split (or its first max_images) in order."""
   source = data.make_source(config.data, split)
   n = len(source) if not max_images else min(max_images, len(source))
   if n == 0:
     raise ProbeError(f"split {split!r} of {config.data.name!r} is empty")
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, (min(config.probe.batch_size, n) + shards - 1) // shards * shards)
-  source = _Head(source, n)
-  batches = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(mesh),
-                              seed=config.seed, train=False)
-  fn = make_feature_fn(config, graphdef, t, blocks)
-  feats, labels = [], []
-  steps = (n + batch - 1) // batch
-  bs = sharding.batch_sharding(mesh)
-  for i in tqdm(range(steps), desc=f"features {split} t={t}", disable=not progress or jax.process_index() > 0):
+  batches = data.make_batches(config.data, _Head(source, n), global_batch=batch,
+                              sharding=sharding.batch_sharding(mesh), seed=config.seed, train=False)
+  chunks, labels = [], []
+  for _ in tqdm(range(-(-n // batch)), desc=desc, disable=not progress or not multihost.is_main()):
     b = next(batches)
-    indices = jax.device_put(np.arange(i * batch, (i + 1) * batch, dtype=np.int32), bs)
-    f = fn(params, b["image"], indices)
-    valid = np.asarray(b["valid"])
-    feats.append(np.asarray(f)[:, valid])
-    labels.append(np.asarray(b["label"])[valid])
-  return np.concatenate(feats, axis=1), np.concatenate(labels)
+    chunks.append(fn(b["image"], b["index"]))
+    labels.append(b["label"])
+  x = jax.jit(lambda *c: jnp.concatenate(c, axis=1), out_shardings=rows_sharding(mesh))(*chunks)
+  return Features(x, np.concatenate(multihost.to_host(labels))[:n])
 
 
-def extract_cached(config, graphdef, params, split, *, t, blocks, mesh, max_images=0, cache=None):
+def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], mesh, max_images=0,
+            progress=True) -> Features:
+  """Features of the requested blocks at timestep t for a whole split (or its first max_images)."""
+  check_request(config, blocks, [t])
+  fn = make_feature_fn(config, graphdef, t, blocks, mesh)
+  return _extract(config, split, lambda images, indices: fn(params, images, indices), mesh, max_images,
+                  f"features {split} t={t}", progress)
+
+
+def extract_cached(config, graphdef, params, split, *, t, blocks, mesh, max_images=0, cache=None) -> Features:
   """`extract`, reusing features saved under `cache` (a directory; None: no caching). File names
-  carry the split, t, blocks and image count; the caller puts the checkpoint step in `cache`."""
-  from etils import epath
+  carry the split, t, blocks and image count; the caller puts the checkpoint step in `cache`.
+  Process 0 writes the file; it is read only where every process can read it."""
   path = None
   if cache is not None:
     path = epath.Path(cache) / f"{split}_t{t}_blocks{'_'.join(map(str, blocks))}_n{max_images}.npz"
-    if path.exists():
+    if multihost.all_processes(path.exists()):
       with path.open("rb") as f:
         saved = np.load(f)
-        return saved["features"], saved["labels"]
-  feats, labels = extract(config, graphdef, params, split, t=t, blocks=blocks, mesh=mesh, max_images=max_images)
-  if path is not None and jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-      np.savez(f, features=feats, labels=labels)
-  return feats, labels
+        return _placed(saved["features"], saved["labels"], mesh)
+  feats = extract(config, graphdef, params, split, t=t, blocks=blocks, mesh=mesh, max_images=max_images)
+  if path is not None:
+    x = multihost.to_host(feats.x)[:, :feats.n]  # collective: every process takes part
+    if multihost.is_main():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      with path.open("wb") as f:
+        np.savez(f, features=x, labels=feats.y)
+  return feats
+
+
+def _placed(x: np.ndarray, y: np.ndarray, mesh) -> Features:
+  """Host features (K, n, D) (the same on every process) as sharded Features."""
+  shards = sharding.num_data_shards(mesh)
+  pad = -(-x.shape[1] // shards) * shards - x.shape[1]
+  x = np.concatenate([x, np.zeros((x.shape[0], pad, x.shape[2]), x.dtype)], axis=1)
+  return Features(multihost.global_array(x, rows_sharding(mesh)), np.asarray(y, np.int32))
 
 
 class _Head:
@@ -153,15 +190,17 @@ class _Head:
 # --- few-shot ridge ---------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def _ridge_accuracy(train_x, train_y, test_x, test_y, l2, num_classes):
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # standardise with the shots' statistics
+def _ridge_accuracy(train_x, shot_rows, shot_y, test_x, test_y, l2, num_classes):
+  """Accuracy on the first len(test_y) rows of test_x of the ridge fit to train_x[shot_rows]."""
+  shots = jnp.take(train_x, shot_rows, axis=0)
+  mean, std = shots.mean(0), shots.std(0) + 1e-6  # standardise with the shots' statistics
   def prep(x):
     x = (x - mean) / std
     return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # constant bias feature
-  xtr, xte = prep(train_x), prep(test_x)
-  targets = 2.0 * jax.nn.one_hot(train_y, num_classes) - 1.0  # ±1
-  w = ridge_solve(xtr, targets, l2)
-  return jnp.mean(jnp.argmax(xte @ w, axis=1) == test_y)
+  targets = 2.0 * jax.nn.one_hot(shot_y, num_classes) - 1.0  # ±1
+  w = ridge_solve(prep(shots), targets, l2)
+  predicted = jnp.argmax(prep(test_x) @ w, axis=1)[:test_y.shape[0]]  # the real rows (not padding)
+  return jnp.mean(predicted == test_y)
 
 
 def ridge_solve(x, y, l2):
@@ -170,7 +209,9 @@ def ridge_solve(x, y, l2):
 
 
 def fewshot(train_x, train_y, test_x, test_y, *, shots: Sequence[int], seeds: int, l2: float, num_classes: int):
-  """{shots: {"mean", "std", "per_seed"}} accuracy of the ridge probe over `seeds` draws of the shots."""
+  """{shots: {"mean", "std", "per_seed"}} accuracy of the ridge probe over `seeds` draws of the shots.
+  train_x / test_x: (N, D) features, host or sharded device arrays, whose first len(train_y) /
+  len(test_y) rows are the records those host label arrays describe (the rest is padding)."""
   counts = np.bincount(train_y, minlength=num_classes)
   results = {}
   for k in shots:
@@ -181,7 +222,7 @@ def fewshot(train_x, train_y, test_x, test_y, *, shots: Sequence[int], seeds: in
     for seed in range(seeds):
       rng = np.random.default_rng(seed)
       idx = np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False) for c in range(num_classes)])
-      accs.append(float(_ridge_accuracy(train_x[idx], train_y[idx], test_x, test_y, l2, num_classes)))
+      accs.append(float(_ridge_accuracy(train_x, idx, train_y[idx], test_x, test_y, l2, num_classes)))
     results[k] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "per_seed": accs}
   return results
 
@@ -217,28 +258,55 @@ def head_logits(head, stats, x, train):
   return x @ head["w"] + head["b"], stats
 
 
-def make_head_step(tx, feature_fn=None):
-  """jit(head, stats, opt, inputs, labels[, params, indices]) -> updated (head, stats, opt, loss).
-  With feature_fn the inputs are images and features come from the frozen backbone on-line."""
+def _head_update(tx, head, stats, opt, x, labels):
+  """One LARS step of the BatchNorm + linear head on a batch of features."""
+  def loss_fn(h):
+    logits, new_stats = head_logits(h, stats, x, True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_stats
+
+  (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(head)
+  updates, opt = tx.update(grads, opt, head)
+  return optax.apply_updates(head, updates), new_stats, opt, loss
+
+
+def make_head_step(tx, feature_fn):
+  """jit(head, stats, opt, images, labels, params, indices) -> updated (head, stats, opt, loss):
+  features of a batch of images come from the frozen backbone on-line."""
 
   @jax.jit
-  def step(head, stats, opt, inputs, labels, params=None, indices=None):
-    x = inputs if feature_fn is None else jax.lax.stop_gradient(feature_fn(params, inputs, indices)[0])
-
-    def loss_fn(h):
-      logits, new_stats = head_logits(h, stats, x, True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_stats
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(head)
-    updates, opt = tx.update(grads, opt, head)
-    return optax.apply_updates(head, updates), new_stats, opt, loss
+  def step(head, stats, opt, images, labels, params, indices):
+    x = jax.lax.stop_gradient(feature_fn(params, images, indices)[0])
+    return _head_update(tx, head, stats, opt, x, labels)
 
   return step
 
 
-def topk_accuracy(logits, labels, ks=(1, 5)):
-  order = np.argsort(-np.asarray(logits), axis=1)
-  return {f"top{k}": float(np.mean((order[:, :k] == np.asarray(labels)[:, None]).any(axis=1))) for k in ks}
+def make_head_steps(tx):
+  """jit(head, stats, opt, features, rows (S, B), labels (S, B)) -> (head, stats, opt): S steps
+  on the batches features[rows[s]] in one `lax.scan` (one dispatch; features stay sharded)."""
+
+  @jax.jit
+  def steps(head, stats, opt, features, rows, labels):
+    def body(carry, batch):
+      head, stats, opt = carry
+      head, stats, opt, _ = _head_update(tx, head, stats, opt, jnp.take(features, batch[0], axis=0), batch[1])
+      return (head, stats, opt), None
+    return jax.lax.scan(body, (head, stats, opt), (rows, labels))[0]
+
+  return steps
+
+
+@functools.partial(jax.jit, static_argnames=("ks",))
+def _topk_correct(head, stats, test_x, test_y, ks):
+  """Fraction of the first len(test_y) rows of test_x whose label is among the head's top k."""
+  logits, _ = head_logits(head, stats, test_x, False)
+  top = jax.lax.top_k(logits[:test_y.shape[0]], max(ks))[1]
+  return {f"top{k}": jnp.mean(jnp.any(top[:, :k] == test_y[:, None], axis=1)) for k in ks}
+
+
+def topk_accuracy(head, stats, test_x, test_y, num_classes) -> dict:
+  return {k: float(v) for k, v in _topk_correct(head, stats, test_x, np.asarray(test_y),
+                                                 (1, min(5, num_classes))).items()}
 
 
 def linear_schedule(probe_config, num_train, batch):
@@ -250,21 +318,24 @@ def linear_schedule(probe_config, num_train, batch):
 
 
 def linear_probe_features(train_x, train_y, test_x, test_y, probe_config, num_classes, seed=0):
-  """Linear probe on fixed features (no augmentation): {"top1", "top5"} on the test features."""
+  """Linear probe on fixed features (no augmentation): {"top1", "top5"} on the test features.
+  Features and labels as for `fewshot` (train_x / test_x may be sharded and padded)."""
   batch = min(probe_config.linear_batch_size, len(train_y))
   lr, total = linear_schedule(probe_config, len(train_y), batch)
   tx = lars(lr, probe_config.linear_weight_decay)
   head, stats = init_head(train_x.shape[1], num_classes, seed)
-  opt, step = tx.init(head), make_head_step(tx)
+  opt, steps = tx.init(head), make_head_steps(tx)
   rng = np.random.default_rng(seed)
   order = np.array([], np.int64)
-  for _ in range(total):
+  rows = np.empty((total, batch), np.int32)
+  for i in range(total):  # reshuffled every epoch; an epoch's leftover rows start the next
     if len(order) < batch:
       order = np.concatenate([order, rng.permutation(len(train_y))])
-    idx, order = order[:batch], order[batch:]
-    head, stats, opt, _ = step(head, stats, opt, jnp.asarray(train_x[idx]), jnp.asarray(train_y[idx]))
-  logits, _ = head_logits(head, stats, jnp.asarray(test_x), False)
-  return topk_accuracy(logits, test_y, ks=(1, min(5, num_classes)))
+    rows[i], order = order[:batch], order[batch:]
+  for start in range(0, total, 1000):  # chunks bound the index array sent at once
+    chunk = rows[start:start + 1000]
+    head, stats, opt = steps(head, stats, opt, train_x, chunk, train_y[chunk])
+  return topk_accuracy(head, stats, test_x, test_y, num_classes)
 
 
 def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, test_y, num_classes, seed=0):
@@ -279,14 +350,17 @@ def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, tes
                               seed=config.seed + seed, train=True, augment=augment)
   tx = lars(lr, p.linear_weight_decay)
   head, stats = init_head(test_x.shape[1], num_classes, seed)
-  opt, step = tx.init(head), make_head_step(tx, make_feature_fn(config, graphdef, t, [block]))
-  bs = sharding.batch_sharding(mesh)
-  for i in tqdm(range(total), desc="linear probe", disable=jax.process_index() > 0):
+  opt, step = tx.init(head), make_head_step(tx, make_feature_fn(config, graphdef, t, [block], mesh))
+  # the stream position of each row: the per-image noise (t >= 0), the same on any process count
+  positions = jax.jit(lambda i: i * batch + jnp.arange(batch, dtype=jnp.int32),
+                      out_shardings=sharding.batch_sharding(mesh))
+  for i in tqdm(range(total), desc="linear probe", disable=not multihost.is_main()):
     b = next(batches)
-    indices = jax.device_put(np.arange(i * batch, (i + 1) * batch, dtype=np.int32), bs)
-    head, stats, opt, _ = step(head, stats, opt, b["image"], b["label"], params, indices)
-  logits, _ = head_logits(head, stats, jnp.asarray(test_x), False)
-  return topk_accuracy(logits, test_y, ks=(1, min(5, num_classes)))
+    head, stats, opt, loss = step(head, stats, opt, b["image"], b["label"], params, positions(i))
+    # One step in flight at a time: XLA:CPU's in-process collectives can deadlock when many
+    # small collective programs are queued at once (seen with 8 fake devices on 2 cores).
+    loss.block_until_ready()
+  return topk_accuracy(head, stats, test_x, test_y, num_classes)
 
 
 def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
@@ -313,23 +387,19 @@ def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
 
 # --- the probe mode -----------------------------------------------------------------------------
 
-def pixel_features(config, split, max_images=0):
+def pixel_features(config, split, mesh, max_images=0) -> Features:
   """Raw pixels (centre-cropped like the backbone's input) as a (1, N, H·W·C) baseline feature."""
-  source = data.make_source(config.data, split)
-  n = len(source) if not max_images else min(max_images, len(source))
-  prep = data.pipeline.EvalPreprocess(config.data.image_size)
-  records = [prep.map(source[i]) for i in range(n)]
-  return (np.stack([r["image"].reshape(-1) for r in records])[None],
-          np.array([r["label"] for r in records], np.int32))
+  flat = jax.jit(lambda images, _: images.reshape(images.shape[0], -1)[None], out_shardings=rows_sharding(mesh))
+  return _extract(config, split, flat, mesh, max_images, f"pixels {split}", progress=False)
 
 
-def _heads(config, train_x, train_y, test_x, test_y, online=None):
-  """Few-shot (all configured shot counts) and linear probe on one kind of feature."""
+def _heads(config, train: Features, test: Features, online=None):
+  """Few-shot (all configured shot counts) and linear probe on one kind of feature (its block 0)."""
   p, k = config.probe, config.data.num_classes
-  out = {"fewshot": fewshot(train_x, train_y, test_x, test_y, shots=p.fewshot_shots, seeds=p.fewshot_seeds,
-                            l2=p.fewshot_l2, num_classes=k)}
+  args = (train.block(0), train.y, test.block(0), test.y)
+  out = {"fewshot": fewshot(*args, shots=p.fewshot_shots, seeds=p.fewshot_seeds, l2=p.fewshot_l2, num_classes=k)}
   if p.linear:
-    out["linear"] = online() if online else linear_probe_features(train_x, train_y, test_x, test_y, p, k)
+    out["linear"] = online() if online else linear_probe_features(*args, p, k)
   return out
 
 
@@ -340,17 +410,15 @@ def fewshot_eval(config, graphdef, params, mesh, shots=None, seeds=1):
                max_images=p.max_train_images, progress=False)
   te = extract(config, graphdef, params, p.eval_split, t=p.t, blocks=[p.block], mesh=mesh,
                max_images=p.max_eval_images, progress=False)
-  counts = np.bincount(tr[1], minlength=config.data.num_classes)
+  counts = np.bincount(tr.y, minlength=config.data.num_classes)
   usable = [k for k in (shots or p.fewshot_shots) if k <= counts.min()]
-  res = fewshot(tr[0][0], tr[1], te[0][0], te[1], shots=usable, seeds=seeds, l2=p.fewshot_l2,
+  res = fewshot(tr.block(0), tr.y, te.block(0), te.y, shots=usable, seeds=seeds, l2=p.fewshot_l2,
                 num_classes=config.data.num_classes)
   return {f"fewshot_{k}shot": v["mean"] for k, v in res.items()}
 
 
 def run(config, workdir, devices=None) -> dict:
   """--mode=probe: few-shot + linear probe (+ DDAE sweep, + baselines); writes probe/results.json."""
-  import json
-  from etils import epath
   p = config.probe
   if config.data.num_classes < 2:
     raise ProbeError("probing needs labels: set data.num_classes")
@@ -366,19 +434,19 @@ def run(config, workdir, devices=None) -> dict:
     tr = extract_cached(config, graphdef, params_, p.train_split, max_images=p.max_train_images, **kw)
     te = extract_cached(config, graphdef, params_, p.eval_split, max_images=p.max_eval_images, **kw)
     online = (functools.partial(linear_probe_online, config, graphdef, params_, mesh, t=p.t, block=p.block,
-                                test_x=te[0][0], test_y=te[1], num_classes=config.data.num_classes)
+                                test_x=te.block(0), test_y=te.y, num_classes=config.data.num_classes)
               if p.linear_augment else None)
-    return _heads(config, tr[0][0], tr[1], te[0][0], te[1], online)
+    return _heads(config, tr, te, online)
 
   results = {"feature": {"t": p.t, "block": p.block}, "step": step, **probe_backbone(params, cache)}
   if p.sweep:
     results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache)
   if p.baselines:
-    tr, te = pixel_features(config, p.train_split, p.max_train_images), pixel_features(config, p.eval_split,
-                                                                                     p.max_eval_images)
-    results["baselines"] = {"pixels": _heads(config, tr[0][0], tr[1], te[0][0], te[1]),
+    tr = pixel_features(config, p.train_split, mesh, p.max_train_images)
+    te = pixel_features(config, p.eval_split, mesh, p.max_eval_images)
+    results["baselines"] = {"pixels": _heads(config, tr, te),
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
-  if jax.process_index() == 0:
+  if multihost.is_main():
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
   print(format_table(results))
@@ -396,10 +464,10 @@ def sweep(config, graphdef, params, mesh, out_dir, cache=None):
     tr = extract_cached(config, graphdef, params, p.train_split, max_images=p.max_train_images, **kw)
     te = extract_cached(config, graphdef, params, p.eval_split, max_images=p.max_eval_images, **kw)
     for i in range(len(blocks)):
-      grid[i, j] = fewshot(tr[0][i], tr[1], te[0][i], te[1], shots=[p.sweep_shots], seeds=p.fewshot_seeds,
+      grid[i, j] = fewshot(tr.block(i), tr.y, te.block(i), te.y, shots=[p.sweep_shots], seeds=p.fewshot_seeds,
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]
   names = ["rep"] + [f"block {b}" for b in blocks[1:]]
-  if jax.process_index() == 0:
+  if multihost.is_main():
     heatmap_png(grid, names, list(p.sweep_ts), out_dir / "sweep.png")
   i, j = np.unravel_index(np.argmax(grid), grid.shape)
   return {"ts": list(p.sweep_ts), "blocks": blocks, "shots": p.sweep_shots, "accuracy": grid.tolist(),

@@ -1,12 +1,11 @@
 """Pre-training loop, readable top to bottom: config -> mesh -> state -> data -> steps -> checkpoints.
 
 Resume order: the workdir's latest checkpoint, else `config.init_from`'s weights, else scratch.
-SIGTERM / SIGINT save a checkpoint at the current step and return cleanly.
+SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the same step
+(multihost.StopRequest), even when the signal reached only some of them.
 """
 import functools
 import json
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import checkpoint, corruption, data, diffusion, flops, generate, images, probe, sharding, train_step
+from umd_jax import (checkpoint, corruption, data, diffusion, flops, generate, images, multihost, probe, sharding,
+                     train_step)
 from umd_jax.models import umd
 
 
@@ -72,26 +72,6 @@ def _reconstruction_fn(config, graphdef, mesh):
   return reconstruct
 
 
-class _StopFlag:
-  """Set by SIGTERM / SIGINT; the loop checkpoints and returns at the next step boundary."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, _frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def _finite_mean(values) -> float:
   values = np.asarray(values, np.float64)
   values = values[np.isfinite(values)]
@@ -135,7 +115,7 @@ def pretrain(config, workdir: str, devices=None) -> dict:
     logging.info("initialised weights from %s", config.init_from)
   start = int(state.step)
 
-  is_main = jax.process_index() == 0
+  is_main = multihost.is_main()
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
@@ -144,14 +124,15 @@ def pretrain(config, workdir: str, devices=None) -> dict:
   preview = _preview_images(config, mesh)
   history, first_loss, last = [], None, {}
   step = start
-  with _StopFlag() as stop:
+  with multihost.StopRequest() as stop:
     while step < config.total_steps:
       state, metrics = step_fn(state, next(batches))
       step += 1
       history.append(metrics)
       progress(step)
       final = step == config.total_steps
-      if step == start + 1 or step % config.log_every == 0 or final or stop.signal:
+      stopping = stop.reached(step)  # the same answer on every process
+      if step == start + 1 or step % config.log_every == 0 or final or stopping:
         _check_finite(config, state, step, ckpt, history)
         last = _mean_metrics(history)
         last["nonfinite_skipped"] = float(state.nonfinite_steps)
@@ -176,10 +157,10 @@ def pretrain(config, workdir: str, devices=None) -> dict:
         scores = generate.fid_during_training(config, graphdef, weights, mesh, workdir)
         writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
         logging.info("step %d: FID %.2f, IS %.2f", step, scores["fid"], scores["inception_score"])
-      if step % config.checkpoint_every == 0 or final or stop.signal:
+      if step % config.checkpoint_every == 0 or final or stopping:
         _check_finite(config, state, step, ckpt, history)
         ckpt.save(step, state, batches.iterator, config)
-      if stop.signal:
+      if stopping:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
   ckpt.wait()

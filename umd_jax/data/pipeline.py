@@ -5,9 +5,11 @@ Evaluation: resize the shorter side, centre crop. Pixels end up float32 in [-1, 
 Order, training: one global stream (shuffle of all records, reshuffled every epoch, augmentation
 seeded per stream position) cut into global batches; process i reads and decodes only rows
 [i·B/n, (i+1)·B/n) of each, so the global batches are the same on any number of processes and
-every epoch's records are split disjointly between them. Order, evaluation: process i reads
-records i, i+n, ... once. The iterator state is checkpointed with the model, so a resumed run continues
-the same data order.
+every epoch's records are split disjointly between them. Order, evaluation: the same cut into
+global batches without shuffling, so global row r of batch k is record k·B + r on any number of
+processes; the split is padded to whole global batches (rows whose "index" is >= the split's
+length), so every process reads the same number of batches. The iterator
+state is checkpointed with the model, so a resumed run continues the same data order.
 """
 import math
 
@@ -75,26 +77,45 @@ class EvalPreprocess(grain.transforms.Map):
 
 
 class Batches:
-  """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`.
+  """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`;
+  evaluation batches also carry "index" (B,) i32, the record's position in the split (padding
+  after the last record has index >= its length). `iterator` is the grain iterator whose state
+  is checkpointed."""
 
-  With `pad_to` (evaluation), a short last batch is zero-padded to that many local rows and
-  every batch carries "valid" (B,) bool, so shapes stay static and divisible by the devices.
-  `iterator` is the grain iterator whose state is checkpointed.
-  """
-
-  def __init__(self, iterator, sharding, pad_to=None):
-    self.iterator, self.sharding, self.pad_to = iterator, sharding, pad_to
+  def __init__(self, iterator, sharding):
+    self.iterator, self.sharding = iterator, sharding
 
   def __iter__(self):
     return self
 
   def __next__(self):
     local = {k: np.asarray(v) for k, v in next(self.iterator).items()}
-    if self.pad_to is not None:
-      n = len(local["label"])
-      local = {k: np.concatenate([v, np.zeros((self.pad_to - n,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
-      local["valid"] = np.arange(self.pad_to) < n
     return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
+
+
+class _PaddedSplit:
+  """A split padded to `total` records: the padding repeats record 0, so its shapes and decoding
+  are those of a real record; its index (>= the split's length) tells it apart."""
+
+  def __init__(self, source, total):
+    self.source, self.total = source, total
+    self.in_memory = getattr(source, "in_memory", False)
+
+  def __len__(self):
+    return self.total
+
+  def __getitem__(self, i):
+    return self.source[i if i < len(self.source) else 0]
+
+  def __repr__(self):
+    return f"Padded({self.source!r}, {self.total})"
+
+
+class _Indexed(grain.transforms.MapWithIndex):
+  """Adds the record's position in the (padded) split."""
+
+  def map_with_index(self, index, record):
+    return {**record, "index": np.int32(index)}
 
 
 def read_threads(data_config, source) -> int:
@@ -111,7 +132,8 @@ def read_threads(data_config, source) -> int:
 def make_batches(data_config, source, *, global_batch: int, sharding, seed: int, train: bool,
                  augment=None) -> Batches:
   """Global batches of `source`. Training shuffles (seeded, reshuffled every epoch), repeats and
-  augments; evaluation reads each record once in order, padding the last batch (see `Batches`).
+  augments; evaluation reads each record once in order, padding the last global batch (see the
+  module docstring); `-(-len(source) // global_batch)` batches cover the split.
   `augment` overrides the training augmentation (e.g. the linear probe's crop range)."""
   processes = jax.process_count()
   if global_batch % processes:
@@ -123,13 +145,14 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
   if augment is None:
     augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
                else EvalPreprocess(d.image_size))
-  ds = grain.MapDataset.source(source)
   if train:  # lazy: a process only reads and augments the records of its own rows
-    ds = ds.shuffle(seed=seed).repeat().random_map(augment, seed=seed).batch(local_batch, drop_remainder=True)
-    ds = ds[jax.process_index()::processes]  # its B/n rows of every global batch
-  else:
-    ds = ds[jax.process_index()::processes].map(augment).batch(local_batch, drop_remainder=False)
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().random_map(augment, seed=seed)
+  else:  # whole global batches, padded: every process reads the same number of batches
+    total = -(-len(source) // global_batch) * global_batch
+    ds = grain.MapDataset.source(_PaddedSplit(source, total)).map(augment)
+    ds = ds.map_with_index(_Indexed())
+  ds = ds.batch(local_batch, drop_remainder=True)[jax.process_index()::processes]  # its B/n rows of each
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(d, source)))
   if d.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-  return Batches(iter(ds), sharding, pad_to=None if train else local_batch)
+  return Batches(iter(ds), sharding)

@@ -38,11 +38,21 @@ def parse_variant(variant: str) -> dict:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def compute_dtype(name: str) -> str:
+  """`model.dtype` -> "float32" | "bfloat16"; "auto" is bfloat16 on TPU and GPU (their matmul
+  units' native input type; params, optimizer and loss stay float32), float32 on CPU."""
+  if name == "auto":
+    return "bfloat16" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "float32"
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use 'auto' or one of {sorted(DTYPES)}")
+  return name
+
+
 class UMD(nnx.Module):
 
   def __init__(self, *, image_size: int, channels: int, patch: int, width: int, encoder_depth: int,
                decoder_depth: int, heads: int, num_registers: int = 4, conditioning: str = "adaln",
-               num_classes: int = 0, dtype: str = "float32", scan_layers: bool = True,
+               num_classes: int = 0, dtype: str = "auto", scan_layers: bool = True,
                remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
     if image_size % patch:
       raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
@@ -51,14 +61,12 @@ class UMD(nnx.Module):
       raise ValueError(f"model.conditioning={conditioning!r}: use 'adaln' or 'in_context'")
     if width % heads:
       raise ValueError(f"width {width} is not divisible by {heads} heads")
-    if dtype not in DTYPES:
-      raise ValueError(f"model.dtype={dtype!r}: use one of {sorted(DTYPES)}")
     self.patch, self.channels, self.num_classes = patch, channels, num_classes
     self.grid = image_size // patch
     self.num_patches = self.grid ** 2
     self.num_registers = num_registers
     self.adaln = conditioning == "adaln"
-    self.dtype = dt = DTYPES[dtype]
+    self.dtype = dt = DTYPES[compute_dtype(dtype)]
     stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, attention=attention, rngs=rngs)
     pos_init = layers.logical(nnx.initializers.normal(1 / math.sqrt(self.num_patches)), None, "seq", "embed")
     token_shape = (1, self.num_patches, width)
