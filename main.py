@@ -56,8 +56,11 @@ def main(argv):
       print(f"results: {_WORKDIR.value}/probe/results.json")
     elif _MODE.value in ("pretrain", "finetune"):
       result = getattr(train, _MODE.value)(config, _WORKDIR.value)
-      print(f"trained steps {result['start_step']} -> {result['step']}; loss {result['first_loss']:.4f} "
-            f"(first logged) -> {result['last_loss']:.4f} (last)")
+      if result["first_loss"] is None:  # resumed at or past total_steps: nothing was trained
+        print(f"nothing to train: the checkpoint is at step {result['step']} and total_steps={config.total_steps}")
+      else:
+        print(f"trained steps {result['start_step']} -> {result['step']}; loss {result['first_loss']:.4f} "
+              f"(first logged) -> {result['last_loss']:.4f} (last)")
       print(f"workdir: {result['workdir']}  (checkpoints/, images/, TensorBoard events: "
             f"tensorboard --logdir {result['workdir']})")
   except user_errors as e:

@@ -124,7 +124,16 @@ def test_fid_during_generation_with_local_weights(workdirs, tmp_path):
                                   "data.data_dir": str(tmp_path / "real")})
   result = generate.run(config, workdirs[1], devices=jax.devices()[:1])
   assert result["fid"] > 0 and result["inception_score"] >= 1.0 and result["fid_samples"] == 8
-  assert (workdirs[1] / "fid_reference_folder_test_8.npz").exists()  # cached for the next run
+  saved = np.load(workdirs[1] / "fid_reference_folder_test_8.npz")  # cached for the next run
+  # The reference statistics (through the padded evaluation pipeline, on device) against float64
+  # numpy statistics of the same six images' activations.
+  from umd_jax import data, images
+  source, prep = data.make_source(config.data, "test"), data.pipeline.EvalPreprocess(8)
+  real = np.stack([images.to_uint8(prep.map(source[i])["image"]) for i in range(len(source))])
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+  pool = np.asarray(fid.activations(fid.load_inception(str(tmp_path / "inception.npz")), real, mesh)[0], np.float64)
+  np.testing.assert_allclose(saved["mu"], pool.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(saved["sigma"], np.cov(pool, rowvar=False), rtol=1e-3, atol=1e-6)
 
 
 def test_fid_evaluator_inside_finetuning(workdirs, tmp_path):

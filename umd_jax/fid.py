@@ -137,7 +137,8 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
       ref = np.load(f)
       return ref["mu"], ref["sigma"]
   source = data.make_source(d, d.eval_split)
-  batch = -(-200 // sharding.num_data_shards(mesh)) * sharding.num_data_shards(mesh)
+  shards = sharding.num_data_shards(mesh)
+  batch = -(-min(200, len(source)) // shards) * shards
   batches = data.make_batches(d, source, global_batch=batch, sharding=_rows(mesh), seed=0, train=False)
   to_uint8 = jax.jit(to_uint8_device, out_shardings=_rows(mesh))
   real = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=_rows(mesh))(
