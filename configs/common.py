@@ -119,8 +119,11 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.sample.sampler = "ddim"                # "ddim" | "ddpm" (ancestral, all T steps)
   c.sample.steps = 125
   c.sample.eta = 1.0
+  c.sample.prediction = "eps"              # head that drives the sampler: "eps" (reference evaluations) | "x0"
+  c.sample.timesteps = "even"              # DDIM grid: "even" | "strided" (reference: T-1, T-1-T//steps, ..., then 0)
   c.sample.cfg_scale = 1.0                 # classifier-free guidance; 1: conditional only
   c.sample.clip = True                     # clip x0 predictions to [-1, 1] (pixels)
+  c.sample.uint8 = "round"                 # samples -> uint8: "round" (unbiased) | "truncate" (ADM's scripts)
   c.sample.classes = ()                    # () = all classes, cycled
   c.sample.grid_classes = 10               # rows of samples/grid.png
   c.sample.grid_per_class = 8

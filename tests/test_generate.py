@@ -103,6 +103,9 @@ def test_inpainting_keeps_the_known_pixels(workdirs):
     ({"model.num_classes": 0, "sample.cfg_scale": 3.0}, generate.SampleError, "needs a class-conditional model"),
     ({"sample.classes": (3, 10)}, generate.SampleError, r"classes \[10\] out of range"),
     ({"sample.steps": 1001}, ValueError, r"sample.steps=1001 must be in \[1, 1000\]"),
+    ({"sample.prediction": "v"}, generate.SampleError, r"sample.prediction='v': use 'eps'"),
+    ({"sample.timesteps": "karras"}, generate.SampleError, r"sample.timesteps='karras': use 'even' or 'strided'"),
+    ({"sample.uint8": "floor"}, generate.SampleError, r"sample.uint8='floor': use 'round'"),
     ({"sample.inpaint": "/nonexistent/mask.png"}, generate.SampleError, "existing PNG mask"),
     ({"sample.fid": True, "sample.inception_weights": "/nonexistent.npz"}, fid.FidError, "convert_inception_weights"),
 ])

@@ -82,28 +82,51 @@ def q_posterior(schedule: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array):
 # behind it is told t + 1 (index 0 is the clean step). Guidance lives in `guided`.
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-  """`steps` evenly spaced timesteps from T-1 down to 0 (any count from 1 to T)."""
+GRIDS = ("even", "strided")
+PREDICTIONS = ("eps", "x0")
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, grid: str = "even") -> np.ndarray:
+  """The timesteps a sampler visits, from T-1 down. "even": `steps` evenly spaced ones ending at
+  0 (any count from 1 to T). "strided" (the reference implementation's): T-1, T-1-s, ... with
+  stride s = T // steps, `steps` of them, then 0 if not already there, so steps + 1 network
+  calls (999, 991, ..., 7, 0 for 125 of 1000)."""
   if not 1 <= steps <= num_timesteps:
     raise ValueError(f"sample.steps={steps} must be in [1, {num_timesteps}] (the number of timesteps T)")
+  if grid == "strided":
+    ts = num_timesteps - 1 - (num_timesteps // steps) * np.arange(steps)
+    return (ts if ts[-1] == 0 else np.append(ts, 0)).astype(np.int32)
+  if grid != "even":
+    raise ValueError(f"sample.timesteps={grid!r}: use one of {GRIDS}")
   if steps == 1:
     return np.array([num_timesteps - 1])
   return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
 
 
-def _clip_and_eps(schedule, x, t, x0, eps, clip):
-  """Optionally clip x0 to [-1, 1]; then the eps consistent with it (as in ADM)."""
-  if not clip:
-    return x0, eps
-  x0 = jnp.clip(x0, -1.0, 1.0)
+def parameterise(schedule, x, t, x0_head, eps_head, *, prediction: str = "eps", clip: bool = False):
+  """(x0, eps) that drive a sampler step, from one head of the network. "eps" (the reference's
+  evaluation default): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); "x0": the x0 head. x0 is
+  clipped to [-1, 1] if asked, then eps is re-derived from it, so the update is consistent with
+  the x0 it uses. The other head is ignored."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"sample.prediction={prediction!r}: use one of {PREDICTIONS}")
   ab = _bcast(schedule.alphas_cumprod, t, x.ndim)
+  if prediction == "eps":
+    x0 = (x - jnp.sqrt(1.0 - ab) * eps_head) / jnp.sqrt(ab)
+    if not clip:
+      return x0, eps_head
+  else:
+    x0 = x0_head
+  if clip:
+    x0 = jnp.clip(x0, -1.0, 1.0)
   return x0, (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
 
 
-def ddim_step(denoise, schedule: Schedule, x, t, t_prev, key, *, eta: float = 1.0, clip: bool = False):
+def ddim_step(denoise, schedule: Schedule, x, t, t_prev, key, *, eta: float = 1.0, clip: bool = False,
+              prediction: str = "eps"):
   """One DDIM step from timestep t to t_prev (-1: return the x0 prediction). Returns (x_prev, x0_hat)."""
   tb = jnp.full((x.shape[0],), t)
-  x0, eps = _clip_and_eps(schedule, x, tb, *denoise(x, tb), clip)
+  x0, eps = parameterise(schedule, x, tb, *denoise(x, tb), prediction=prediction, clip=clip)
   ab = schedule.alphas_cumprod[t]
   ab_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
   sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
@@ -113,21 +136,22 @@ def ddim_step(denoise, schedule: Schedule, x, t, t_prev, key, *, eta: float = 1.
 
 
 def ddim_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *, steps: int, eta: float = 1.0,
-                clip: bool = False):
-  """DDIM (eta 0: deterministic; eta 1: DDPM-like noise) over `steps` timesteps, one `lax.scan`;
-  the last step returns the x0 prediction."""
-  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
+                clip: bool = False, prediction: str = "eps", grid: str = "even"):
+  """DDIM (eta 0: deterministic; eta 1: DDPM-like noise) over the timesteps of `grid`, one
+  `lax.scan`; the last step returns the x0 prediction."""
+  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps, grid))
   t_prev = jnp.concatenate([ts[1:], jnp.array([-1])])
 
   def body(x, inputs):
     t, tp, k = inputs
-    return ddim_step(denoise, schedule, x, t, tp, k, eta=eta, clip=clip)[0], None
+    return ddim_step(denoise, schedule, x, t, tp, k, eta=eta, clip=clip, prediction=prediction)[0], None
 
   x, _ = jax.lax.scan(body, noise, (ts, t_prev, jax.random.split(key, len(ts))))
   return x
 
 
-def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *, clip: bool = False):
+def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *, clip: bool = False,
+                prediction: str = "eps"):
   """Ancestral DDPM over all T steps: x_{t-1} ~ q(x_{t-1} | x_t, x0_hat) with the posterior variance."""
   ts = jnp.arange(schedule.num_timesteps - 1, -1, -1)
   b = noise.shape[0]
@@ -135,7 +159,7 @@ def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *
   def body(x, inputs):
     t, k = inputs
     tb = jnp.full((b,), t)
-    x0, _ = _clip_and_eps(schedule, x, tb, *denoise(x, tb), clip)
+    x0, _ = parameterise(schedule, x, tb, *denoise(x, tb), prediction=prediction, clip=clip)
     mean, var = q_posterior(schedule, x0, x, tb)
     return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * jax.random.normal(k, x.shape, x.dtype), None
 
@@ -144,11 +168,11 @@ def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *
 
 
 def inpaint_sample(denoise, schedule: Schedule, images, known, noise, key, *, steps: int, eta: float = 1.0,
-                   clip: bool = False, resample: int = 1):
+                   clip: bool = False, resample: int = 1, prediction: str = "eps", grid: str = "even"):
   """Fill the unknown region (known == 0) by DDIM sampling with the known region held to its
   ground truth noised to the current timestep (RePaint); each step is redone `resample` times,
   re-noising one step back in between. The known pixels of the result equal `images` exactly."""
-  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps))
+  ts = jnp.asarray(ddim_timesteps(schedule.num_timesteps, steps, grid))
   t_prev = jnp.concatenate([ts[1:], jnp.array([-1])])
 
   def merge(x, t, k):  # known region at the noise level of timestep t (t = -1: clean)
@@ -162,7 +186,8 @@ def inpaint_sample(denoise, schedule: Schedule, images, known, noise, key, *, st
     def once(r, x):
       kr = jax.random.fold_in(k, r)
       k_step, k_known, k_back = jax.random.split(kr, 3)
-      x_prev = merge(ddim_step(denoise, schedule, x, t, tp, k_step, eta=eta, clip=clip)[0], tp, k_known)
+      x_prev = merge(ddim_step(denoise, schedule, x, t, tp, k_step, eta=eta, clip=clip, prediction=prediction)[0],
+                     tp, k_known)
       # Back to t (q(x_t | x_t_prev)) for another pass, except after the last one.
       ab_ratio = schedule.alphas_cumprod[t] / jnp.where(tp >= 0, schedule.alphas_cumprod[jnp.maximum(tp, 0)], 1.0)
       back = jnp.sqrt(ab_ratio) * x_prev + jnp.sqrt(1 - ab_ratio) * jax.random.normal(k_back, x.shape, x.dtype)

@@ -36,7 +36,16 @@ def check(config) -> list:
     raise SampleError(f"sample.classes {bad or list(s.classes)} out of range: the model has {k} classes (0..{k - 1})")
   if s.sampler not in ("ddim", "ddpm"):
     raise SampleError(f"sample.sampler={s.sampler!r}: use 'ddim' or 'ddpm'")
-  diffusion.ddim_timesteps(config.diffusion.num_timesteps, s.steps)  # raises for steps outside [1, T]
+  if s.prediction not in diffusion.PREDICTIONS:
+    raise SampleError(f"sample.prediction={s.prediction!r}: use 'eps' (the reference's evaluations) or 'x0'")
+  if s.uint8 not in images.UINT8_CONVENTIONS:
+    raise SampleError(f"sample.uint8={s.uint8!r}: use 'round' (unbiased, the default) or 'truncate' (ADM's scripts)")
+  if s.timesteps not in diffusion.GRIDS:
+    raise SampleError(f"sample.timesteps={s.timesteps!r}: use 'even' or 'strided' (the reference's grid)")
+  try:
+    diffusion.ddim_timesteps(config.diffusion.num_timesteps, s.steps, s.timesteps)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
   return classes
 
 
@@ -52,7 +61,7 @@ def _denoiser(config, graphdef, params, labels):
 
 
 def make_sampler(config, graphdef, mesh):
-  """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (`images.to_uint8`'s rounding),
+  """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (sample.uint8's convention),
   rows sharded over the batch. Memoised, so FID during fine-tuning compiles the sampler once."""
   return _sampler(ml_collections.FrozenConfigDict(config), graphdef, mesh)
 
@@ -69,10 +78,11 @@ def _sampler(config, graphdef, mesh):
     noise = jax.lax.with_sharding_constraint(noise, bs)
     denoise = _denoiser(config, graphdef, params, labels)
     if s.sampler == "ddpm":
-      x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip)
+      x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip, prediction=s.prediction)
     else:
-      x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip)
-    return images.to_uint8_device(x)
+      x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip,
+                                prediction=s.prediction, grid=s.timesteps)
+    return images.to_uint8_device(x, s.uint8)
 
   return jax.jit(sample, out_shardings=bs)
 
@@ -121,7 +131,8 @@ def make_inpainter(config, graphdef):
     k_noise, k_sample = jax.random.split(key)
     return diffusion.inpaint_sample(_denoiser(config, graphdef, params, labels), schedule, x, known,
                                     jax.random.normal(k_noise, x.shape), k_sample, steps=s.steps, eta=s.eta,
-                                    clip=s.clip, resample=s.inpaint_resample)
+                                    clip=s.clip, resample=s.inpaint_resample, prediction=s.prediction,
+                                    grid=s.timesteps)
   return inpaint
 
 
@@ -137,7 +148,8 @@ def run(config, workdir, devices=None) -> dict:
   as_label = lambda c: 0 if c is None else c
   labels = np.array([as_label(classes[i % len(classes)]) for i in range(s.num_samples)], np.int32)
   result = {"num_samples": int(s.num_samples), "steps": s.steps, "sampler": s.sampler, "eta": s.eta,
-            "cfg_scale": s.cfg_scale, "seed": s.seed}
+            "cfg_scale": s.cfg_scale, "seed": s.seed, "prediction": s.prediction, "timesteps": s.timesteps,
+            "clip": s.clip, "uint8": s.uint8}
   shown = classes[:s.grid_classes]
   grid_labels = np.repeat(np.array([as_label(c) for c in shown], np.int32), s.grid_per_class)
   grid = multihost.to_host(sample_many(config, graphdef, params, mesh, grid_labels, s.seed + 1, progress=False))

@@ -10,9 +10,18 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def to_uint8_device(images):
-  """`to_uint8` in JAX (the same values), for arrays that stay on the devices."""
-  return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+UINT8_CONVENTIONS = ("round", "truncate")
+
+
+def to_uint8_device(images, convention: str = "round"):
+  """`to_uint8` in JAX (the same values), for arrays that stay on the devices. "truncate" is
+  guided-diffusion's sampling scripts' `((x + 1) * 127.5).clamp(0, 255).to(uint8)`, which
+  darkens every pixel by half a level on average; "round" is unbiased and matches what
+  real uint8 images give back after the [-1, 1] round trip (the FID reference statistics)."""
+  scaled = (images.astype(jnp.float32) + 1.0) * 127.5
+  if convention == "truncate":
+    return jnp.clip(scaled, 0, 255).astype(jnp.uint8)  # float -> uint8 casts truncate
+  return jnp.clip(jnp.round(scaled), 0, 255).astype(jnp.uint8)
 
 
 def grid(rows, pad: int = 1) -> np.ndarray:
