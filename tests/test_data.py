@@ -94,7 +94,7 @@ def _write_folder(root, per_class=5, bad=1):
 def test_image_folder_skips_unreadable_files_and_counts_them(tmp_path, one_device):
   _write_folder(tmp_path / "images")
   config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3,
-                          "data.image_size": 8})
+                          "data.image_size": 8, "data.num_classes": 2})
   source = data.make_source(config.data, "train")  # no train/ sub-folder: the root is the split
   assert len(source) == 10 and source.num_skipped == 1 and source.num_classes == 2
   assert sorted(source.labels.tolist()) == [0] * 5 + [1] * 5
@@ -105,7 +105,8 @@ def test_image_folder_skips_unreadable_files_and_counts_them(tmp_path, one_devic
 def test_image_folder_uses_the_split_subfolder(tmp_path):
   _write_folder(tmp_path / "images" / "train", per_class=2, bad=0)
   _write_folder(tmp_path / "images" / "validation", per_class=3, bad=0)
-  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3})
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3,
+                          "data.num_classes": 2})
   assert len(data.make_source(config.data, "train")) == 4
   assert len(data.make_source(config.data, "validation")) == 6
 
@@ -120,7 +121,8 @@ def test_empty_image_folder_is_a_clear_error(tmp_path):
 
 def test_too_few_records_for_a_batch_is_a_clear_error(tmp_path, one_device):
   _write_folder(tmp_path / "images", per_class=2, bad=0)
-  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3})
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path / "images"), "data.channels": 3,
+                          "data.num_classes": 2})
   with pytest.raises(data.DataError, match="cannot fill one batch of 8"):
     _first(config, data.make_source(config.data, "train"), one_device)
 
@@ -166,3 +168,53 @@ def test_synthetic_source_is_deterministic():
   assert len(a) == 64
   np.testing.assert_array_equal(a[5]["image"], b[5]["image"])
   assert a[5]["image"].shape == (8, 8, 3) and not np.array_equal(a[5]["image"], a[6]["image"])
+
+
+def test_class_folders_must_match_the_class_count(tmp_path):
+  root = tmp_path / "images"
+  for c in range(11):  # sorted as c0, c1, c10, c2, ...: 11 classes where 10 are configured
+    (root / f"c{c}").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"c{c}" / "0.png")
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(root), "data.channels": 3})
+  with pytest.raises(data.DataError, match=r"has 11 classes \(c0, c1, c10, c2, .*\) but data.num_classes=10: "
+                                           r"set --config.data.num_classes=11"):
+    data.make_source(config.data, "train")
+  assert len(data.make_source(config.data, "train", labelled=False)) == 11  # FID's reference images
+
+
+def test_a_file_that_fails_at_decode_time_is_skipped_deterministically(tmp_path, one_device):
+  import io
+  root = tmp_path / "images"
+  _write_folder(root, per_class=4, bad=0)
+  buffer = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+  (root / "cat" / "truncated.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+  config = tiny_config(**{"data.name": "folder", "data.data_dir": str(root), "data.channels": 3,
+                          "data.num_classes": 2, "data.image_size": 8})
+  source = data.make_source(config.data, "train")
+  assert len(source) == 9 and source.num_skipped == 0  # the header is fine: the scan keeps it
+  bad = [i for i, f in enumerate(source.files) if f.endswith("truncated.jpg")][0]
+  record = source[bad]  # skipped at decode: the next readable file takes its place, every time
+  np.testing.assert_array_equal(record["image"], source[bad + 1]["image"])
+  assert str(root / "cat" / "truncated.jpg") in data.sources.DECODE_FAILURES
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  make = lambda: data.make_batches(config.data, source, global_batch=8, sharding=sharding.batch_sharding(mesh),
+                                   seed=0, train=True)
+  first, second = make(), make()
+  for _ in range(3):  # whole epochs through the truncated file, the same batches twice
+    np.testing.assert_array_equal(np.asarray(next(first)["image"]), np.asarray(next(second)["image"]))
+
+
+def test_evaluation_batches_are_in_split_order_padded_to_whole_batches(one_device):
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  source = data.make_source(config.data, "test")  # 297 digits
+  batches = data.make_batches(config.data, source, global_batch=128, sharding=sharding.batch_sharding(mesh),
+                              seed=0, train=False)
+  got = [next(batches) for _ in range(3)]  # 3 x 128 = 384 rows: 297 records, then padding
+  index = np.concatenate([np.asarray(b["index"]) for b in got])
+  labels = np.concatenate([np.asarray(b["label"]) for b in got])
+  np.testing.assert_array_equal(index, np.arange(384))
+  np.testing.assert_array_equal(labels[:297], [r["label"] for r in source])
+  with pytest.raises(StopIteration):
+    next(batches)

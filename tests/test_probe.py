@@ -154,8 +154,8 @@ def test_online_linear_probe_with_augmentation(trained):
 
 
 @pytest.mark.parametrize("overrides,error,message", [
-    ({"probe.block": 3}, probe.ProbeError, r"block 3 is out of range: use -1 \(rep\) or 0..2"),
-    ({"probe.t": 1000}, probe.ProbeError, r"t=1000 is outside \[0, 1000\)"),
+    ({"probe.block": 3}, ValueError, r"probe.block=3: use -1 \(rep\) or 0..2"),
+    ({"probe.t": 1000}, ValueError, r"probe.t=1000: use -1 \(clean image\) or a timestep in \[0, 1000\)"),
     ({"probe.fewshot_shots": (500,)}, probe.ProbeError, "500 shots per class asked"),
     ({"model.variant": "Ti/2"}, checkpoint.CheckpointError, r"parameters do not match \(.*saved \(32, 32\) float32, model \(64, 64\) float32.*changed config: "
      r"model.variant: 'Mu/2' -> 'Ti/2'"),

@@ -70,7 +70,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   for scale, expected in ((1.0, cond), (0.0, uncond)):
     got = diffusion.guided(apply, labels, 10, scale)(x, t)
     for g, e in zip(got, expected):
-      np.testing.assert_allclose(g, e)
+      np.testing.assert_allclose(g, e, rtol=1e-6)
   got = diffusion.guided(apply, labels, 10, 4.0)(x, t)
   np.testing.assert_allclose(got[0], uncond[0] + 4.0 * (cond[0] - uncond[0]))
 

@@ -1,17 +1,23 @@
 """Checkpoints of the whole run state (the only module that imports orbax).
 
 Each step directory holds `state` (params, optimizer, EMA, step, RNG, counters), `data`
-(the grain iterator of every process) and `config` (JSON). Orbax writes to a temporary
-directory and renames it when complete, so a crash mid-write never leaves a partial step.
+(the grain iterator of every process), `config` (JSON) and `checksums` (JSON: a fingerprint
+of every saved array, computed on device before the write and compared after every restore,
+so flipped bytes are found and the step is treated as damaged). Orbax writes to a temporary
+directory and renames it when complete, so a crash mid-write never leaves a partial step. A
+training workdir is locked (`WORKDIR/.lock`, naming host and pid) while a run writes to it.
 """
+import dataclasses
 import json
 import os
+import socket
 import time
 
 import grain
 from absl import logging
 import jax
 import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -19,6 +25,89 @@ from jax.experimental import multihost_utils
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be read or written: the message names the step and what to do."""
+
+
+def _as_dict(state) -> dict:
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)} if dataclasses.is_dataclass(state) \
+      else dict(state)
+
+
+def _bits(x):
+  """The array's bits as uint32 (one element per element; 8-byte types folded)."""
+  size = np.dtype(x.dtype).itemsize
+  if size == 8:
+    pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return pair[..., 0] ^ (pair[..., 1] * jnp.uint32(0x9E3779B1))
+  kind = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[size]
+  return jax.lax.bitcast_convert_type(x, kind).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_tree(tree):
+  def one(x):
+    bits = _bits(x)
+    position = jnp.zeros(bits.shape, jnp.uint32)
+    for d in range(bits.ndim):  # the element's flat index, without reshaping a sharded array
+      stride = int(np.prod(bits.shape[d + 1:], dtype=np.int64)) % 2 ** 32
+      position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride)
+    return jnp.sum(bits * (position * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+  return jax.tree.map(one, tree)
+
+
+def fingerprints(tree) -> dict:
+  """{path: uint32} of every array of a (state) tree: the sum of its bits weighted by position,
+  computed where the arrays live; any changed byte changes it (up to a 2^-32 chance)."""
+  tree = _as_dict(tree)
+  values = jax.device_get(_fingerprint_tree(tree))  # replicated scalars: readable on every process
+  return {jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
+def _verify(saved: dict | None, tree, where: str) -> None:
+  """Raise CheckpointError if an array of `tree` differs from the fingerprint saved with it."""
+  if saved is None:
+    logging.warning("%s has no checksums (written by an older version): not verified", where)
+    return
+  for path, value in fingerprints(tree).items():
+    if path in saved and saved[path] != value:
+      raise CheckpointError(f"{where}: array {path} does not match the checksum saved with it: the file is damaged")
+
+
+_LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _take_lock(workdir: epath.Path) -> epath.Path | None:
+  """Process 0 takes WORKDIR/.lock ("host pid"); a lock of a dead process on this host is
+  taken over. All processes agree on the outcome; a held lock is a CheckpointError."""
+  path, problem = workdir / _LOCK, None
+  if jax.process_index() == 0:
+    me = f"{socket.gethostname()} {os.getpid()}"
+    if path.exists():
+      holder = path.read_text().split()
+      host, pid = (holder + ["?", "0"])[:2]
+      if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        logging.warning("taking over the lock of a run that is gone (%s, pid %s)", host, pid)
+      else:
+        problem = (f"workdir {str(workdir)!r} is in use by pid {pid} on host {host} (lock file {path}): wait for "
+                   "that run to finish, use another --workdir, or delete the lock file if no run is using it")
+    if problem is None:
+      path.write_text(me)
+  if jax.process_count() > 1:
+    held = multihost_utils.process_allgather(np.array(problem is not None))
+    if np.any(held) and problem is None:
+      problem = f"workdir {str(workdir)!r} is in use by another run (see process 0's error)"
+  if problem:
+    raise CheckpointError(problem)
+  return path if jax.process_index() == 0 else None
 
 
 def _ensure_writable(directory: epath.Path) -> None:
@@ -89,10 +178,14 @@ def _mismatch_message(mismatches: list, changes: list) -> str:
 
 
 class Checkpointer:
+  """The checkpoints of a training workdir, which it locks until `close()`."""
 
   def __init__(self, workdir, *, max_to_keep: int = 3):
+    if max_to_keep < 1:
+      raise CheckpointError(f"keep_checkpoints={max_to_keep}: must be >= 1 (a run must keep its last checkpoint)")
     self.directory = _absolute(workdir) / "checkpoints"
     _ensure_writable(self.directory)
+    self._lock = _take_lock(self.directory.parent)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
@@ -106,7 +199,8 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, config) -> None:
     """Asynchronous save; call `wait()` before the process exits."""
     items = dict(state=ocp.args.StandardSave(state),
-                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+                 checksums=ocp.args.JsonSave(fingerprints(state)))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -118,6 +212,13 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      _verify(_saved_checksums(self.manager, step), restored.state, f"checkpoint step {step} in {self.directory}")
+      position = data_iterator.get_state().get("next_index") if data_iterator is not None else None
+      if isinstance(position, int) and position != step:  # one local batch per step on every process
+        raise CheckpointError(f"checkpoint step {step} in {self.directory}: its data position {position} does "
+                              "not match the step: the data part is damaged")
+    except CheckpointError:
+      raise
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} could not be restored "
@@ -163,11 +264,29 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+    if self._lock is not None and self._lock.exists():
+      self._lock.unlink()
+      self._lock = None
+
+
+def _saved_checksums(manager, step: int):
+  """The step's saved fingerprints, or None for checkpoints written before they existed."""
+  if not (epath.Path(manager.directory) / str(step) / "checksums").exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+
+
+def _reader(workdir) -> ocp.CheckpointManager:
+  """A manager that only reads: it creates nothing (a mistyped path stays absent)."""
+  return ocp.CheckpointManager(_absolute(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, max_to_keep=None, save_interval_steps=0))
 
 
 def latest_step(workdir):
-  """The newest complete checkpoint step of a workdir, or None."""
-  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
+  """The newest complete checkpoint step of a workdir, or None (also when it has no checkpoints/)."""
+  if not (_absolute(workdir) / "checkpoints").is_dir():
+    return None
+  manager = _reader(workdir)
   try:
     return manager.latest_step()
   finally:
@@ -177,7 +296,9 @@ def latest_step(workdir):
 def load_config(workdir):
   """The config a workdir's latest checkpoint was written with, as a locked ConfigDict."""
   import ml_collections
-  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
+  if latest_step(workdir) is None:
+    raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first")
+  manager = _reader(workdir)
   try:
     step = manager.latest_step()
     if step is None:
@@ -193,12 +314,11 @@ def load_config(workdir):
 def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""
-  manager = ocp.CheckpointManager(_absolute(workdir) / "checkpoints")
-  step = manager.latest_step()
+  step = latest_step(workdir)
   if step is None:
-    manager.close()
     raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first "
                           "(python main.py --mode=pretrain --workdir=...)")
+  manager = _reader(workdir)
   key = "params"
   if prefer_ema:
     try:
@@ -213,13 +333,21 @@ def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=No
     manager.close()
     raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
                           "use the config the run was trained with")
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+  steps = sorted((s for s in manager.all_steps() if s <= step), reverse=True)
   try:
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"{str(workdir)!r} step {step}: parameters do not match this config "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    for i, at in enumerate(steps):  # a damaged step: the previous one, as training resumes do
+      try:
+        restored = manager.restore(at, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
+        _verify(_saved_checksums(manager, at), {key: restored.state[key]}, f"{str(workdir)!r} step {at}")
+        return restored.state[key]
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+        error = e if isinstance(e, CheckpointError) else CheckpointError(
+            f"{str(workdir)!r} step {at} could not be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}): it is damaged")
+        if i == len(steps) - 1:
+          raise error from None
+        logging.warning("%s -- using the previous step %d instead", error, steps[i + 1])
   finally:
     manager.close()
-  return restored.state[key]

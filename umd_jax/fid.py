@@ -14,7 +14,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from umd_jax import multihost, sharding
+from umd_jax import files, multihost, sharding
 from umd_jax.images import to_uint8_device
 from umd_jax.models.inception import Inception
 
@@ -136,7 +136,7 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
     with path.open("rb") as f:
       ref = np.load(f)
       return ref["mu"], ref["sigma"]
-  source = data.make_source(d, d.eval_split)
+  source = data.make_source(d, d.eval_split, labelled=False)  # images only
   shards = sharding.num_data_shards(mesh)
   batch = -(-min(200, len(source)) // shards) * shards
   batches = data.make_batches(d, source, global_batch=batch, sharding=_rows(mesh), seed=0, train=False)
@@ -145,9 +145,7 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
       *[to_uint8(next(batches)["image"]) for _ in range(-(-len(source) // batch))])
   mu, sigma = statistics(activations(net, real, mesh)[0], len(source))
   if multihost.is_main():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-      np.savez(f, mu=mu, sigma=sigma)
+    files.write_npz(path, mu=mu, sigma=sigma)
   return mu, sigma
 
 

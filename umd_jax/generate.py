@@ -17,7 +17,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from umd_jax import corruption, diffusion, images, multihost, sharding, train_step
+from umd_jax import checks, corruption, files, diffusion, images, multihost, sharding, train_step
 
 
 class SampleError(ValueError):
@@ -140,6 +140,7 @@ def run(config, workdir, devices=None) -> dict:
   """Writes samples/grid.png, samples/samples_<N>x<H>x<W>x<C>.npz (arr_0 uint8 images, arr_1
   labels), samples/inpaint.png when sample.inpaint is set, and FID / IS when sample.fid."""
   s = config.sample
+  checks.check(config, "generate")  # settings and input files, before anything is sampled or written
   classes = check(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = train_step.load_weights(config, workdir, mesh, prefer_ema=s.use_ema)
@@ -163,8 +164,7 @@ def run(config, workdir, devices=None) -> dict:
     images.save_png(out_dir / "grid.png", picture, upscale=max(1, 512 // picture.shape[1]))
     if samples is not None:
       name = "samples_{}x{}x{}x{}.npz".format(*host_samples.shape)
-      with (out_dir / name).open("wb") as f:
-        np.savez(f, arr_0=host_samples, arr_1=labels)
+      files.write_npz(out_dir / name, arr_0=host_samples, arr_1=labels)
       result["npz"] = str(out_dir / name)
   if s.inpaint:
     result["inpaint"] = _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main)
@@ -174,7 +174,7 @@ def run(config, workdir, devices=None) -> dict:
     from umd_jax import fid
     result.update(fid.evaluate(config, samples, len(labels), mesh, workdir))
   if is_main:
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    files.write_text(out_dir / "result.json", json.dumps(result, indent=2))
   return result
 
 

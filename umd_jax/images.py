@@ -1,8 +1,11 @@
 """Image grids for TensorBoard and PNG files, and the uint8 convention of saved samples."""
+import io
+
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from PIL import Image
+
+from umd_jax import files
 
 
 def to_uint8(images) -> np.ndarray:
@@ -36,10 +39,9 @@ def grid(rows, pad: int = 1) -> np.ndarray:
 
 
 def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   if upscale > 1:
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  with path.open("wb") as f:
-    pil.save(f, format="PNG")
+  buffer = io.BytesIO()
+  pil.save(buffer, format="PNG")
+  files.write_bytes(path, buffer.getvalue())

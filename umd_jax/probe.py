@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from umd_jax import checkpoint, data, diffusion, multihost, sharding, train_step
+from umd_jax import checkpoint, checks, data, files, diffusion, multihost, sharding, train_step
 
 REP = -1  # block index meaning "rep"
 
@@ -157,8 +157,7 @@ def extract_cached(config, graphdef, params, split, *, t, blocks, mesh, max_imag
     x = multihost.to_host(feats.x)[:, :feats.n]  # collective: every process takes part
     if multihost.is_main():
       path.parent.mkdir(parents=True, exist_ok=True)
-      with path.open("wb") as f:
-        np.savez(f, features=x, labels=feats.y)
+      files.write_npz(path, features=x, labels=feats.y)
   return feats
 
 
@@ -420,8 +419,7 @@ def fewshot_eval(config, graphdef, params, mesh, shots=None, seeds=1):
 def run(config, workdir, devices=None) -> dict:
   """--mode=probe: few-shot + linear probe (+ DDAE sweep, + baselines); writes probe/results.json."""
   p = config.probe
-  if config.data.num_classes < 2:
-    raise ProbeError("probing needs labels: set data.num_classes")
+  checks.check(config, "probe")
   check_request(config, [p.block], [p.t])
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = load_backbone(config, workdir, mesh)
@@ -448,7 +446,7 @@ def run(config, workdir, devices=None) -> dict:
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
   if multihost.is_main():
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    files.write_text(out_dir / "results.json", json.dumps(results, indent=2))
   print(format_table(results))
   return results
 

@@ -15,7 +15,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, corruption, data, diffusion, flops, generate, images, multihost, probe, sharding,
+from umd_jax import (checkpoint, checks, corruption, data, files, diffusion, flops, generate, images, multihost, probe, sharding,
                      train_step)
 from umd_jax.models import umd
 
@@ -24,27 +24,10 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the message says what happened and what to do."""
 
 
-def validate_config(config) -> None:
-  """Fail fast, with one line, on values that would otherwise fail deep inside JAX."""
-  c, d = config.corruption, config.data
-  variant = umd.parse_variant(config.model.variant)
-  if d.image_size % variant["patch"]:
-    raise ValueError(f"data.image_size={d.image_size} is not divisible by the patch size {variant['patch']} "
-                     f"of model.variant={config.model.variant!r}")
-  if not 0.0 <= c.clean_fraction <= 1.0:
-    raise ValueError(f"corruption.clean_fraction={c.clean_fraction} must be in [0, 1]")
-  num_patches = (d.image_size // variant["patch"]) ** 2
-  for name in ("clean_mask_ratio", "noised_mask_ratio"):
-    ratio = c[name]
-    if not 0.0 <= ratio < 1.0:
-      raise ValueError(f"corruption.{name}={ratio} must be in [0, 1)")
-    if corruption.num_kept(num_patches, ratio) < 1:
-      raise ValueError(f"corruption.{name}={ratio} keeps no token of {num_patches}: lower it")
-  if config.nonfinite_policy not in ("stop", "skip"):
-    raise ValueError(f"nonfinite_policy={config.nonfinite_policy!r}: use 'stop' or 'skip'")
-  if config.batch_size < 1 or config.total_steps < 1:
-    raise ValueError("batch_size and total_steps must be positive")
-  train_step.accumulation_order(config.batch_size, c.clean_fraction, config.grad_accum_steps)
+def validate_config(config, mode: str = "pretrain") -> None:
+  """Fail fast, with one line, on every setting training reads (see checks.py)."""
+  checks.check(config, mode)
+  train_step.accumulation_order(config.batch_size, config.corruption.clean_fraction, config.grad_accum_steps)
 
 
 def _reconstruction_fn(config, graphdef, mesh):
@@ -91,19 +74,32 @@ def _mean_metrics(history):
   return out
 
 
-def pretrain(config, workdir: str, devices=None) -> dict:
-  """Train for config.total_steps (resuming if the workdir has a checkpoint); returns a summary."""
-  validate_config(config)
+def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict:
+  """Train for config.total_steps (resuming if the workdir has a checkpoint); returns a summary.
+  Every setting, the data and `init_from` are checked before anything is written to the workdir."""
+  validate_config(config, mode)
   workdir = epath.Path(workdir)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.batch_size, mesh)
+  source = data.make_source(config.data, config.data.train_split)  # also checks its class count
+  resuming = checkpoint.latest_step(workdir) is not None
+  if config.init_from and not resuming:
+    checkpoint.load_config(config.init_from)  # read-only: a mistyped path creates nothing there
+  if mode == "finetune" and not config.init_from and not resuming:
+    raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)  # takes the workdir's lock
+  try:
+    return _train(config, workdir, mesh, ckpt, source)
+  finally:
+    ckpt.close()  # also on an error: no checkpointer threads left to print after the error line
+
+
+def _train(config, workdir, mesh, ckpt, source) -> dict:
   tx, lr = train_step.make_optimizer(config)
   graphdef, state, shardings = train_step.create_state(config, mesh, tx)
   step_fn = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
   reconstruct = _reconstruction_fn(config, graphdef, mesh)
 
-  source = data.make_source(config.data, config.data.train_split)
   batches = data.make_batches(config.data, source, global_batch=config.batch_size,
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True)
   if ckpt.latest_step() is not None:
@@ -164,7 +160,6 @@ def pretrain(config, workdir: str, devices=None) -> dict:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
   ckpt.wait()
-  ckpt.close()
   writer.flush()
   return dict(start_step=start, step=step, first_loss=first_loss, last_loss=last.get("loss"),
               stopped_by=stop.signal, workdir=str(workdir), state=state)
@@ -184,11 +179,7 @@ def _init_from(config, state, shardings) -> dict:
 
 def finetune(config, workdir, devices=None) -> dict:
   """Class-conditional fine-tuning: the pre-training loop from `init_from`'s weights with labels."""
-  if config.model.num_classes < 1:
-    raise ValueError("fine-tuning is class-conditional: set model.num_classes (the ':finetune' configs do)")
-  if not config.init_from and checkpoint.Checkpointer(workdir).latest_step() is None:
-    raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
-  return pretrain(config, workdir, devices)
+  return pretrain(config, workdir, devices, mode="finetune")
 
 
 def _preview_images(config, mesh):
@@ -249,7 +240,7 @@ def summarize(config, workdir: str) -> dict:
   result = {"params": count, "train_flops_per_image": flops.train_flops_per_image(config)}
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "summary.json").write_text(json.dumps(result, indent=2))
+  files.write_text(workdir / "summary.json", json.dumps(result, indent=2))
   print(overview)
   print(f"parameters: {count:,}   training FLOPs per image (fwd+bwd): {result['train_flops_per_image']:.4g}")
   return result

@@ -80,6 +80,16 @@ class SyntheticSource:
     return {"image": image, "label": index % self.num_classes}
 
 
+DECODE_FAILURES = set()  # files of this process that failed to decode (skipped)
+
+
+def _skipped_at_decode(path: str, error: Exception) -> None:
+  if path not in DECODE_FAILURES:
+    DECODE_FAILURES.add(path)
+    logging.warning("skipped %s: it cannot be decoded (%s: %s); %d such files so far in this process", path,
+                    type(error).__name__, error, len(DECODE_FAILURES))
+
+
 class ImageFolderSource:
   """root/<class>/<image>. Unreadable files are skipped at start-up (and counted in the log)."""
 
@@ -107,6 +117,7 @@ class ImageFolderSource:
       raise DataError(f"image folder {root!r} has no readable images: expected ROOT/<class>/<image> with "
                       f"extensions {', '.join(IMAGE_EXTENSIONS)} ({len(skipped)} unreadable skipped)")
     self.labels = np.asarray(labels, np.int32)
+    self.class_names = classes
     self.num_classes, self.num_skipped, self.channels = len(classes), len(skipped), channels
     self.root = root
 
@@ -117,9 +128,20 @@ class ImageFolderSource:
     return len(self.files)
 
   def __getitem__(self, index):
-    with Image.open(self.files[index]) as im:
-      image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-    return {"image": _to_channels(image, self.channels), "label": self.labels[index]}
+    # A file that passed the scan can still fail to decode (a truncated JPEG): it is skipped and
+    # counted, and the next readable file takes its place -- the same one every time, so the
+    # batches (and a resumed run's) stay deterministic.
+    for offset in range(len(self.files)):
+      i = (int(index) + offset) % len(self.files)
+      try:
+        with Image.open(self.files[i]) as im:
+          image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
+        return {"image": _to_channels(image, self.channels), "label": self.labels[i]}
+      except DataError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any decode failure is skipped the same way
+        _skipped_at_decode(self.files[i], e)
+    raise DataError(f"image folder {self.root!r}: no file can be decoded")
 
 
 class TfdsSource:
@@ -137,6 +159,7 @@ class TfdsSource:
     self.channels = channels
     label = self.source.dataset_info.features["label"] if "label" in self.source.dataset_info.features else None
     self.num_classes = getattr(label, "num_classes", 0)
+    self.class_names = list(getattr(label, "names", None) or [])
     self._repr = f"TfdsSource(name={name!r}, split={split!r}, records={len(self.source)}, channels={channels})"
 
   def __repr__(self):
@@ -151,8 +174,9 @@ class TfdsSource:
             "label": np.int32(record.get("label", 0))}
 
 
-def make_source(data_config, split: str):
-  """The source named by `config.data.name` for `split`."""
+def make_source(data_config, split: str, labelled: bool = True):
+  """The source named by `config.data.name` for `split`. With `labelled` (everything but FID's
+  reference images) its class count must be `data.num_classes` where both are known."""
   d = data_config
   if d.name == "digits":
     source = DigitsSource(split, d.channels)
@@ -165,4 +189,11 @@ def make_source(data_config, split: str):
     source = TfdsSource(d.name, split, d.data_dir, d.channels)
   if len(source) == 0:
     raise DataError(f"data {d.name!r} split {split!r} is empty")
+  found = getattr(source, "num_classes", 0)
+  if labelled and d.num_classes and found and found != d.num_classes:  # labels would index the wrong classes
+    names = list(getattr(source, "class_names", []))
+    shown = f" ({', '.join(map(str, names[:12]))}{', ...' if len(names) > 12 else ''})" if names else ""
+    raise DataError(f"data {d.name!r} split {split!r} has {found} classes{shown} but data.num_classes="
+                    f"{d.num_classes}: set --config.data.num_classes={found} (and model.num_classes for "
+                    "class-conditional runs) or fix the data")
   return source

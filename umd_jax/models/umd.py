@@ -28,6 +28,8 @@ def parse_variant(variant: str) -> dict:
     name, patch = variant.split("/")
     width, enc, dec, heads = VARIANTS[name]
     patch = int(patch)
+    if patch < 1:
+      raise ValueError
   except (ValueError, KeyError):
     raise ValueError(
         f"model.variant={variant!r} is not NAME/PATCH with NAME in {sorted(VARIANTS)} "

@@ -1,0 +1,78 @@
+"""Bad settings and input files, as a user types them: `python main.py ...` must exit 1 with one
+`error:` line that names the key or file and says what to change, and leave the disk as it was
+(no workdir, no checkpoints/, no events file, no outputs). Cases run two at a time."""
+import concurrent.futures
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_main import run_main
+
+DEMO = "--config=configs/demo.py"
+FINETUNE = "--config=configs/demo.py:finetune"
+
+# (name, extra arguments, text the error line must contain); {tmp} is the test's directory.
+CASES = [
+    ("keep_checkpoints", [DEMO, "--config.keep_checkpoints=0"], "keep_checkpoints=0 must be >= 1"),
+    ("log_every", [DEMO, "--config.log_every=0"], "log_every=0 must be an integer >= 1"),
+    ("checkpoint_every", [DEMO, "--config.checkpoint_every=0"], "checkpoint_every=0 must be an integer >= 1"),
+    ("image_every", [DEMO, "--config.image_every=-5"], "image_every=-5 must be an integer >= 1"),
+    ("num_timesteps", [DEMO, "--config.diffusion.num_timesteps=0"], "diffusion.num_timesteps=0 must be"),
+    ("patch", [DEMO, "--config.model.variant=Ti/0"], "model.variant='Ti/0' is not NAME/PATCH"),
+    ("negative patch", [DEMO, "--config.model.variant=Ti/-2"], "model.variant='Ti/-2' is not NAME/PATCH"),
+    ("image size", [DEMO, "--config.data.image_size=9"], "data.image_size=9 is not divisible by the patch size 2"),
+    ("b2", [DEMO, "--config.optim.b2=1.0"], "optim.b2=1.0 must be in [0, 1)"),
+    ("label dropout", [DEMO, "--config.corruption.label_dropout=2.0"], "corruption.label_dropout=2.0 must be in"),
+    ("crop", [DEMO, "--config.data.crop_area_min=0"], "need 0 < data.crop_area_min"),
+    ("remat", [DEMO, "--config.model.remat=some"], "model.remat='some': use one of"),
+    ("dtype", [DEMO, "--config.model.dtype=float16"], "model.dtype='float16': use 'auto' or one of"),
+    ("fsdp", [DEMO, "--config.mesh.fsdp=3"], "mesh.fsdp=3 does not divide the 1 devices"),
+    ("init_from", [DEMO, "--config.init_from={tmp}/no_such_run"], "has no checkpoint"),
+    ("folder", [DEMO, "--config.data.name=folder", "--config.data.data_dir={tmp}/nowhere"],
+     "data.data_dir='{tmp}/nowhere' does not exist"),
+    ("classes", [DEMO, "--config.data.name=folder", "--config.data.data_dir={tmp}/eleven", "--config.data.channels=3"],
+     "has 11 classes (c0, c1, c10, c2,"),
+    ("finetune classes", [FINETUNE, "--mode=finetune", "--config.model.num_classes=5"], "model.num_classes=5"),
+    ("probe shots", [DEMO, "--mode=probe", "--config.probe.fewshot_shots=(0,)"], "probe.fewshot_shots=(0,) must be"),
+    ("probe workdir", [DEMO, "--mode=probe"], "has no checkpoint: pre-train there first"),
+    ("inpaint missing", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}/mask.png"], "PNG mask file"),
+    ("inpaint directory", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}"], "PNG mask file"),
+    ("inpaint not an image", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}/notes.txt"],
+     "is not a readable image"),
+    ("steps", [FINETUNE, "--mode=generate", "--config.sample.steps=0"], "sample.steps=0 must be in [1, 1000]"),
+    ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
+]
+
+
+def _snapshot(root):
+  return {(p, os.path.getsize(os.path.join(d, p)), os.path.getmtime(os.path.join(d, p)))
+          for d, _, files in os.walk(root) for p in files} | {d for d, _, _ in os.walk(root)}
+
+
+def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
+  for c in range(11):  # an image folder with 11 classes where the demo has 10
+    (tmp_path / "eleven" / f"c{c}").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "eleven" / f"c{c}" / "0.png")
+  (tmp_path / "notes.txt").write_text("not an image")
+  before = _snapshot(tmp_path)
+
+  def one(case):
+    name, args, expected = case
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    workdir = tmp_path / f"work_{name.replace(' ', '_')}"
+    return case, workdir, run_main(*args, f"--workdir={workdir}")
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(one, CASES))
+  failures = []
+  for (name, _, expected), workdir, proc in results:
+    expected = expected.replace("{tmp}", str(tmp_path))
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    if proc.returncode != 1 or len(lines) != 1 or expected not in lines[0] or "Traceback" in proc.stderr:
+      failures.append(f"{name}: exit {proc.returncode}, error lines {lines}, stderr tail {proc.stderr[-600:]!r}")
+    elif workdir.exists():
+      failures.append(f"{name}: created {workdir}: {sorted(os.listdir(workdir))}")
+  assert not failures, "\n".join(failures)
+  assert _snapshot(tmp_path) == before  # nothing else was created or changed either (init_from, inputs)

@@ -1,0 +1,128 @@
+"""Checkpoint integrity: flipped bytes (same length) in the array data or the data-iterator part are
+found by the checksums saved with each step, and the run falls back to the previous step; the
+workdir lock; keep_checkpoints; read-only uses create nothing."""
+import json
+import os
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from umd_jax import checkpoint, sharding, train, train_step
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny run with checkpoints at steps 2 and 4, and a pristine copy to damage per test."""
+  root = tmp_path_factory.mktemp("ckpt")
+  config = tiny_config(**{"total_steps": 4, "checkpoint_every": 2})
+  result = train.pretrain(config, root / "run", devices=jax.devices()[:1])
+  return config, root / "run", result
+
+
+@pytest.fixture
+def fresh(run, tmp_path):
+  import shutil
+  config, workdir, result = run
+  shutil.copytree(workdir, tmp_path / "run")
+  return config, tmp_path / "run", result
+
+
+def _flip(path, offset_fraction=0.5, count=16):
+  """Flip `count` bytes in the middle of a file, keeping its length."""
+  data = bytearray(path.read_bytes())
+  start = int(len(data) * offset_fraction)
+  for i in range(start, min(start + count, len(data))):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _largest_array_file(step_dir):
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+  return max(files, key=lambda f: f.stat().st_size)
+
+
+def test_flipped_bytes_in_the_arrays_fall_back_to_the_previous_step(fresh):
+  config, workdir, full = fresh
+  _flip(_largest_array_file(workdir / "checkpoints" / "4"))
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 4"):
+    strict = tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "restore_fallback": False})
+    train.pretrain(strict, workdir, devices=jax.devices()[:1])
+  resumed = train.pretrain(config, workdir, devices=jax.devices()[:1])
+  assert resumed["start_step"] == 2 and resumed["step"] == 4
+  for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert len(list((workdir / "damaged_checkpoints").iterdir())) == 1
+
+
+def test_a_changed_array_is_caught_by_its_checksum(fresh):
+  """Values that decode fine but differ from what was saved (here: the saved fingerprint of one
+  array changed instead of the array, the same comparison) name the array."""
+  config, workdir, _ = fresh
+  meta = workdir / "checkpoints" / "4" / "checksums" / "metadata"
+  saved = json.loads(meta.read_text())
+  key = next(k for k in saved if "params" in k and "kernel" in k)
+  saved[key] = (saved[key] + 1) % 2 ** 32
+  meta.write_text(json.dumps(saved))
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    tx, _ = train_step.make_optimizer(config)
+    _, state, shardings = train_step.create_state(config, mesh, tx)
+    with pytest.raises(checkpoint.CheckpointError, match=r"array \['params'\].* does not match the checksum"):
+      ckpt.restore(4, train_step.abstract_state(state, shardings))
+    step_2 = ckpt.restore(2, train_step.abstract_state(state, shardings)).params
+  finally:
+    ckpt.close()
+  # Read-only loaders (init_from, probe, generate) verify too, and use the previous step.
+  params = train_step.load_weights(config, workdir, mesh, prefer_ema=False)[1]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(step_2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flipped_digits_in_the_data_position_fall_back(fresh):
+  config, workdir, _ = fresh
+  part = workdir / "checkpoints" / "4" / "data" / "process_0-of-1.json"
+  text = part.read_text()
+  assert '"next_index": 4' in text.replace("\\", "")
+  part.write_text(text.replace("4", "7", 1) if text.count("4") else text)  # same length, other position
+  resumed = train.pretrain(config, workdir, devices=jax.devices()[:1])
+  assert resumed["start_step"] == 2
+
+
+def test_checksums_change_with_any_element():
+  tree = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, 2], np.int32)}
+  base = checkpoint.fingerprints(tree)
+  for key, index in (("a", (2, 3)), ("a", (0, 0)), ("b", (1,))):
+    changed = {k: v.copy() for k, v in tree.items()}
+    changed[key][index] += 1
+    assert checkpoint.fingerprints(changed)["['" + key + "']"] != base["['" + key + "']"]
+  swapped = {"a": tree["a"][::-1].copy(), "b": tree["b"]}  # same values, other places
+  assert checkpoint.fingerprints(swapped)["['a']"] != base["['a']"]
+
+
+def test_a_live_lock_stops_a_second_run_and_a_dead_one_is_taken_over(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # this (live) process
+  with pytest.raises(checkpoint.CheckpointError, match=r"is in use by pid \d+ on host .*delete the lock file"):
+    checkpoint.Checkpointer(workdir)
+  (workdir / ".lock").write_text(f"{socket.gethostname()} 999999999")  # no such process
+  ckpt = checkpoint.Checkpointer(workdir)
+  assert (workdir / ".lock").read_text() == f"{socket.gethostname()} {os.getpid()}"
+  ckpt.close()
+  assert not (workdir / ".lock").exists()
+
+
+def test_read_only_uses_create_nothing(tmp_path):
+  assert checkpoint.latest_step(tmp_path / "absent") is None
+  with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint"):
+    checkpoint.load_config(tmp_path / "absent")
+  assert not (tmp_path / "absent").exists()
+
+
+def test_keep_checkpoints_below_one_is_refused(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="keep_checkpoints=0"):
+    checkpoint.Checkpointer(tmp_path / "run", max_to_keep=0)

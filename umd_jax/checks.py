@@ -1,0 +1,189 @@
+"""Every setting a mode reads, checked before any work starts (nothing compiled, nothing written).
+
+`check(config, mode)` raises `ConfigError` with one line that names the key, its value and what
+to use instead. Keys that may take any value (`seed`, `sample.cfg_scale`, `sample.seed`,
+`probe.noise_seed`, split names, `init_from`) are not listed here; the README says so.
+"""
+from etils import epath
+from PIL import Image
+
+from umd_jax import corruption, diffusion, images
+from umd_jax.models import layers, umd
+
+MODES = ("pretrain", "finetune", "probe", "generate", "summary")
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work: the message names the key and what to change."""
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+  """`what` is a predicate ("must be ...", "is not ...") or advice ("use ...")."""
+  if not ok:
+    sep = " " if what.split()[0] in ("must", "is", "keeps", "needs", "has", "out", "not") else ": "
+    raise ConfigError(f"{key}={value!r}{sep}{what}")
+
+
+def _int(config, key: str, low: int, what: str = "") -> None:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  _require(isinstance(node, int) and not isinstance(node, bool) and node >= low, key, node,
+           what or f"must be an integer >= {low}")
+
+
+def _fraction(value, key: str, low_open=False, high_open=False) -> None:
+  ok = (low_open and value > 0 or not low_open and value >= 0) and (high_open and value < 1 or not high_open and value <= 1)
+  _require(ok, key, value, f"must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+def _model_and_data(config) -> None:
+  d, m = config.data, config.model
+  try:
+    variant = umd.parse_variant(m.variant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(variant["patch"] >= 1, "model.variant", m.variant, "the patch size must be a positive integer ('B/4')")
+  _int(config, "data.image_size", 1)
+  _int(config, "data.channels", 1)
+  _int(config, "data.num_classes", 0)
+  _require(d.image_size % variant["patch"] == 0, "data.image_size", d.image_size,
+           f"is not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
+  _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
+  _int(config, "model.num_classes", 0)
+  _require(m.conditioning in ("adaln", "in_context"), "model.conditioning", m.conditioning, "use 'adaln' or 'in_context'")
+  try:
+    umd.compute_dtype(m.dtype)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(m.remat in layers.REMAT_POLICIES, "model.remat", m.remat, f"use one of {sorted(layers.REMAT_POLICIES)}")
+  _require(m.attention in layers.ATTENTION, "model.attention", m.attention, f"use one of {list(layers.ATTENTION)}")
+  _require(config.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule", config.diffusion.schedule,
+           "use 'cosine' (pixels) or 'linear' (latents)")
+  _int(config, "diffusion.num_timesteps", 2)
+  _int(config, "mesh.fsdp", 1)
+  _require(config.mesh.data == -1 or isinstance(config.mesh.data, int) and config.mesh.data >= 1, "mesh.data",
+           config.mesh.data, "use -1 (all devices not used by fsdp) or a positive count")
+  _int(config, "data.num_workers", 0)
+  _int(config, "data.read_threads", -1, "use -1 (automatic) or a count >= 0")
+  _int(config, "data.synthetic_size", 1)
+
+
+def _training(config) -> None:
+  c, d, o = config.corruption, config.data, config.optim
+  for key in ("batch_size", "total_steps", "grad_accum_steps", "log_every", "checkpoint_every", "image_every"):
+    _int(config, key, 1)
+  _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
+  _int(config, "max_skips", 0)
+  _int(config, "probe_every", 0, "must be >= 0 (0: off)")
+  _int(config, "fid_every", 0, "must be >= 0 (0: off)")
+  k, n = config.model.num_classes, config.data.num_classes
+  _require(k == 0 or k == n, "model.num_classes", k,
+           f"a class-conditional model needs one label row per data class: use data.num_classes={n} (or 0)")
+  if config.fid_every:
+    _int(config, "fid_samples", 1)
+    _inception_weights(config)
+  _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
+           "use 'stop' or 'skip'")
+  _fraction(c.clean_fraction, "corruption.clean_fraction")
+  num_patches = (d.image_size // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  for name in ("clean_mask_ratio", "noised_mask_ratio"):
+    _fraction(c[name], f"corruption.{name}", high_open=True)
+    _require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
+             f"keeps no token of {num_patches}: lower it")
+  _int(config, "corruption.loss_buckets", 1)
+  _fraction(c.label_dropout, "corruption.label_dropout")
+  _require(0 < d.crop_area_min <= d.crop_area_max <= 1, "data.crop_area_min", (d.crop_area_min, d.crop_area_max),
+           "need 0 < data.crop_area_min <= data.crop_area_max <= 1")
+  _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "must be > 0")
+  for key in ("b1", "b2"):
+    _fraction(o[key], f"optim.{key}", high_open=True)
+  _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _fraction(o.warmup_fraction, "optim.warmup_fraction", high_open=True)
+  _require(o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "must be > 0")
+  _fraction(o.ema_rate, "optim.ema_rate")
+  if config.probe_every:
+    _probe(config, mode_probe=False)
+
+
+def _probe(config, mode_probe: bool) -> None:
+  p, T = config.probe, config.diffusion.num_timesteps
+  _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
+           "probing needs labels: set the dataset's class count")
+  blocks = sum(umd.parse_variant(config.model.variant)[k] for k in ("encoder_depth", "decoder_depth"))
+  _require(-1 <= p.block < blocks, "probe.block", p.block, f"use -1 (rep) or 0..{blocks - 1}")
+  _require(-1 <= p.t < T, "probe.t", p.t, f"use -1 (clean image) or a timestep in [0, {T})")
+  for key in ("probe.batch_size", "probe.fewshot_seeds"):
+    _int(config, key, 1)
+  for key in ("probe.max_train_images", "probe.max_eval_images"):
+    _int(config, key, 0, "must be >= 0 (0: the whole split)")
+  _require(len(p.fewshot_shots) > 0 and all(isinstance(k, int) and k >= 1 for k in p.fewshot_shots),
+           "probe.fewshot_shots", p.fewshot_shots, "must be shot counts >= 1")
+  _require(p.fewshot_l2 > 0, "probe.fewshot_l2", p.fewshot_l2, "must be > 0")
+  if not mode_probe:
+    return
+  if p.linear:
+    for key in ("probe.linear_epochs", "probe.linear_batch_size"):
+      _int(config, key, 1)
+    _int(config, "probe.linear_warmup_epochs", 0)
+    _require(p.linear_warmup_epochs < p.linear_epochs, "probe.linear_warmup_epochs", p.linear_warmup_epochs,
+             f"must be below probe.linear_epochs={p.linear_epochs}")
+    _require(p.linear_base_lr > 0, "probe.linear_base_lr", p.linear_base_lr, "must be > 0")
+    _require(p.linear_weight_decay >= 0, "probe.linear_weight_decay", p.linear_weight_decay, "must be >= 0")
+    _fraction(p.linear_crop_area_min, "probe.linear_crop_area_min", low_open=True)
+  if p.sweep:
+    _require(len(p.sweep_ts) > 0 and all(-1 <= t < T for t in p.sweep_ts), "probe.sweep_ts", p.sweep_ts,
+             f"timesteps in [0, {T}) (or -1)")
+    _int(config, "probe.sweep_shots", 1)
+
+
+def _inception_weights(config) -> None:
+  path = config.sample.inception_weights
+  _require(bool(path) and epath.Path(path).is_file(), "sample.inception_weights", path,
+           "is not a file: convert pytorch-fid's weights once with tools/convert_inception_weights.py and pass the .npz")
+
+
+def _generate(config) -> None:
+  s, k = config.sample, config.model.num_classes
+  _int(config, "sample.num_samples", 0)
+  for key in ("sample.batch_size", "sample.grid_classes", "sample.grid_per_class", "sample.inpaint_resample"):
+    _int(config, key, 1)
+  _require(s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "use 'ddim' or 'ddpm'")
+  _require(s.prediction in diffusion.PREDICTIONS, "sample.prediction", s.prediction,
+           "use 'eps' (the reference's evaluations) or 'x0'")
+  _require(s.timesteps in diffusion.GRIDS, "sample.timesteps", s.timesteps, "use 'even' or 'strided' (the reference's grid)")
+  _require(s.uint8 in images.UINT8_CONVENTIONS, "sample.uint8", s.uint8,
+           "use 'round' (unbiased, the default) or 'truncate' (ADM's scripts)")
+  _require(1 <= s.steps <= config.diffusion.num_timesteps, "sample.steps", s.steps,
+           f"must be in [1, {config.diffusion.num_timesteps}] (the number of timesteps T)")
+  _require(s.eta >= 0, "sample.eta", s.eta, "must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+  _require(s.cfg_scale == 1.0 or k > 0, "sample.cfg_scale", s.cfg_scale,
+           "needs a class-conditional model (model.num_classes=0): fine-tune with a ':finetune' config, or use 1")
+  bad = [c for c in s.classes if not (isinstance(c, int) and 0 <= c < k)]
+  _require(not bad, "sample.classes", tuple(s.classes), f"out of range: the model has {k} classes")
+  _fraction(s.inpaint_ratio, "sample.inpaint_ratio", high_open=True)
+  if s.inpaint not in ("", "random", "center"):
+    path = epath.Path(s.inpaint)
+    _require(path.is_file(), "sample.inpaint", s.inpaint, "use 'random', 'center' or the path of a PNG mask file")
+    try:
+      with path.open("rb") as f, Image.open(f) as mask:
+        mask.load()
+    except Exception:  # noqa: BLE001 - any unreadable file
+      raise ConfigError(f"sample.inpaint={s.inpaint!r} is not a readable image: use a PNG mask (white = fill)") from None
+  if s.fid:
+    _inception_weights(config)
+
+
+def check(config, mode: str) -> None:
+  """Raise ConfigError for the first setting `mode` reads that cannot work."""
+  _require(mode in MODES, "--mode", mode, f"use one of {MODES}")
+  _model_and_data(config)
+  if mode in ("pretrain", "finetune", "summary"):
+    _training(config)
+  if mode == "finetune":
+    _require(config.model.num_classes >= 1, "model.num_classes", config.model.num_classes,
+             "fine-tuning is class-conditional: set it (the ':finetune' configs do)")
+  if mode == "probe":
+    _probe(config, mode_probe=True)
+  if mode == "generate" or mode == "finetune" and config.fid_every:
+    _generate(config)
