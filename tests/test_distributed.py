@@ -45,6 +45,7 @@ def _free_port() -> int:
 def _started(commands, logdir):
   """Start every command (output to files, so no pipe can fill and stall a peer); always reap."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "PYTHONUNBUFFERED": "1",  # a process killed after a peer failed still shows where it was
          # the resumed launch reuses the first launch's compiled programs
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -280,3 +281,30 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_equals_un
   out = _run_together(_main_py(12, "pretrain", workdir, PRETRAIN), root / "logs_resume")
   assert all(f"trained steps {saved[0]} -> 12" in o for o in out)
   _assert_params_close(_params(workdir), _params(chain["single"]))
+
+
+def test_resume_on_another_number_of_processes_devices_or_fsdp_layout(chain):
+  """The step-6 checkpoint of one layout continued on another gives the uninterrupted run's
+  step-12 parameters: 2×4 -> 1×8, 1×8 -> 2×4, and 1×8 -> 1×4 with FSDP over 2 devices. Equal to
+  float32 rounding, not bitwise: the gradient all-reduce order changes with the layout."""
+  from umd_jax import train
+  root, expected = chain["root"], _params(chain["single"])
+
+  def from_step_6(source, name):
+    workdir = root / name
+    shutil.copytree(source / "checkpoints", workdir / "checkpoints")
+    shutil.rmtree(workdir / "checkpoints" / "12")
+    return workdir
+
+  workdir = from_step_6(chain["multi"], "elastic_2x4_to_1x8")
+  assert train.pretrain(_config("12", PRETRAIN), str(workdir))["start_step"] == 6
+  _assert_params_close(_params(workdir), expected)
+
+  workdir = from_step_6(chain["single"], "elastic_1x8_to_1x4_fsdp2")
+  train.pretrain(_config("12", PRETRAIN + ["--config.mesh.fsdp=2"]), str(workdir), devices=jax.devices()[:4])
+  _assert_params_close(_params(workdir), expected)
+
+  workdir = from_step_6(chain["single"], "elastic_1x8_to_2x4")
+  out = _run_together(_main_py(12, "pretrain", workdir, PRETRAIN), root / "logs_elastic")
+  assert all("trained steps 6 -> 12" in o for o in out)
+  _assert_params_close(_params(workdir), expected)

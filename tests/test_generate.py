@@ -131,7 +131,7 @@ def test_fid_during_generation_with_local_weights(workdirs, tmp_path):
   # The reference statistics (through the padded evaluation pipeline, on device) against float64
   # numpy statistics of the same six images' activations.
   from umd_jax import data, images
-  source, prep = data.make_source(config.data, "test"), data.pipeline.EvalPreprocess(8)
+  source, prep = data.make_source(config.data, "test", labelled=False), data.pipeline.EvalPreprocess(8)
   real = np.stack([images.to_uint8(prep.map(source[i])["image"]) for i in range(len(source))])
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
   pool = np.asarray(fid.activations(fid.load_inception(str(tmp_path / "inception.npz")), real, mesh)[0], np.float64)
@@ -143,9 +143,9 @@ def test_fid_evaluator_inside_finetuning(workdirs, tmp_path):
   from PIL import Image
   from umd_jax.models import inception
   np.savez(tmp_path / "inception.npz", **inception.Inception(seed=0).weights)
-  (tmp_path / "real" / "test" / "0").mkdir(parents=True)
-  for i in range(8):
-    Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(tmp_path / "real" / "test" / "0" / f"{i}.png")
+  for i in range(10):  # one image of each of the 10 classes the model has
+    (tmp_path / "real" / "test" / str(i)).mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 25 * i, np.uint8)).save(tmp_path / "real" / "test" / str(i) / "0.png")
   config = finetune_config(workdirs[0], **{"total_steps": 2, "checkpoint_every": 2, "fid_every": 2, "fid_samples": 8,
                                            "sample.inception_weights": str(tmp_path / "inception.npz"),
                                            "data.name": "folder", "data.data_dir": str(tmp_path / "real"),

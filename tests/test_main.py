@@ -75,6 +75,9 @@ def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path)
   assert f"trained steps {saved} -> 30" in done.stdout  # resumed where the signal stopped it
   assert checkpoint.latest_step(tmp_path / "run") == 30
   # (That a resumed run equals an uninterrupted one bitwise is tested in-process in test_train.py.)
+  again = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "nothing to train: the checkpoint is at step 30" in again.stdout, again.stderr[-2000:]
+  assert not (tmp_path / "run" / ".lock").exists()  # every run released its workdir
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_step_to_resume_from(tmp_path):

@@ -20,8 +20,9 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
   written = set()
 
   def recording_open(original, path, mode="r", *args, **kwargs):
-    if any(m in mode for m in "wax"):  # orbax writes into a temporary folder, renamed when complete
-      written.add(re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", os.path.abspath(os.fspath(path))))
+    if any(m in mode for m in "wax"):  # orbax writes into a temporary folder, renamed when complete;
+      name = re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", os.path.abspath(os.fspath(path)))
+      written.add(re.sub(r"/\.([^/]+)\.tmp-\d+$", r"/\1", name))  # files.py: .NAME.tmp-PID, renamed to NAME
     return original(path, mode, *args, **kwargs)
 
   config = tiny_config(**{"total_steps": 2, "checkpoint_every": 2, "image_every": 2, "probe.fewshot_shots": (1,),
@@ -43,4 +44,4 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
   for expected in ("summary.json", "probe/results.json", "samples/grid.png", "samples/result.json",
                    "images/reconstruction_00000002.png"):
     assert expected in names, (expected, sorted(names))
-  assert "checkpoints/2/data/process_0-of-1.json" in names  # the grain iterator state, too
+  assert "checkpoints/2/position/metadata" in names  # the data position, too

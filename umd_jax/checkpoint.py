@@ -1,7 +1,9 @@
 """Checkpoints of the whole run state (the only module that imports orbax).
 
-Each step directory holds `state` (params, optimizer, EMA, step, RNG, counters), `data`
-(the grain iterator of every process), `config` (JSON) and `checksums` (JSON: a fingerprint
+Each step directory holds `state` (params, optimizer, EMA, step, RNG, counters), `position`
+(JSON: the global data-stream position and what defines the stream; every process rebuilds its
+iterator from it, so a checkpoint does not depend on how many processes wrote it), `config`
+(JSON) and `checksums` (JSON: a fingerprint
 of every saved array, computed on device before the write and compared after every restore,
 so flipped bytes are found and the step is treated as damaged). Orbax writes to a temporary
 directory and renames it when complete, so a crash mid-write never leaves a partial step. A
@@ -13,7 +15,6 @@ import os
 import socket
 import time
 
-import grain
 from absl import logging
 import jax
 import numpy as np
@@ -196,41 +197,45 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config) -> None:
-    """Asynchronous save; call `wait()` before the process exits."""
+  def save(self, step: int, state, position: dict, config) -> None:
+    """Asynchronous save; call `wait()` before the process exits. `position`: JSON describing
+    the data stream's global position (see `data_position`)."""
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-                 checksums=ocp.args.JsonSave(fingerprints(state)))
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+                 checksums=ocp.args.JsonSave(fingerprints(state)),
+                 position=ocp.args.JsonSave(position))
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """State at `step`, placed with the shardings of `abstract_state`; restores the iterator in place."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  def restore(self, step: int, abstract_state, position: dict | None = None):
+    """State at `step`, placed with the shardings of `abstract_state` (any mesh, any number of
+    processes). With `position` (what this run's data stream would save at `step`), the saved
+    position must agree: a different stream is named, a wrong count is damage."""
+    where = f"checkpoint step {step} in {self.directory}"
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      _verify(_saved_checksums(self.manager, step), restored.state, f"checkpoint step {step} in {self.directory}")
-      position = data_iterator.get_state().get("next_index") if data_iterator is not None else None
-      if isinstance(position, int) and position != step:  # one local batch per step on every process
-        raise CheckpointError(f"checkpoint step {step} in {self.directory}: its data position {position} does "
-                              "not match the step: the data part is damaged")
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      _verify(_saved_checksums(self.manager, step), restored.state, where)
+      saved = _saved_item(self.manager, step, "position")
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} could not be restored "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-          "it is damaged or was written by a different config: delete that step directory to resume "
-          "from the previous one, or use a new --workdir") from None
+      raise CheckpointError(f"{where} could not be restored ({_describe(e)}): its files are damaged "
+                            "(restore_fallback uses the previous step)") from None
+    if position is not None and saved is not None:
+      changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in position.items()
+                 if k != "global_batches" and saved.get(k) != v]
+      if changed:
+        raise _DifferentRun(f"{where} was written with another data stream ({'; '.join(changed)}): resuming would "
+                            "not continue its data order: run with the original values or use a new --workdir")
+      if saved.get("global_batches") != position["global_batches"]:
+        raise CheckpointError(f"{where}: its data position {saved.get('global_batches')} does not match the step: "
+                              "the position part is damaged")
     return restored.state
 
-  def restore_latest(self, abstract_state, data_iterator=None, fallback: bool = True, config=None):
+  def restore_latest(self, abstract_state, position_at=None, fallback: bool = True, config=None):
     """(state, step) of the newest readable checkpoint. A damaged step is reported by name and,
     with `fallback`, moved to WORKDIR/damaged_checkpoints/ (kept for a look, out of the way of
-    the step that will be written again) and the previous step is tried."""
+    the step that will be written again) and the previous step is tried. `position_at(step)`:
+    the data position this run would save at a step (checked against the saved one)."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     changes = _config_changes(self.manager, steps[0], config) if config is not None and steps else []
     mismatches = _param_mismatches(self.directory / str(steps[0]), abstract_state.params) if steps else []
@@ -243,9 +248,9 @@ class Checkpointer:
       logging.warning("resuming step %d with changed settings: %s", steps[0], "; ".join(changes))
     for i, step in enumerate(steps):
       try:
-        return self.restore(step, abstract_state, data_iterator), step
+        return self.restore(step, abstract_state, position_at(step) if position_at else None), step
       except CheckpointError as e:
-        if not fallback or i == len(steps) - 1:
+        if isinstance(e, _DifferentRun) or not fallback or i == len(steps) - 1:
           raise
         # Process 0 moves it (one rename, one name: the time is agreed); the others wait for it.
         stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
@@ -269,11 +274,24 @@ class Checkpointer:
       self._lock = None
 
 
+class _DifferentRun(CheckpointError):
+  """Not damage: the checkpoint belongs to another configuration (never moved aside)."""
+
+
+def _describe(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _saved_item(manager, step: int, name: str):
+  """A JSON item of a step, or None where the step has none (written before it existed)."""
+  if not (epath.Path(manager.directory) / str(step) / name).exists():
+    return None
+  return getattr(manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})), name)
+
+
 def _saved_checksums(manager, step: int):
   """The step's saved fingerprints, or None for checkpoints written before they existed."""
-  if not (epath.Path(manager.directory) / str(step) / "checksums").exists():
-    return None
-  return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+  return _saved_item(manager, step, "checksums")
 
 
 def _reader(workdir) -> ocp.CheckpointManager:
@@ -283,14 +301,15 @@ def _reader(workdir) -> ocp.CheckpointManager:
 
 
 def latest_step(workdir):
-  """The newest complete checkpoint step of a workdir, or None (also when it has no checkpoints/)."""
-  if not (_absolute(workdir) / "checkpoints").is_dir():
+  """The newest complete checkpoint step of a workdir, or None (also when it has no checkpoints/).
+  Read from the directory listing, not through an orbax manager (whose start-up is a collective
+  that every process would have to reach): a step is a numbered folder that orbax finalised."""
+  directory = _absolute(workdir) / "checkpoints"
+  if not directory.is_dir():
     return None
-  manager = _reader(workdir)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit() and (
+      (d / "_CHECKPOINT_METADATA").exists() or (d / "commit_success.txt").exists())]
+  return max(steps, default=None)
 
 
 def load_config(workdir):

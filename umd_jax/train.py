@@ -100,16 +100,19 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
   step_fn = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
   reconstruct = _reconstruction_fn(config, graphdef, mesh)
 
-  batches = data.make_batches(config.data, source, global_batch=config.batch_size,
-                              sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True)
+  position_at = functools.partial(data_position, config, source)
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore_latest(train_step.abstract_state(state, shardings), batches.iterator,
+    state, start = ckpt.restore_latest(train_step.abstract_state(state, shardings), position_at,
                                        fallback=config.restore_fallback, config=config)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   elif config.init_from:
     state = state.replace(**_init_from(config, state, shardings))
     logging.info("initialised weights from %s", config.init_from)
   start = int(state.step)
+  # One global batch per step: every process starts its rows of the stream at batch `start`,
+  # whatever the number of processes that wrote the checkpoint.
+  batches = data.make_batches(config.data, source, global_batch=config.batch_size,
+                              sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True, start=start)
 
   is_main = multihost.is_main()
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
@@ -155,7 +158,7 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
         logging.info("step %d: FID %.2f, IS %.2f", step, scores["fid"], scores["inception_score"])
       if step % config.checkpoint_every == 0 or final or stopping:
         _check_finite(config, state, step, ckpt, history)
-        ckpt.save(step, state, batches.iterator, config)
+        ckpt.save(step, state, position_at(step), config)
       if stopping:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
@@ -163,6 +166,15 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
   writer.flush()
   return dict(start_step=start, step=step, first_loss=first_loss, last_loss=last.get("loss"),
               stopped_by=stop.signal, workdir=str(workdir), state=state)
+
+
+def data_position(config, source, step: int) -> dict:
+  """The training stream's global position after `step` steps and what defines the stream
+  (the same on every process and for any number of them)."""
+  d = config.data
+  return {"global_batches": int(step), "batch_size": config.batch_size, "seed": config.seed, "data": d.name,
+          "split": d.train_split, "records": len(source), "image_size": d.image_size,
+          "crop_area": [d.crop_area_min, d.crop_area_max], "flip": d.flip}
 
 
 def _init_from(config, state, shardings) -> dict:

@@ -130,11 +130,12 @@ def read_threads(data_config, source) -> int:
 
 
 def make_batches(data_config, source, *, global_batch: int, sharding, seed: int, train: bool,
-                 augment=None) -> Batches:
+                 augment=None, start: int = 0) -> Batches:
   """Global batches of `source`. Training shuffles (seeded, reshuffled every epoch), repeats and
   augments; evaluation reads each record once in order, padding the last global batch (see the
   module docstring); `-(-len(source) // global_batch)` batches cover the split.
-  `augment` overrides the training augmentation (e.g. the linear probe's crop range)."""
+  `augment` overrides the training augmentation (e.g. the linear probe's crop range). `start`:
+  the first global batch (a resumed run's position; the stream does not depend on it)."""
   processes = jax.process_count()
   if global_batch % processes:
     raise DataError(f"batch_size={global_batch} is not divisible by the {processes} processes")
@@ -152,6 +153,8 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
     ds = grain.MapDataset.source(_PaddedSplit(source, total)).map(augment)
     ds = ds.map_with_index(_Indexed())
   ds = ds.batch(local_batch, drop_remainder=True)[jax.process_index()::processes]  # its B/n rows of each
+  if start:
+    ds = ds[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(d, source)))
   if d.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
