@@ -50,6 +50,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.data.read_threads = -1                 # grain reader threads per process; -1: 0 for in-memory sources
                                            # (digits, synthetic: threads only contend for the GIL), else 16
   c.data.synthetic_size = 10_000           # records of the synthetic source
+  c.data.decode_reduced = True             # JPEGs: decode only at the scale the crop needs (libjpeg 1/2..1/8)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/4"

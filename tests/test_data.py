@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from umd_jax import data, sharding
-from umd_jax.data import pipeline
+from umd_jax.data import pipeline, sources
 
 
 def _mesh(one_device):
@@ -132,26 +132,81 @@ def test_too_few_records_for_a_batch_is_a_clear_error(tmp_path, one_device):
     _first(config, data.make_source(config.data, "train"), one_device)
 
 
-def test_inception_crop_area_and_aspect(monkeypatch):
-  import threading
-  seen, me = [], threading.get_ident()
-  real_resize = pipeline._resize
-
-  def spy(image, size):  # grain prefetch threads of other tests' iterators may call it too
-    if threading.get_ident() == me:
-      seen.append(image.shape)
-    return real_resize(image, size)
-  monkeypatch.setattr(pipeline, "_resize", spy)
+def test_inception_crop_area_and_aspect():
   rng = np.random.default_rng(0)
-  image = np.zeros((100, 120, 3), np.uint8)
-  for _ in range(300):
-    out = pipeline.inception_crop(image, rng, (0.3, 0.5), 32)
-    assert out.shape == (32, 32, 3)
-  areas = np.array([h * w for h, w, _ in seen]) / (100 * 120)
-  aspects = np.array([w / h for h, w, _ in seen])
+  boxes = np.array([pipeline.inception_box(100, 120, rng, (0.3, 0.5)) for _ in range(300)])
+  h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+  assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 100).all()
+  areas, aspects = h * w / (100 * 120), w / h
   assert areas.min() >= 0.28 and areas.max() <= 0.52          # rounding of the sides
   assert aspects.min() >= 0.72 and aspects.max() <= 1.38
   assert areas.std() > 0.03                                    # really random
+  out = pipeline.inception_crop(np.zeros((100, 120, 3), np.uint8), rng, (0.3, 0.5), 32)
+  assert out.shape == (32, 32, 3)
+
+
+def _photo(h, w, seed=0):
+  """Smooth, textured content (not white noise, which decodes unlike photographs)."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:h, 0:w] / max(h, w)
+  image = np.zeros((h, w, 3))
+  for _ in range(6):
+    f, phase = rng.uniform(1, 12, 2), rng.uniform(0, 2 * np.pi, 3)
+    image += rng.uniform(20, 50) * np.sin(2 * np.pi * (f[0] * x + f[1] * y)[..., None] + phase)
+  image += rng.normal(0, 6, (h, w, 3))  # texture
+  return np.clip(128 + image, 0, 255).astype(np.uint8)
+
+
+def _jpeg(image, quality=90):
+  import io
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+def _psnr(a, b):
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return np.inf if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_reduced_jpeg_decode_draws_the_same_boxes_and_differs_only_by_resampling(size):
+  from umd_jax.data.encoded import EncodedImage
+  encoded = _jpeg(_photo(375, 500))
+  reduced, full = EncodedImage(encoded, 3), EncodedImage(encoded, 3, reduced=False)
+  decoded = np.asarray(Image.open(__import__("io").BytesIO(encoded)).convert("RGB"))
+  assert reduced.shape == decoded.shape
+  psnrs = []
+  for seed in range(20):
+    outs, states = [], []
+    for image in (reduced, full, decoded):
+      rng = np.random.default_rng(seed)
+      outs.append(pipeline.inception_crop(image, rng, (0.8, 1.0), size))
+      states.append(rng.bit_generator.state["state"]["state"])
+    assert states[0] == states[1] == states[2]  # the same random draws, so the same boxes
+    np.testing.assert_array_equal(outs[1], outs[2])  # reduced=False is exactly today's full decode
+    psnrs.append(_psnr(outs[0], outs[2]))
+  # At 64 px the 1/4-scale decode differs from the full path by resampling only
+  assert min(psnrs) > (30 if size == 64 else 99), psnrs  # 256 px of a 300-500 px crop: no reduction
+  np.testing.assert_array_equal(pipeline.center_crop(full, size), pipeline.center_crop(decoded, size))
+
+
+def test_grey_and_cmyk_jpegs_and_pngs_convert_as_before(tmp_path):
+  from umd_jax.data.encoded import EncodedImage
+  photo = _photo(120, 160)
+  grey = np.asarray(Image.fromarray(photo).convert("L"))
+  for mode, array in (("L", grey), ("CMYK", None)):
+    pil = Image.fromarray(grey) if mode == "L" else Image.fromarray(photo).convert("CMYK")
+    import io
+    buffer = io.BytesIO()
+    pil.save(buffer, "JPEG", quality=95)
+    for channels in (1, 3):
+      expected = sources._to_channels(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(
+          "L" if channels == 1 else "RGB")), channels)
+      got = EncodedImage(buffer.getvalue(), channels).full()
+      np.testing.assert_array_equal(got, expected)
+      small = pipeline.center_crop(EncodedImage(buffer.getvalue(), channels), 16)  # reduced scale
+      assert small.shape == (16, 16, channels)
 
 
 def test_flip_happens_half_the_time_and_eval_is_a_center_crop():
@@ -199,8 +254,10 @@ def test_a_file_that_fails_at_decode_time_is_skipped_deterministically(tmp_path,
   source = data.make_source(config.data, "train")
   assert len(source) == 9 and source.num_skipped == 0  # the header is fine: the scan keeps it
   bad = [i for i, f in enumerate(source.files) if f.endswith("truncated.jpg")][0]
-  record = source[bad]  # skipped at decode: the next readable file takes its place, every time
-  np.testing.assert_array_equal(record["image"], source[bad + 1]["image"])
+  prep = pipeline.EvalPreprocess(8)  # JPEGs decode in the pipeline: the failure shows there
+  record = prep.map(source[bad])  # skipped at decode: the next readable file takes its place, every time
+  np.testing.assert_array_equal(record["image"], prep.map(source[bad + 1])["image"])
+  assert record["label"] == source[bad + 1]["label"]
   assert str(root / "cat" / "truncated.jpg") in data.sources.DECODE_FAILURES
   mesh = sharding.make_mesh(config.mesh, one_device)
   make = lambda: data.make_batches(config.data, source, global_batch=8, sharding=sharding.batch_sharding(mesh),
@@ -223,3 +280,42 @@ def test_evaluation_batches_are_in_split_order_padded_to_whole_batches(one_devic
   np.testing.assert_array_equal(labels[:297], [r["label"] for r in source])
   with pytest.raises(StopIteration):
     next(batches)
+
+
+class PhotosForTest(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A few JPEGs stored encoded in array_record, as ImageNet's TFDS build stores them."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    import io
+    for i in range(8):
+      yield i, {"image": io.BytesIO(_jpeg(_photo(300 + 10 * i, 400, seed=i))), "label": i % 2}
+
+
+def test_tfds_jpegs_reach_the_pipeline_encoded_and_decode_like_the_full_path(tmp_path, one_device):
+  from umd_jax.data.encoded import EncodedImage
+  PhotosForTest(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+  config = tiny_config(**{"data.name": PhotosForTest.name, "data.data_dir": str(tmp_path), "data.channels": 3,
+                          "data.num_classes": 2, "data.image_size": 32, "data.crop_area_min": 0.8})
+  source = data.make_source(config.data, "train")
+  record = source[3]
+  assert isinstance(record["image"], EncodedImage) and record["image"].shape[0] in range(300, 380, 10)
+  assert record["image"].shape[1:] == (400, 3)  # geometry from the header, nothing decoded
+  config.data.decode_reduced = False
+  full = data.make_source(config.data, "train")
+  augment = pipeline.TrainAugment(32, (0.8, 1.0), True)
+  for i in range(8):
+    a = augment.random_map(source[i], np.random.default_rng(i))
+    b = augment.random_map(full[i], np.random.default_rng(i))
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(full[i]["image"].data)).convert("RGB"))
+    c = augment.random_map({"image": decoded, "label": full[i]["label"]}, np.random.default_rng(i))
+    np.testing.assert_array_equal(b["image"], c["image"])  # decode_reduced=False: exactly the old path
+    assert _psnr((a["image"] + 1) * 127.5, (c["image"] + 1) * 127.5) > 30

@@ -16,39 +16,51 @@ import math
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
-from umd_jax.data.sources import DataError
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  squeeze = image.shape[-1] == 1
-  pil = Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(pil.resize((size, size), Image.BILINEAR))
-  return out[..., None] if squeeze else out
+from umd_jax.data.encoded import DecodeError, crop_resize
+from umd_jax.data.sources import DataError, skipped_at_decode
 
 
-def inception_crop(image, rng: np.random.Generator, area_range, size: int) -> np.ndarray:
-  """Random crop of area in `area_range` (fraction) and aspect in [3/4, 4/3], resized to size²."""
-  h, w = image.shape[:2]
+def inception_box(h: int, w: int, rng: np.random.Generator, area_range):
+  """(left, top, right, bottom) of a random crop of area in `area_range` (fraction of h·w) and
+  aspect in [3/4, 4/3]; the centre square after 10 failed draws (or with area_range[0] = 1)."""
   if area_range[0] < 1.0:
     for _ in range(10):
       area = h * w * rng.uniform(*area_range)
       aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
       ch, cw = int(round(math.sqrt(area / aspect))), int(round(math.sqrt(area * aspect)))
       if 0 < ch <= h and 0 < cw <= w:
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        return _resize(image[top:top + ch, left:left + cw], size)
-  return center_crop(image, size)
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        return left, top, left + cw, top + ch
+  return center_box(h, w)
+
+
+def center_box(h: int, w: int):
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return left, top, left + side, top + side
+
+
+def inception_crop(image, rng: np.random.Generator, area_range, size: int) -> np.ndarray:
+  """Random crop (see `inception_box`) of an array or an encoded JPEG, resized to size²."""
+  return crop_resize(image, inception_box(*image.shape[:2], rng, area_range), size)
 
 
 def center_crop(image, size: int) -> np.ndarray:
-  h, w = image.shape[:2]
-  side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
-  return _resize(image[top:top + side, left:left + side], size)
+  return crop_resize(image, center_box(*image.shape[:2]), size)
+
+
+def _decoded(record, make):
+  """make(record) -> image; a record whose JPEG fails to decode is replaced by its source's
+  fallback (the next readable record, the same every time), counted and logged."""
+  while True:
+    try:
+      return make(record), record
+    except DecodeError as e:
+      skipped_at_decode(record["image"].name, e)
+      if record["image"].fallback is None:
+        raise DataError(str(e)) from None
+      record = record["image"].fallback()
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:
@@ -61,7 +73,7 @@ class TrainAugment(grain.transforms.RandomMap):
     self.size, self.area_range, self.flip = size, tuple(area_range), flip
 
   def random_map(self, record, rng):
-    image = inception_crop(record["image"], rng, self.area_range, self.size)
+    image, record = _decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
     if self.flip and rng.uniform() < 0.5:
       image = image[:, ::-1]
     return {"image": _to_float(image), "label": np.int32(record["label"])}
@@ -73,7 +85,8 @@ class EvalPreprocess(grain.transforms.Map):
     self.size = size
 
   def map(self, record):
-    return {"image": _to_float(center_crop(record["image"], self.size)), "label": np.int32(record["label"])}
+    image, record = _decoded(record, lambda r: center_crop(r["image"], self.size))
+    return {"image": _to_float(image), "label": np.int32(record["label"])}
 
 
 class Batches:

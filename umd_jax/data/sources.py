@@ -4,11 +4,15 @@ Each record is `{"image": uint8 (H, W, C), "label": int}`. Sources: any TFDS dat
 in array_record format, a folder with one sub-folder per class, scikit-learn's bundled
 handwritten digits (the embedded default; no download), and synthetic random images.
 """
+import functools
+import io
 import os
 
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from umd_jax.data.encoded import EncodedImage, to_channels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -18,15 +22,10 @@ class DataError(ValueError):
 
 
 def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == channels:
-    return image
-  if channels == 3 and image.shape[-1] == 1:
-    return np.repeat(image, 3, axis=-1)
-  if channels == 1 and image.shape[-1] >= 3:
-    return np.round(image[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
-  raise DataError(f"images have {image.shape[-1]} channels; data.channels={channels} cannot be made from them")
+  try:
+    return to_channels(image, channels)
+  except ValueError as e:
+    raise DataError(str(e)) from None
 
 
 class DigitsSource:
@@ -80,10 +79,10 @@ class SyntheticSource:
     return {"image": image, "label": index % self.num_classes}
 
 
-DECODE_FAILURES = set()  # files of this process that failed to decode (skipped)
+DECODE_FAILURES = set()  # files / records of this process that failed to decode (skipped)
 
 
-def _skipped_at_decode(path: str, error: Exception) -> None:
+def skipped_at_decode(path: str, error: Exception) -> None:
   if path not in DECODE_FAILURES:
     DECODE_FAILURES.add(path)
     logging.warning("skipped %s: it cannot be decoded (%s: %s); %d such files so far in this process", path,
@@ -93,7 +92,8 @@ def _skipped_at_decode(path: str, error: Exception) -> None:
 class ImageFolderSource:
   """root/<class>/<image>. Unreadable files are skipped at start-up (and counted in the log)."""
 
-  def __init__(self, root: str, channels: int = 3):
+  def __init__(self, root: str, channels: int = 3, reduced: bool = True):
+    self.reduced = reduced
     if not root or not os.path.isdir(root):
       raise DataError(f"image folder data.data_dir={root!r} does not exist: point it at ROOT/<class>/<image files>")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -133,6 +133,16 @@ class ImageFolderSource:
     # batches (and a resumed run's) stay deterministic.
     for offset in range(len(self.files)):
       i = (int(index) + offset) % len(self.files)
+      if self.files[i].lower().endswith((".jpg", ".jpeg")):  # decoded later, at the scale the crop needs
+        try:
+          with open(self.files[i], "rb") as f:
+            encoded = f.read()
+        except OSError as e:
+          skipped_at_decode(self.files[i], e)
+          continue
+        return {"image": EncodedImage(encoded, self.channels, self.files[i], reduced=self.reduced,
+                                      fallback=functools.partial(self.__getitem__, (i + 1) % len(self.files))),
+                "label": self.labels[i]}
       try:
         with Image.open(self.files[i]) as im:
           image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
@@ -140,17 +150,19 @@ class ImageFolderSource:
       except DataError:
         raise
       except Exception as e:  # noqa: BLE001 - any decode failure is skipped the same way
-        _skipped_at_decode(self.files[i], e)
+        skipped_at_decode(self.files[i], e)
     raise DataError(f"image folder {self.root!r}: no file can be decoded")
 
 
 class TfdsSource:
   """A TFDS dataset prepared as array_record, read with `tfds.data_source` (never downloads)."""
 
-  def __init__(self, name: str, split: str, data_dir: str, channels: int):
+  def __init__(self, name: str, split: str, data_dir: str, channels: int, reduced: bool = True):
     import tensorflow_datasets as tfds
-    try:
-      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    self.reduced = reduced
+    try:  # the images stay encoded: the pipeline decodes only what its crop needs
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()})
     except Exception as e:  # noqa: BLE001 - tfds raises many types for "not prepared"
       raise DataError(
           f"TFDS dataset {name!r} (split {split!r}) not found as array_record in data_dir={data_dir!r}: "
@@ -169,9 +181,19 @@ class TfdsSource:
     return len(self.source)
 
   def __getitem__(self, index):
+    index = int(index)
     record = self.source[index]
-    return {"image": _to_channels(np.asarray(record["image"]), self.channels),
-            "label": np.int32(record.get("label", 0))}
+    label = np.int32(record.get("label", 0))
+    image = record["image"]
+    if isinstance(image, bytes):
+      if image[:2] == b"\xff\xd8":  # JPEG: decoded later, at the scale the crop needs
+        return {"image": EncodedImage(image, self.channels, f"{self._repr}[{index}]", reduced=self.reduced,
+                                      fallback=functools.partial(self.__getitem__, (index + 1) % len(self))),
+                "label": label}
+      with Image.open(io.BytesIO(image)) as im:  # PNG and others: decoded whole, as before
+        return {"image": _to_channels(np.asarray(im.convert("L" if self.channels == 1 else "RGB")), self.channels),
+                "label": label}
+    return {"image": _to_channels(np.asarray(image), self.channels), "label": label}
 
 
 def make_source(data_config, split: str, labelled: bool = True):
@@ -184,9 +206,9 @@ def make_source(data_config, split: str, labelled: bool = True):
     source = SyntheticSource(d.synthetic_size, d.image_size, d.channels, d.num_classes)
   elif d.name == "folder":
     source = ImageFolderSource(os.path.join(d.data_dir, split) if os.path.isdir(os.path.join(d.data_dir, split))
-                               else d.data_dir, d.channels)
+                               else d.data_dir, d.channels, d.decode_reduced)
   else:
-    source = TfdsSource(d.name, split, d.data_dir, d.channels)
+    source = TfdsSource(d.name, split, d.data_dir, d.channels, d.decode_reduced)
   if len(source) == 0:
     raise DataError(f"data {d.name!r} split {split!r} is empty")
   found = getattr(source, "num_classes", 0)
