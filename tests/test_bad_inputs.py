@@ -3,6 +3,7 @@
 (no workdir, no checkpoints/, no events file, no outputs). Cases run two at a time."""
 import concurrent.futures
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ CASES = [
      "is not a readable image"),
     ("steps", [FINETUNE, "--mode=generate", "--config.sample.steps=0"], "sample.steps=0 must be in [1, 1000]"),
     ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
+    ("busy workdir", [DEMO, "--workdir={tmp}/busy"], "is in use by pid"),
 ]
 
 
@@ -56,12 +58,16 @@ def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
     (tmp_path / "eleven" / f"c{c}").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "eleven" / f"c{c}" / "0.png")
   (tmp_path / "notes.txt").write_text("not an image")
+  (tmp_path / "busy").mkdir()  # a workdir another run (this test's process) holds
+  (tmp_path / "busy" / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
   before = _snapshot(tmp_path)
 
   def one(case):
     name, args, expected = case
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     workdir = tmp_path / f"work_{name.replace(' ', '_')}"
+    if any(a.startswith("--workdir=") for a in args):  # the case names its own (existing) workdir
+      return case, workdir, run_main(*args)
     return case, workdir, run_main(*args, f"--workdir={workdir}")
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:

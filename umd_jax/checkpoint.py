@@ -86,12 +86,12 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _take_lock(workdir: epath.Path) -> epath.Path | None:
+def _take_lock(workdir: epath.Path, prepare) -> epath.Path | None:
   """Process 0 takes WORKDIR/.lock ("host pid"); a lock of a dead process on this host is
-  taken over. All processes agree on the outcome; a held lock is a CheckpointError."""
+  taken over. All processes agree on the outcome; a held lock is a CheckpointError raised
+  before anything is created. `prepare()` (creating the workdir) runs only once it is free."""
   path, problem = workdir / _LOCK, None
   if jax.process_index() == 0:
-    me = f"{socket.gethostname()} {os.getpid()}"
     if path.exists():
       holder = path.read_text().split()
       host, pid = (holder + ["?", "0"])[:2]
@@ -100,15 +100,17 @@ def _take_lock(workdir: epath.Path) -> epath.Path | None:
       else:
         problem = (f"workdir {str(workdir)!r} is in use by pid {pid} on host {host} (lock file {path}): wait for "
                    "that run to finish, use another --workdir, or delete the lock file if no run is using it")
-    if problem is None:
-      path.write_text(me)
   if jax.process_count() > 1:
     held = multihost_utils.process_allgather(np.array(problem is not None))
     if np.any(held) and problem is None:
       problem = f"workdir {str(workdir)!r} is in use by another run (see process 0's error)"
   if problem:
     raise CheckpointError(problem)
-  return path if jax.process_index() == 0 else None
+  prepare()
+  if jax.process_index() == 0:
+    path.write_text(f"{socket.gethostname()} {os.getpid()}")
+    return path
+  return None
 
 
 def _ensure_writable(directory: epath.Path) -> None:
@@ -185,8 +187,7 @@ class Checkpointer:
     if max_to_keep < 1:
       raise CheckpointError(f"keep_checkpoints={max_to_keep}: must be >= 1 (a run must keep its last checkpoint)")
     self.directory = _absolute(workdir) / "checkpoints"
-    _ensure_writable(self.directory)
-    self._lock = _take_lock(self.directory.parent)
+    self._lock = _take_lock(self.directory.parent, lambda: _ensure_writable(self.directory))
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
