@@ -41,14 +41,13 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from umd_jax import checkpoint, checks, data, generate, multihost, probe, sharding, train
+  from umd_jax import checkpoint, data, generate, multihost, probe, sharding, train
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
                  train.TrainingError, probe.ProbeError,
                  generate.SampleError)
   try:
-    checks.check(config, _MODE.value)  # every setting the mode reads, before any work
     if _MODE.value == "summary":
       train.summarize(config, _WORKDIR.value)
     elif _MODE.value == "generate":

@@ -6,7 +6,6 @@ import os
 import socket
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from test_main import run_main

@@ -65,8 +65,7 @@ def activations(net: Inception, images, mesh, batch: int = 200, progress=True):
     p, l = forward(weights, images[i:i + batch])
     pools.append(p)
     logits.append(l)
-  concat = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=_rows(mesh))
-  return concat(*pools), concat(*logits)
+  return sharding.concatenate(pools, _rows(mesh)), sharding.concatenate(logits, _rows(mesh))
 
 
 @jax.jit
@@ -141,8 +140,8 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
   batch = -(-min(200, len(source)) // shards) * shards
   batches = data.make_batches(d, source, global_batch=batch, sharding=_rows(mesh), seed=0, train=False)
   to_uint8 = jax.jit(to_uint8_device, out_shardings=_rows(mesh))
-  real = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=_rows(mesh))(
-      *[to_uint8(next(batches)["image"]) for _ in range(-(-len(source) // batch))])
+  real = sharding.concatenate([to_uint8(next(batches)["image"]) for _ in range(-(-len(source) // batch))],
+                              _rows(mesh))
   mu, sigma = statistics(activations(net, real, mesh)[0], len(source))
   if multihost.is_main():
     files.write_npz(path, mu=mu, sigma=sigma)

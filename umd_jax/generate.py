@@ -9,7 +9,6 @@ import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -24,29 +23,11 @@ class SampleError(ValueError):
   """A bad sampling request: the message says what to change."""
 
 
-def check(config) -> list:
-  """Validate config.sample against the model; returns the class list to sample."""
+def classes_to_sample(config) -> list:
+  """sample.classes, or every class of the model (None for an unconditional one). The settings
+  themselves are validated by checks.py before sampling starts."""
   s, k = config.sample, config.model.num_classes
-  if s.cfg_scale != 1.0 and k == 0:
-    raise SampleError(f"sample.cfg_scale={s.cfg_scale} needs a class-conditional model (model.num_classes=0): "
-                      "fine-tune with a ':finetune' config, or set sample.cfg_scale=1")
-  classes = list(s.classes) if s.classes else (list(range(k)) if k else [None])
-  bad = [c for c in classes if c is not None and not 0 <= c < k]
-  if bad or (s.classes and not k):
-    raise SampleError(f"sample.classes {bad or list(s.classes)} out of range: the model has {k} classes (0..{k - 1})")
-  if s.sampler not in ("ddim", "ddpm"):
-    raise SampleError(f"sample.sampler={s.sampler!r}: use 'ddim' or 'ddpm'")
-  if s.prediction not in diffusion.PREDICTIONS:
-    raise SampleError(f"sample.prediction={s.prediction!r}: use 'eps' (the reference's evaluations) or 'x0'")
-  if s.uint8 not in images.UINT8_CONVENTIONS:
-    raise SampleError(f"sample.uint8={s.uint8!r}: use 'round' (unbiased, the default) or 'truncate' (ADM's scripts)")
-  if s.timesteps not in diffusion.GRIDS:
-    raise SampleError(f"sample.timesteps={s.timesteps!r}: use 'even' or 'strided' (the reference's grid)")
-  try:
-    diffusion.ddim_timesteps(config.diffusion.num_timesteps, s.steps, s.timesteps)
-  except ValueError as e:
-    raise SampleError(str(e)) from None
-  return classes
+  return list(s.classes) if s.classes else (list(range(k)) if k else [None])
 
 
 def _denoiser(config, graphdef, params, labels):
@@ -98,7 +79,7 @@ def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, p
     chunk = labels[i * batch:(i + 1) * batch]
     padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
     out.append(fn(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
-  return jax.jit(lambda *x: jnp.concatenate(x), out_shardings=bs)(*out)
+  return sharding.concatenate(out, bs)
 
 
 def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
@@ -141,7 +122,7 @@ def run(config, workdir, devices=None) -> dict:
   labels), samples/inpaint.png when sample.inpaint is set, and FID / IS when sample.fid."""
   s = config.sample
   checks.check(config, "generate")  # settings and input files, before anything is sampled or written
-  classes = check(config)
+  classes = classes_to_sample(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = train_step.load_weights(config, workdir, mesh, prefer_ema=s.use_ema)
   out_dir = epath.Path(workdir) / "samples"
@@ -200,7 +181,7 @@ def _pixels(config, split):
 def fid_during_training(config, graphdef, params, mesh, workdir) -> dict:
   """FID / IS of `config.fid_samples` samples of the current weights (every `config.fid_every` steps)."""
   from umd_jax import fid
-  classes = check(config)
+  classes = classes_to_sample(config)
   labels = np.array([0 if classes[i % len(classes)] is None else classes[i % len(classes)]
                      for i in range(config.fid_samples)], np.int32)
   samples = sample_many(config, graphdef, params, mesh, labels, config.sample.seed, progress=False)

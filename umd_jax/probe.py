@@ -128,7 +128,7 @@ def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Featur
     b = next(batches)
     chunks.append(fn(b["image"], b["index"]))
     labels.append(b["label"])
-  x = jax.jit(lambda *c: jnp.concatenate(c, axis=1), out_shardings=rows_sharding(mesh))(*chunks)
+  x = sharding.concatenate(chunks, rows_sharding(mesh), axis=1)
   return Features(x, np.concatenate(multihost.to_host(labels))[:n])
 
 
@@ -386,9 +386,13 @@ def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
 
 # --- the probe mode -----------------------------------------------------------------------------
 
+def _flat_pixels(images, _indices):
+  return images.reshape(images.shape[0], -1)[None]
+
+
 def pixel_features(config, split, mesh, max_images=0) -> Features:
   """Raw pixels (centre-cropped like the backbone's input) as a (1, N, H·W·C) baseline feature."""
-  flat = jax.jit(lambda images, _: images.reshape(images.shape[0], -1)[None], out_shardings=rows_sharding(mesh))
+  flat = jax.jit(_flat_pixels, out_shardings=rows_sharding(mesh))
   return _extract(config, split, flat, mesh, max_images, f"pixels {split}", progress=False)
 
 
@@ -420,7 +424,6 @@ def run(config, workdir, devices=None) -> dict:
   """--mode=probe: few-shot + linear probe (+ DDAE sweep, + baselines); writes probe/results.json."""
   p = config.probe
   checks.check(config, "probe")
-  check_request(config, [p.block], [p.t])
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params = load_backbone(config, workdir, mesh)
   out_dir = epath.Path(workdir) / "probe"

@@ -4,6 +4,7 @@ Mesh axes: ("data", "fsdp"). Batches are split over both; parameters (and their 
 state) are split over "fsdp" along the logical axis the config's rules map to it (FSDP).
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -35,6 +36,17 @@ def batch_sharding(mesh) -> NamedSharding:
 def micro_batch_sharding(mesh) -> NamedSharding:
   """(micro-batches, B/m, ...) arrays: the micro-batch rows split like a batch (grad accumulation)."""
   return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def _concatenate(*arrays, axis):
+  return jnp.concatenate(arrays, axis=axis)
+
+
+def concatenate(arrays, out_sharding, axis: int = 0) -> jax.Array:
+  """Global arrays joined along `axis` into `out_sharding`, as one program on the devices. The
+  jitted function is module-level, so repeated calls (an evaluator every N training steps) reuse
+  its compilation instead of tracing a new lambda each time."""
+  return jax.jit(_concatenate, static_argnames="axis", out_shardings=out_sharding)(*arrays, axis=axis)
 
 
 def replicated(mesh) -> NamedSharding:

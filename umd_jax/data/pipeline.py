@@ -9,7 +9,8 @@ every epoch's records are split disjointly between them. Order, evaluation: the 
 global batches without shuffling, so global row r of batch k is record k·B + r on any number of
 processes; the split is padded to whole global batches (rows whose "index" is >= the split's
 length), so every process reads the same number of batches. The iterator
-state is checkpointed with the model, so a resumed run continues the same data order.
+position (global batches taken) is checkpointed with the model; a resumed run starts the stream
+there (`start`), on any number of processes.
 """
 import math
 
@@ -92,8 +93,7 @@ class EvalPreprocess(grain.transforms.Map):
 class Batches:
   """Iterator of global batches {"image": (B, H, W, C) f32, "label": (B,) i32} on `sharding`;
   evaluation batches also carry "index" (B,) i32, the record's position in the split (padding
-  after the last record has index >= its length). `iterator` is the grain iterator whose state
-  is checkpointed."""
+  after the last record has index >= its length). `iterator` is the grain iterator."""
 
   def __init__(self, iterator, sharding):
     self.iterator, self.sharding = iterator, sharding

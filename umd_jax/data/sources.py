@@ -47,7 +47,7 @@ class DigitsSource:
     self.num_classes = 10
     self._repr = f"DigitsSource(split={split!r}, channels={channels})"
 
-  def __repr__(self):  # grain compares it with the checkpointed iterator's source
+  def __repr__(self):
     return self._repr
 
   def __len__(self):
