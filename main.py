@@ -3,6 +3,8 @@
   python main.py --config=configs/umd_b.py --mode=pretrain --workdir=/path/to/workdir
   python main.py --config=configs/umd_b.py --mode=probe --workdir=/path/to/workdir
   python main.py --config=configs/umd_b.py --mode=summary --workdir=/tmp/summary
+  python main.py --config=configs/latent_umd_l.py --mode=encode --workdir=/path/to/latents \
+      --config.vae.weights=vae.npz --config.data.data_dir=/path/to/tensorflow_datasets
 
 Every host of a TPU pod runs the same command. Config values can be overridden on the
 command line (`--config.batch_size=256`); an unknown key is an error.
@@ -19,7 +21,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary", "encode"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
                                    "that JAX does not detect by itself (TPU slices, SLURM, Open MPI and "
                                    "Kubernetes jobs are detected).")
@@ -41,15 +43,19 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from umd_jax import checkpoint, data, generate, multihost, probe, sharding, train
+  from umd_jax import checkpoint, data, generate, latent, multihost, probe, sharding, train
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
-                 train.TrainingError, probe.ProbeError,
-                 generate.SampleError)
+                 train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError)
   try:
     if _MODE.value == "summary":
       train.summarize(config, _WORKDIR.value)
+    elif _MODE.value == "encode":
+      meta = latent.encode(config, _WORKDIR.value)
+      split = config.data.train_split
+      print(f"encoded {meta['splits'][split]['records']} images of {split!r} ({meta['views']} views, "
+            f"{meta['dtype']}) into {_WORKDIR.value}; train with --config.data.latents={_WORKDIR.value}")
     elif _MODE.value == "generate":
       result = generate.run(config, _WORKDIR.value)
       print(json.dumps(result, indent=2))

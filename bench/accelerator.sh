@@ -20,8 +20,8 @@ if [[ $part == all || $part == train ]]; then
   run bench/train_step.py --config=configs/umd_b.py:B/4 --set batch_size=256 $bf16 \
     --compare model.scan_layers=true --no_xla_check --profile "$out/trace_b4" --json "$out/train_b4.json"
   # UMD-L/2 on 32x32x4 (latent-shaped) inputs; batch 256 with remat of everything but matmuls.
-  run bench/train_step.py --config=configs/umd_l.py:L/2 --set batch_size=256 --set data.image_size=32 \
-    --set data.channels=4 --set diffusion.schedule=linear --set model.remat=dots $bf16 --no_xla_check \
+  run bench/train_step.py --config=configs/latent_umd_l.py:L/2 --set batch_size=256 \
+    --set model.remat=dots $bf16 --no_xla_check \
     --json "$out/train_l2_latent.json"
 fi
 if [[ $part == all || $part == scaling ]]; then

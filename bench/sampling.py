@@ -15,13 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from umd_jax import generate, sharding, train_step
+from umd_jax.models import umd
 
 
 def main():
   parser = make_parser(__doc__, "configs/demo.py:finetune", repeats=5)
   args = parser.parse_args()
   config = load_config(args.config, args.set)
-  s, d = config.sample, config.data
+  s = config.sample
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = train_step.make_optimizer(config)
   graphdef, state, _ = train_step.create_state(config, mesh, tx)
@@ -31,7 +32,8 @@ def main():
   sampler = generate.make_sampler(config, graphdef, mesh)
   guided = config.model.num_classes > 0 and s.cfg_scale != 1.0
   rows = 2 * b if guided else b  # guidance runs the conditional and null halves together
-  x = jax.device_put(jnp.zeros((rows, d.image_size, d.image_size, d.channels)), sharding.batch_sharding(mesh))
+  size, channels = umd.input_shape(config)
+  x = jax.device_put(jnp.zeros((rows, size, size, channels)), sharding.batch_sharding(mesh))
   y = jnp.zeros((rows,), jnp.int32) if config.model.num_classes else None
   forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, jnp.full((rows,), 500), y)["x0"])
   # The whole sampling loop and one forward take turns (see common.time_rounds).

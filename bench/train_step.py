@@ -2,8 +2,7 @@
 
   python bench/train_step.py --config=configs/umd_s.py:S/4 --set batch_size=32 --set data.image_size=32
   python bench/train_step.py --config=configs/demo.py
-  python bench/train_step.py --config=configs/umd_l.py:L/2 --set data.image_size=32 --set data.channels=4 \
-      --set batch_size=8 --compile_only
+  python bench/train_step.py --config=configs/latent_umd_l.py --set batch_size=8 --compile_only   # 32x32x4 latents
   python bench/train_step.py --config=configs/demo.py --compare grad_accum_steps=2   # A/B in the same rounds
   python bench/train_step.py --config=configs/demo.py \
       --compare xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option, same rounds
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from umd_jax import flops, sharding, train_step
+from umd_jax.models import umd
 from umd_jax.models.umd import compute_dtype
 
 
@@ -72,8 +72,11 @@ def build(config, *, xla_check=True, compiler_options=None):
   step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
   d = config.data
   rng = np.random.default_rng(0)
-  batch = {"image": rng.uniform(-1, 1, (config.batch_size, d.image_size, d.image_size, d.channels)).astype(np.float32),
+  size, channels = umd.input_shape(config)  # pixels, or latents (data.space="latents")
+  batch = {"image": rng.uniform(-1, 1, (config.batch_size, size, size, channels)).astype(np.float32),
            "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
+  if d.space == "latents":  # posterior moments: the step draws z = mean + std·ε
+    batch["std"] = np.full_like(batch["image"], 0.1)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
@@ -82,7 +85,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   xla = xla_flops(config, batch) if xla_check else float("nan")
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, "temp_size_in_bytes", None)
-  row = {"variant": config.model.variant, "image": d.image_size, "batch": config.batch_size,
+  row = {"variant": config.model.variant, "image": f"{size}x{channels}" if d.space == "latents" else size, "batch": config.batch_size,
          "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
   holder = [state]

@@ -50,7 +50,22 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.data.read_threads = -1                 # grain reader threads per process; -1: 0 for in-memory sources
                                            # (digits, synthetic: threads only contend for the GIL), else 16
   c.data.synthetic_size = 10_000           # records of the synthetic source
+  c.data.space = "pixels"                  # what the model sees: "pixels" | "latents" (VAE latents of the images)
+  c.data.latents = ""                      # latent runs: the directory --mode=encode wrote (training data)
   c.data.decode_reduced = True             # JPEGs: decode only at the scale the crop needs (libjpeg 1/2..1/8)
+
+  # Latent space (README, Latent diffusion): with vae.weights set the model sees VAE latents ×
+  # scaling factor, (data.image_size / vae.downsample)² × vae.latent_channels, not pixels.
+  c.vae = ml_collections.ConfigDict()
+  c.vae.weights = ""                       # .npz from tools/convert_vae_weights.py; "" = pixel space
+  c.vae.latent_channels = 4                # must match the file (checked)
+  c.vae.downsample = 8
+  c.vae.batch_size = 32                    # images per VAE call: encoding (per process), decoding (global)
+
+  c.encode = ml_collections.ConfigDict()   # --mode=encode: data.train_split -> VAE posterior moments
+  c.encode.views = 2                       # 2: the image and its mirror image; 1: the image only
+  c.encode.dtype = "float32"               # "float32" | "bfloat16" (half the storage)
+  c.encode.shard_records = 10_000          # records per ArrayRecord shard (the unit of resumption)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/4"

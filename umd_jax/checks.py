@@ -10,7 +10,7 @@ from PIL import Image
 from umd_jax import corruption, diffusion, images
 from umd_jax.models import layers, umd
 
-MODES = ("pretrain", "finetune", "probe", "generate", "summary")
+MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode")
 
 
 class ConfigError(ValueError):
@@ -47,8 +47,17 @@ def _model_and_data(config) -> None:
   _int(config, "data.image_size", 1)
   _int(config, "data.channels", 1)
   _int(config, "data.num_classes", 0)
-  _require(d.image_size % variant["patch"] == 0, "data.image_size", d.image_size,
-           f"is not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
+  _require(d.space in ("pixels", "latents"), "data.space", d.space, "use 'pixels' or 'latents'")
+  if d.space == "latents":
+    _int(config, "vae.downsample", 1)
+    _int(config, "vae.latent_channels", 1)
+    _require(d.channels == 3, "data.channels", d.channels, "must be 3: the VAE encodes RGB images")
+    _require(d.image_size % config.vae.downsample == 0, "data.image_size", d.image_size,
+             f"is not divisible by the VAE's downsampling vae.downsample={config.vae.downsample}")
+  size = umd.input_shape(config)[0]
+  what = "latent size" if d.space == "latents" else "image size"
+  _require(size % variant["patch"] == 0, "data.image_size", d.image_size,
+           f"gives the {what} {size}, not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
   _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
   _int(config, "model.num_classes", 0)
   _require(m.conditioning in ("adaln", "in_context"), "model.conditioning", m.conditioning, "use 'adaln' or 'in_context'")
@@ -86,7 +95,7 @@ def _training(config) -> None:
   _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
            "use 'stop' or 'skip'")
   _fraction(c.clean_fraction, "corruption.clean_fraction")
-  num_patches = (d.image_size // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  num_patches = (umd.input_shape(config)[0] // umd.parse_variant(config.model.variant)["patch"]) ** 2
   for name in ("clean_mask_ratio", "noised_mask_ratio"):
     _fraction(c[name], f"corruption.{name}", high_open=True)
     _require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
@@ -174,10 +183,36 @@ def _generate(config) -> None:
     _inception_weights(config)
 
 
+def _vae(config, mode: str) -> None:
+  """Latent runs: the VAE file (every mode but summary) and, for training, the encoded latents."""
+  d = config.data
+  if mode == "encode":
+    _require(d.space == "latents", "data.space", d.space, "--mode=encode is for latent configs: use 'latents'")
+    _require(config.encode.views in (1, 2), "encode.views", config.encode.views, "use 2 (image and mirror) or 1")
+    _require(config.encode.dtype in ("float32", "bfloat16"), "encode.dtype", config.encode.dtype,
+             "use 'float32' or 'bfloat16'")
+    _int(config, "encode.shard_records", 1)
+  if d.space != "latents" or mode == "summary":
+    return
+  from umd_jax import latent
+  _int(config, "vae.batch_size", 1)
+  try:
+    latent.check_file(config)
+  except latent.LatentError as e:
+    raise ConfigError(str(e)) from None
+  if mode in ("pretrain", "finetune"):
+    _require(bool(d.latents), "data.latents", d.latents, "is not set: latent runs train on the latents that "
+             "--mode=encode writes (see README, Latent diffusion); pass --config.data.latents=DIR")
+  if mode == "generate":
+    _require(not config.sample.inpaint, "sample.inpaint", config.sample.inpaint,
+             "is for pixel-space models: use '' with data.space='latents'")
+
+
 def check(config, mode: str) -> None:
   """Raise ConfigError for the first setting `mode` reads that cannot work."""
   _require(mode in MODES, "--mode", mode, f"use one of {MODES}")
   _model_and_data(config)
+  _vae(config, mode)
   if mode in ("pretrain", "finetune", "summary"):
     _training(config)
   if mode == "finetune":

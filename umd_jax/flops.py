@@ -6,7 +6,7 @@ and the output head. Not counted: norms, softmax, elementwise ops. Backward = 2Ã
 remat recompute is not model FLOPs.
 """
 from umd_jax import corruption
-from umd_jax.models.umd import parse_variant
+from umd_jax.models.umd import input_shape, parse_variant
 
 
 def block_flops(tokens: int, width: int, adaln: bool) -> float:
@@ -33,7 +33,8 @@ def forward_flops(*, width, encoder_depth, decoder_depth, heads, patch, image_si
 def train_flops_per_image(config) -> float:
   """Forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
   c, m, d = config.corruption, config.model, config.data
-  common = dict(image_size=d.image_size, channels=d.channels, num_registers=m.num_registers,
+  size, channels = input_shape(config)
+  common = dict(image_size=size, channels=channels, num_registers=m.num_registers,
                 adaln=m.conditioning == "adaln", num_classes=m.num_classes, **parse_variant(m.variant))
   n_clean, n_noised = corruption.split_sizes(config.batch_size, c.clean_fraction)
   per_batch = (n_clean * forward_flops(mask_ratio=c.clean_mask_ratio, **common)

@@ -16,7 +16,8 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from umd_jax import checks, corruption, files, diffusion, images, multihost, sharding, train_step
+from umd_jax import checks, corruption, files, diffusion, images, latent, multihost, sharding, train_step
+from umd_jax.models import umd
 
 
 class SampleError(ValueError):
@@ -42,20 +43,22 @@ def _denoiser(config, graphdef, params, labels):
 
 
 def make_sampler(config, graphdef, mesh):
-  """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (sample.uint8's convention),
-  rows sharded over the batch. Memoised, so FID during fine-tuning compiles the sampler once."""
+  """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (sample.uint8's convention), or
+  for latent models the model-space latents (decoded by `sample_many`), rows sharded over the batch. Memoised, so FID during fine-tuning compiles the sampler once."""
   return _sampler(ml_collections.FrozenConfigDict(config), graphdef, mesh)
 
 
 @functools.lru_cache(maxsize=8)
 def _sampler(config, graphdef, mesh):
-  s, d = config.sample, config.data
+  s = config.sample
+  size, channels = umd.input_shape(config)
+  latent_space = config.data.space == "latents"
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   bs = sharding.batch_sharding(mesh)
 
   def sample(params, labels, key):
     k_noise, k_sample = jax.random.split(key)
-    noise = jax.random.normal(k_noise, (labels.shape[0], d.image_size, d.image_size, d.channels))
+    noise = jax.random.normal(k_noise, (labels.shape[0], size, size, channels))
     noise = jax.lax.with_sharding_constraint(noise, bs)
     denoise = _denoiser(config, graphdef, params, labels)
     if s.sampler == "ddpm":
@@ -63,7 +66,7 @@ def _sampler(config, graphdef, mesh):
     else:
       x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip,
                                 prediction=s.prediction, grid=s.timesteps)
-    return images.to_uint8_device(x, s.uint8)
+    return x if latent_space else images.to_uint8_device(x, s.uint8)  # latents are decoded in chunks
 
   return jax.jit(sample, out_shardings=bs)
 
@@ -73,12 +76,17 @@ def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, p
   over the batch; row i is the sample of labels[i], rows from len(labels) on are padding."""
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, -(-min(config.sample.batch_size, len(labels)) // shards) * shards)
+  vae = latent.load(config, mesh) if config.data.space == "latents" else None
+  if vae is not None:  # decoded `decode_rows` rows at a time: the batch is a multiple of it
+    decode_rows = max(shards, min(config.vae.batch_size, batch) // shards * shards)
+    batch = -(-batch // decode_rows) * decode_rows
   fn, bs, out = make_sampler(config, graphdef, mesh), sharding.batch_sharding(mesh), []
   steps = -(-len(labels) // batch)
   for i in tqdm(range(steps), desc="sampling", disable=not progress or not multihost.is_main()):
     chunk = labels[i * batch:(i + 1) * batch]
     padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    out.append(fn(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+    x = fn(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i))
+    out.append(x if vae is None else latent.decode_batches(vae, x, decode_rows, mesh, config.sample.uint8))
   return sharding.concatenate(out, bs)
 
 

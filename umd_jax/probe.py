@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from umd_jax import checkpoint, checks, data, files, diffusion, multihost, sharding, train_step
+from umd_jax import checkpoint, checks, data, files, diffusion, latent, multihost, sharding, train_step
 
 REP = -1  # block index meaning "rep"
 
@@ -113,8 +113,18 @@ class Features:
     return self.x[k]  # (N_pad, D)
 
 
+def model_input(config, mesh):
+  """images -> what the model sees: the images, or for latent models their VAE latents (posterior
+  mean × scaling factor), encoded on the fly."""
+  if config.data.space != "latents":
+    return lambda images: images
+  return latent.load(config, mesh).to_latents
+
+
 def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Features:
-  """Runs fn(images, indices) -> (K, B, D) over a split (or its first max_images) in order."""
+  """Runs fn(inputs, indices) -> (K, B, D) over a split (or its first max_images) in order; the
+  inputs are the images or their latents (`model_input`)."""
+  prep = model_input(config, mesh)
   source = data.make_source(config.data, split)
   n = len(source) if not max_images else min(max_images, len(source))
   if n == 0:
@@ -126,7 +136,7 @@ def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Featur
   chunks, labels = [], []
   for _ in tqdm(range(-(-n // batch)), desc=desc, disable=not progress or not multihost.is_main()):
     b = next(batches)
-    chunks.append(fn(b["image"], b["index"]))
+    chunks.append(fn(prep(b["image"]), b["index"]))
     labels.append(b["label"])
   x = sharding.concatenate(chunks, rows_sharding(mesh), axis=1)
   return Features(x, np.concatenate(multihost.to_host(labels))[:n])
@@ -353,9 +363,10 @@ def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, tes
   # the stream position of each row: the per-image noise (t >= 0), the same on any process count
   positions = jax.jit(lambda i: i * batch + jnp.arange(batch, dtype=jnp.int32),
                       out_shardings=sharding.batch_sharding(mesh))
+  prep = model_input(config, mesh)
   for i in tqdm(range(total), desc="linear probe", disable=not multihost.is_main()):
     b = next(batches)
-    head, stats, opt, loss = step(head, stats, opt, b["image"], b["label"], params, positions(i))
+    head, stats, opt, loss = step(head, stats, opt, prep(b["image"]), b["label"], params, positions(i))
     # One step in flight at a time: XLA:CPU's in-process collectives can deadlock when many
     # small collective programs are queued at once (seen with 8 fake devices on 2 cores).
     loss.block_until_ready()
@@ -391,7 +402,8 @@ def _flat_pixels(images, _indices):
 
 
 def pixel_features(config, split, mesh, max_images=0) -> Features:
-  """Raw pixels (centre-cropped like the backbone's input) as a (1, N, H·W·C) baseline feature."""
+  """The raw input (centre-cropped pixels, or their latents for latent models) as a (1, N, H·W·C)
+  baseline feature."""
   flat = jax.jit(_flat_pixels, out_shardings=rows_sharding(mesh))
   return _extract(config, split, flat, mesh, max_images, f"pixels {split}", progress=False)
 
@@ -445,7 +457,8 @@ def run(config, workdir, devices=None) -> dict:
   if p.baselines:
     tr = pixel_features(config, p.train_split, mesh, p.max_train_images)
     te = pixel_features(config, p.eval_split, mesh, p.max_eval_images)
-    results["baselines"] = {"pixels": _heads(config, tr, te),
+    raw = "latents" if config.data.space == "latents" else "pixels"  # the model's raw input
+    results["baselines"] = {raw: _heads(config, tr, te),
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
   if multihost.is_main():
     out_dir.mkdir(parents=True, exist_ok=True)

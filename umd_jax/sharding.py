@@ -29,6 +29,12 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), (AxisType.Auto, AxisType.Auto), devices=devices)
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """This process's devices alone, one "data" axis: for work each process does on its own
+  (encoding its shards of a latent data set)."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), (AxisType.Auto,), devices=jax.local_devices())
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -15,8 +15,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, checks, corruption, data, files, diffusion, flops, generate, images, multihost, probe, sharding,
-                     train_step)
+from umd_jax import (checkpoint, checks, corruption, data, files, diffusion, flops, generate, images, latent, multihost,
+                     probe, sharding, train_step)
 from umd_jax.models import umd
 
 
@@ -36,8 +36,9 @@ def _reconstruction_fn(config, graphdef, mesh):
   c = config.corruption
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   patch = umd.parse_variant(config.model.variant)["patch"]
-  num_patches = (config.data.image_size // patch) ** 2
+  num_patches = (umd.input_shape(config)[0] // patch) ** 2
   clean = c.clean_fraction > 0
+  latent_space = config.data.space == "latents"
   ratio = c.clean_mask_ratio if clean else c.noised_mask_ratio
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
@@ -50,7 +51,7 @@ def _reconstruction_fn(config, graphdef, mesh):
     out = nnx.merge(graphdef, params)(x_in, jnp.zeros_like(t) if clean else t + 1, None,
                                       *(mask[:2] if mask is not None else (None, None)))
     shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
-    return shown, jnp.clip(out["x0"], -1, 1), x0
+    return shown, out["x0"] if latent_space else jnp.clip(out["x0"], -1, 1), x0
 
   return reconstruct
 
@@ -81,7 +82,7 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
   workdir = epath.Path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.batch_size, mesh)
-  source = data.make_source(config.data, config.data.train_split)  # also checks its class count
+  source = training_source(config)  # also checks its class count (and latents their encoding)
   resuming = checkpoint.latest_step(workdir) is not None
   if config.init_from and not resuming:
     checkpoint.load_config(config.init_from)  # read-only: a mistyped path creates nothing there
@@ -142,7 +143,9 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
                      last["loss_clean"], last["loss_noised"])
       if step % config.image_every == 0 or final:
         rows = reconstruct(state.params, preview, jax.random.PRNGKey(config.seed))
-        picture = images.grid(jax.device_get(rows))
+        if config.data.space == "latents":  # shown in pixels
+          rows = [latent.load(config, mesh).to_pixels(r) for r in rows]
+        picture = images.grid(multihost.to_host(rows))
         if is_main:
           images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
                           upscale=max(1, 256 // picture.shape[0]))
@@ -174,7 +177,8 @@ def data_position(config, source, step: int) -> dict:
   d = config.data
   return {"global_batches": int(step), "batch_size": config.batch_size, "seed": config.seed, "data": d.name,
           "split": d.train_split, "records": len(source), "image_size": d.image_size,
-          "crop_area": [d.crop_area_min, d.crop_area_max], "flip": d.flip}
+          "crop_area": [d.crop_area_min, d.crop_area_max], "flip": d.flip,
+          **({"space": "latents"} if d.space == "latents" else {})}
 
 
 def _init_from(config, state, shardings) -> dict:
@@ -194,14 +198,28 @@ def finetune(config, workdir, devices=None) -> dict:
   return pretrain(config, workdir, devices, mode="finetune")
 
 
+def training_source(config):
+  """The records training reads: the images of data.train_split, or their encoded latents."""
+  d = config.data
+  if d.space != "latents":
+    return data.make_source(d, d.train_split)
+  source = data.LatentSource(d.latents, d.train_split, latent.expected_metadata(config))
+  if d.num_classes and source.num_classes and source.num_classes != d.num_classes:
+    raise data.DataError(f"data.latents={d.latents!r} holds {source.num_classes} classes but data.num_classes="
+                         f"{d.num_classes}: set --config.data.num_classes={source.num_classes} or encode the right set")
+  return source
+
+
 def _preview_images(config, mesh):
-  """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else train."""
+  """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else
+  train; for latent models their latents."""
   shards = sharding.num_data_shards(mesh)
   split = config.data.eval_split if config.data.name == "digits" else config.data.train_split
   batches = data.make_batches(config.data, data.make_source(config.data, split), train=False,
                               global_batch=shards * max(1, 8 // shards),
                               sharding=sharding.batch_sharding(mesh), seed=config.seed)
-  return next(batches)["image"]
+  images_ = next(batches)["image"]
+  return latent.load(config, mesh).to_latents(images_) if config.data.space == "latents" else images_
 
 
 def _check_finite(config, state, step, ckpt, history):
@@ -244,7 +262,7 @@ def _flat(d, prefix=""):
 
 def summarize(config, workdir: str) -> dict:
   """Parameter overview, parameter count and training FLOPs per image; writes summary.json."""
-  validate_config(config)
+  validate_config(config, "summary")
   _, abstract_params = train_step.abstract_model(config)
   params = nnx.to_pure_dict(abstract_params)
   overview = parameter_overview.get_parameter_overview(params, include_stats=False)

@@ -121,7 +121,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   equal to the full-batch update."""
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   c = config.corruption
-  num_patches = (config.data.image_size // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  num_patches = (umd.input_shape(config)[0] // umd.parse_variant(config.model.variant)["patch"]) ** 2
   ema_rate = config.optim.ema_rate
   accum = config.grad_accum_steps
   order = accumulation_order(config.batch_size, c.clean_fraction, accum)
@@ -130,6 +130,10 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
+    if "std" in batch:  # latents: a posterior sample z = mean + std·ε (both already × scale) per step
+      key, k_posterior = jax.random.split(key)
+      batch = {"image": batch["image"] + batch["std"] * jax.random.normal(k_posterior, batch["std"].shape),
+               "label": batch["label"]}
 
     def loss_fn(params, images, labels, sample_ids=None):
       model = nnx.merge(graphdef, params)
@@ -177,5 +181,5 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
     return new_state, metrics
 
   batch_shard = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, {"image": batch_shard, "label": batch_shard}),
+  return jax.jit(step, in_shardings=(state_shardings, batch_shard),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from umd_jax.data.encoded import DecodeError, crop_resize
+from umd_jax.data.latents import ChooseView, FirstView, LatentSource
 from umd_jax.data.sources import DataError, skipped_at_decode
 
 
@@ -51,7 +52,7 @@ def center_crop(image, size: int) -> np.ndarray:
   return crop_resize(image, center_box(*image.shape[:2]), size)
 
 
-def _decoded(record, make):
+def decoded(record, make):
   """make(record) -> image; a record whose JPEG fails to decode is replaced by its source's
   fallback (the next readable record, the same every time), counted and logged."""
   while True:
@@ -74,7 +75,7 @@ class TrainAugment(grain.transforms.RandomMap):
     self.size, self.area_range, self.flip = size, tuple(area_range), flip
 
   def random_map(self, record, rng):
-    image, record = _decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
+    image, record = decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
     if self.flip and rng.uniform() < 0.5:
       image = image[:, ::-1]
     return {"image": _to_float(image), "label": np.int32(record["label"])}
@@ -86,7 +87,7 @@ class EvalPreprocess(grain.transforms.Map):
     self.size = size
 
   def map(self, record):
-    image, record = _decoded(record, lambda r: center_crop(r["image"], self.size))
+    image, record = decoded(record, lambda r: center_crop(r["image"], self.size))
     return {"image": _to_float(image), "label": np.int32(record["label"])}
 
 
@@ -156,6 +157,8 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
   if train and len(source) < global_batch:
     raise DataError(f"{len(source)} records cannot fill one batch of {global_batch}: lower batch_size")
   d = data_config
+  if augment is None and isinstance(source, LatentSource):  # pre-encoded latents: a view, no pixels
+    augment = ChooseView() if train else FirstView()
   if augment is None:
     augment = (TrainAugment(d.image_size, (d.crop_area_min, d.crop_area_max), d.flip) if train
                else EvalPreprocess(d.image_size))

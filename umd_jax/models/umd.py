@@ -165,9 +165,19 @@ class UMD(nnx.Module):
     return dict(rep=rep.astype(jnp.float32), blocks=jnp.concatenate([pooled["encoder"], pooled["decoder"]]))
 
 
+def input_shape(config) -> tuple:
+  """(size, channels) of what the model sees: the images of `config.data`, or with
+  data.space="latents" their VAE latents (size / vae.downsample, vae.latent_channels)."""
+  d = config.data
+  if d.space == "latents":
+    return d.image_size // config.vae.downsample, config.vae.latent_channels
+  return d.image_size, d.channels
+
+
 def from_config(config, rngs: nnx.Rngs) -> UMD:
-  """Build the model of `config.model` for images of `config.data`."""
+  """Build the model of `config.model` for the input of `config.data` (see `input_shape`)."""
   m = config.model
-  return UMD(image_size=config.data.image_size, channels=config.data.channels, num_registers=m.num_registers,
+  size, channels = input_shape(config)
+  return UMD(image_size=size, channels=channels, num_registers=m.num_registers,
              conditioning=m.conditioning, num_classes=m.num_classes, dtype=m.dtype,
              scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, rngs=rngs, **parse_variant(m.variant))
