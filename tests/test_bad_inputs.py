@@ -44,6 +44,7 @@ CASES = [
     ("steps", [FINETUNE, "--mode=generate", "--config.sample.steps=0"], "sample.steps=0 must be in [1, 1000]"),
     ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
     ("busy workdir", [DEMO, "--workdir={tmp}/busy"], "is in use by pid"),
+    ("vae weights", ["--config=configs/latent_umd_l.py:B/2", "--mode=probe"], "vae.weights='' is not a file"),
 ]
 
 

@@ -103,7 +103,7 @@ def test_latent_checks(vae_file):
     checks.check(latent_config(vae_file, **{"sample.inpaint": "center"}), "generate")
   with pytest.raises(checks.ConfigError, match="4 latent channels and 2x downsampling"):
     checks.check(latent_config(vae_file, **{"vae.downsample": 8, "data.image_size": 64}), "probe")
-  with pytest.raises(checks.ConfigError, match="latent size 8, not divisible by the patch size 3"):
+  with pytest.raises(checks.ConfigError, match="gives latents of size 8, which are not divisible by the patch size 3"):
     checks.check(latent_config(vae_file, **{"model.variant": "Mu/3"}), "summary")
   with pytest.raises(checks.ConfigError, match="vae.weights='/nonexistent.npz' is not a file"):
     checks.check(latent_config("/nonexistent.npz"), "probe")

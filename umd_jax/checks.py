@@ -55,9 +55,9 @@ def _model_and_data(config) -> None:
     _require(d.image_size % config.vae.downsample == 0, "data.image_size", d.image_size,
              f"is not divisible by the VAE's downsampling vae.downsample={config.vae.downsample}")
   size = umd.input_shape(config)[0]
-  what = "latent size" if d.space == "latents" else "image size"
+  what = f"gives latents of size {size}, which are" if d.space == "latents" else "is"
   _require(size % variant["patch"] == 0, "data.image_size", d.image_size,
-           f"gives the {what} {size}, not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
+           f"{what} not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
   _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
   _int(config, "model.num_classes", 0)
   _require(m.conditioning in ("adaln", "in_context"), "model.conditioning", m.conditioning, "use 'adaln' or 'in_context'")
