@@ -178,3 +178,42 @@ def test_latent_run_end_to_end(encoded, vae_file, tmp_path):
   assert 0 <= results["fewshot"][5]["mean"] <= 1
   with open(pre / "probe" / "results.json") as f:
     assert json.load(f)["step"] == 4
+
+
+def test_encode_reads_jpeg_folders_with_adm_crops(vae_file, tmp_path):
+  """An image folder of JPEGs of several sizes: every file encoded once per view, in order, from
+  ADM's centre crop of the full decode."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  sizes = [(40, 30), (17, 64), (33, 33), (100, 20), (21, 50)]
+  for i, (w, h) in enumerate(sizes):
+    (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.jpg")
+  config = latent_config(vae_file, **{"data.name": "folder", "data.data_dir": str(tmp_path / "images"),
+                                      "data.num_classes": 2, "encode.shard_records": 2, "vae.batch_size": 8})
+  meta = latent.encode(config, str(tmp_path / "latents"))
+  assert meta["splits"]["train"] == {"records": 5, "shards": 3} and meta["num_classes"] == 2
+  lat = data.LatentSource(str(tmp_path / "latents"), "train", latent.expected_metadata(config))
+  source = data.make_source(config.data, "train")
+  vae = latent.Vae(vae_file, sharding.local_mesh())
+  from flax import nnx
+  net = nnx.merge(vae.graphdef, vae.params)
+  for i in range(5):
+    image = latent.adm_center_crop(source[i]["image"].full(), 16)
+    assert image.shape == (16, 16, 3)
+    mean, _ = net.encode(image[None].astype(np.float32) / 127.5 - 1)
+    np.testing.assert_allclose(lat[i]["moments"][0, 0], np.asarray(mean[0]) * 0.18215, rtol=1e-4, atol=1e-5)
+    assert lat[i]["label"] == source[i]["label"]
+
+
+def test_adm_center_crop_halves_then_resizes_the_short_side():
+  """A 600×160 image to 32: halved with BOX while the short side is >= 64 (160 -> 80 -> 40),
+  resized to short side 32 with BICUBIC (150×40 -> 120×32), centre 32×32 taken."""
+  from PIL import Image
+  image = np.tile(np.linspace(0, 255, 600).astype(np.uint8)[None, :, None], (160, 1, 3))
+  out = latent.adm_center_crop(image, 32)
+  pil = Image.fromarray(image)
+  for _ in range(2):
+    pil = pil.resize((pil.size[0] // 2, pil.size[1] // 2), resample=Image.BOX)
+  expected = np.asarray(pil.resize((120, 32), resample=Image.BICUBIC))[:, 44:76]
+  np.testing.assert_array_equal(out, expected)

@@ -1,0 +1,66 @@
+"""experiments/reproduce.py: the scorers against hand cases, and `--quick` end to end (so the
+script that makes RESULTS.md cannot rot)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import reproduce  # noqa: E402
+
+
+def test_precision_recall_and_frechet_on_hand_cases():
+  rng = np.random.default_rng(0)
+  real = rng.standard_normal((200, 4))
+  assert reproduce.DigitsScorer.precision_recall(real, real) == (1.0, 1.0)
+  far = real + 100.0  # nothing generated lies near the real data, and nothing real is covered
+  assert reproduce.DigitsScorer.precision_recall(real, far) == (0.0, 0.0)
+  collapsed = np.repeat(real[:1], 50, axis=0)  # mode collapse: precise, no recall
+  precision, recall = reproduce.DigitsScorer.precision_recall(real, collapsed)
+  assert precision == 1.0 and recall < 0.1
+  assert reproduce.DigitsScorer.frechet(real, real) == pytest.approx(0.0, abs=1e-6)
+  # a shift of the mean by d adds |d|² to the distance
+  assert reproduce.DigitsScorer.frechet(real, real + 2.0) == pytest.approx(4 * 4.0, rel=1e-6)
+
+
+def test_mean_std_over_seeds():
+  assert reproduce.mean_std([0.5, 0.7, None]) == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
+  assert reproduce.mean_std([0.5]) == (0.5, 0.0) and reproduce.mean_std([None]) is None
+
+
+def test_configs_differ_only_in_the_corruption_and_finetune_follows_spec():
+  args = reproduce.parse_args([])
+  umd, dit, mae = (reproduce.make_config(args, m, 1) for m in ("umd", "dit", "mae"))
+  same = lambda a, b: {k: v for k, v in a.to_dict().items() if k not in ("method", "corruption", "model", "probe")} == \
+      {k: v for k, v in b.to_dict().items() if k not in ("method", "corruption", "model", "probe")}
+  assert same(umd, dit) and same(umd, mae) and umd.seed == 1 and umd.total_steps == 2000
+  assert umd.model.variant == dit.model.variant == mae.model.variant == "Ti/2"
+  assert (dit.corruption.clean_fraction, dit.corruption.noised_mask_ratio) == (0.0, 0.0)
+  assert mae.model.conditioning == "in_context" and umd.model.conditioning == "adaln"
+  ft = {m: reproduce.make_config(args, m, 0, finetune=True, init_from="x") for m in reproduce.METHODS}
+  assert [ft[m].corruption.clean_fraction for m in reproduce.METHODS] == [0.05, 0.0, 0.0, 0.05]
+  assert all(c.corruption.noised_mask_ratio == 0.0 and c.model.num_classes == 10 and c.total_steps == 800
+             and c.sample.cfg_scale == 2.0 and c.sample.steps == 50 for c in ft.values())
+
+
+def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
+  result = reproduce.main(["--quick", "--methods=umd,dit", "--out", str(tmp_path)])
+  for name in ("reproduce.json", "summary.md", "probe_vs_generation.png"):
+    assert (tmp_path / name).exists(), name
+  saved = json.loads((tmp_path / "reproduce.json").read_text())
+  assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("umd", 0), ("dit", 0)]
+  for r in saved["runs"]:
+    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["fewshot"]["10"] <= 1 and 0 <= r["classifier_accuracy"] <= 1
+    assert r["digits_fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+  umd, dit = saved["runs"]
+  assert umd["train_gflop_per_image"] < dit["train_gflop_per_image"]  # UMD's encoder sees fewer tokens
+  assert saved["step_cost"]["dit"]["step_vs_dit"] == 1.0 and set(umd["baselines"]) == {"pixels", "random_init"}
+  ref = saved["real_reference"]  # real digits scored like samples: close, precise, covering
+  assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
+  table = (tmp_path / "summary.md").read_text()
+  assert "| 10-shot (rep) |" in table and "| digits-FD ↓ |" in table and "| pixels |" in table
+  again = reproduce.main(["--quick", "--methods=umd,dit", "--out", str(tmp_path)])  # resumes: nothing retrained
+  assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in result["runs"]]
