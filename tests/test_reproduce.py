@@ -64,3 +64,20 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   assert "| 10-shot (rep) |" in table and "| digits-FD ↓ |" in table and "| pixels |" in table
   again = reproduce.main(["--quick", "--methods=umd,dit", "--out", str(tmp_path)])  # resumes: nothing retrained
   assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in result["runs"]]
+
+
+def test_the_paper_setting_builds_the_imagenet_recipes():
+  """`--dataset=imagenet2012 --image_size=64 --variant=B/4`: the configs/<method>_b.py recipes
+  (SPEC §5) on that data, every setting valid for its mode."""
+  from umd_jax import checks
+  args = reproduce.parse_args(["--dataset=imagenet2012", "--data_dir=/data/tfds", "--image_size=64", "--variant=B/4",
+                               "--pretrain_steps=1000", "--finetune_steps=100", "--inception_weights="])
+  for m in reproduce.METHODS:
+    pre = reproduce.make_config(args, m, 0)
+    ft = reproduce.make_config(args, m, 0, finetune=True, init_from="/ckpt")
+    assert (pre.data.name, pre.data.data_dir, pre.data.image_size, pre.model.variant) == ("imagenet2012", "/data/tfds", 64, "B/4")
+    assert (pre.batch_size, pre.optim.b2, pre.corruption.clean_fraction) == (1024, 0.95, {"umd": 0.5, "mae": 1.0}.get(m, 0.0))
+    assert (ft.batch_size, ft.optim.b2, ft.model.num_classes, ft.total_steps) == (256, 0.999, 1000, 100)
+    assert pre.probe.max_train_images == 200_000 and not pre.sample.classifier_score and not pre.sample.fid
+    checks.check(pre, "pretrain")
+    checks.check(ft, "finetune")
