@@ -107,6 +107,10 @@ def test_latent_checks(vae_file):
     checks.check(latent_config(vae_file, **{"model.variant": "Mu/3"}), "summary")
   with pytest.raises(checks.ConfigError, match="vae.weights='/nonexistent.npz' is not a file"):
     checks.check(latent_config("/nonexistent.npz"), "probe")
+  with pytest.raises(checks.ConfigError, match="data.latents='gs://b/lat' is a URL"):
+    checks.check(latent_config(vae_file, **{"data.latents": "gs://b/lat"}), "pretrain")
+  with pytest.raises(latent.LatentError, match="takes no URLs"):
+    latent.encode(latent_config(vae_file), "gs://bucket/latents")
   checks.check(latent_config(""), "summary")  # the model's shape needs no file
 
 

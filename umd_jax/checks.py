@@ -203,6 +203,8 @@ def _vae(config, mode: str) -> None:
   if mode in ("pretrain", "finetune"):
     _require(bool(d.latents), "data.latents", d.latents, "is not set: latent runs train on the latents that "
              "--mode=encode writes (see README, Latent diffusion); pass --config.data.latents=DIR")
+    _require("://" not in d.latents, "data.latents", d.latents,
+             "is a URL: latents are read with array_record's file I/O; use a path every host sees (e.g. a gcsfuse mount)")
   if mode == "generate":
     _require(not config.sample.inpaint, "sample.inpaint", config.sample.inpaint,
              "is for pixel-space models: use '' with data.space='latents'")

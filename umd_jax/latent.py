@@ -189,6 +189,9 @@ def encode(config, workdir: str) -> dict:
   on its own devices; finished shards are kept, so an interrupted run resumes shard by shard."""
   from umd_jax import checks, data
   checks.check(config, "encode")
+  if "://" in str(workdir):
+    raise LatentError(f"--workdir={workdir}: latents are written with array_record's file I/O, which takes no "
+                      "URLs: use a path every host sees (local disk, NFS / Filestore, a gcsfuse mount)")
   e, d = config.encode, config.data
   workdir = epath.Path(workdir)
   source = data.make_source(d, d.train_split)
