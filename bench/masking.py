@@ -19,12 +19,12 @@ from train_step import build, timing
 
 from configs import common as presets
 from umd_jax import corruption
-from umd_jax.models.umd import parse_variant
+from umd_jax.models.umd import num_patches as num_patches_of, parse_variant
 
 
 def token_blocks(config) -> float:
   v, c, m = parse_variant(config.model.variant), config.corruption, config.model
-  num_patches = (config.data.image_size // v["patch"]) ** 2
+  num_patches = num_patches_of(config)
   extra = 0 if m.conditioning == "adaln" else 1
   n_clean, n_noised = corruption.split_sizes(config.batch_size, c.clean_fraction)
 

@@ -8,9 +8,10 @@ two ends), float32 at precision "highest", timed in the same rounds as a dense m
 Encoding is what `--mode=encode` runs per view (twice per record: image and mirror); decoding is
 what `--mode=generate` runs per sample. Work is sharded over the batch on every device.
 """
+import argparse
 import statistics
 
-from common import make_parser, matmul_call, median_ratio, report, time_rounds
+from common import matmul_call, median_ratio, report, time_rounds
 
 import jax
 import numpy as np
@@ -22,7 +23,9 @@ from umd_jax.models import vae as vae_model
 
 
 def main():
-  parser = make_parser(__doc__, "", repeats=5)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--json", default=None, help="write rows and machine facts to this file")
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--weights", default="")

@@ -54,10 +54,10 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.data.latents = ""                      # latent runs: the directory --mode=encode wrote (training data)
   c.data.decode_reduced = True             # JPEGs: decode only at the scale the crop needs (libjpeg 1/2..1/8)
 
-  # Latent space (README, Latent diffusion): with vae.weights set the model sees VAE latents ×
+  # Latent space (README, Latent diffusion): with data.space="latents" the model sees VAE latents ×
   # scaling factor, (data.image_size / vae.downsample)² × vae.latent_channels, not pixels.
   c.vae = ml_collections.ConfigDict()
-  c.vae.weights = ""                       # .npz from tools/convert_vae_weights.py; "" = pixel space
+  c.vae.weights = ""                       # .npz from tools/convert_vae_weights.py (latent runs)
   c.vae.latent_channels = 4                # must match the file (checked)
   c.vae.downsample = 8
   c.vae.batch_size = 32                    # images per VAE call: encoding (per process), decoding (global)

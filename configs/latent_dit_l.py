@@ -2,8 +2,8 @@
 
 The paper's generative baseline for latent UMD-L/2 (SPEC §7: FID 4.31 against UMD's 3.96):
 no clean step, no masking, labels (dropped 10% of the time) from the start, the fine-tuning
-optimizer (batch 256, peak LR 1.5e-4 with warmup then cosine, β2 0.999, no weight decay, EMA). Uses the latents `configs/latent_umd_l.py`
-encodes:
+optimizer (batch 256, peak LR 1.5e-4 with warmup then cosine, β2 0.999, no weight decay, EMA).
+Uses the latents `configs/latent_umd_l.py` encodes:
 
   python main.py --config=configs/latent_dit_l.py --mode=pretrain --workdir=/path/to/workdir \
       --config.vae.weights=vae.npz --config.data.latents=/path/to/latents \
@@ -19,9 +19,8 @@ from configs.latent_umd_l import latent
 
 
 def get_config(arg=None):
-  c = latent(common.base_config("dit"))
+  c = common.base_config("dit")
   c.model.variant, _ = common.parse_arg(arg, "L/2")
   common.finetune_recipe(c)                 # labels, β2 0.999, no weight decay, EMA, label dropout 0.1
-  c.data.crop_area_min = 1.0
   c.total_steps = 400 * common.IMAGENET_TRAIN_IMAGES // c.batch_size
-  return common.finalize(c)
+  return common.finalize(latent(c))

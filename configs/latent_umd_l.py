@@ -33,7 +33,8 @@ Inception crops (SPEC §8). The reference repository's sampling protocol is the 
 from configs import common
 
 
-def latent(c, variant_default="L/2"):
+def latent(c):
+  """The latent-space settings, applied last (over the fine-tuning recipe's crop range)."""
   c.data.space = "latents"
   c.data.image_size = 256                  # pixels; the model sees 32×32×4 latents
   c.data.crop_area_min = 1.0               # pre-encoded: the crop and flip are fixed at encoding
@@ -47,9 +48,8 @@ def latent(c, variant_default="L/2"):
 
 
 def get_config(arg=None):
-  c = latent(common.base_config("umd"))
+  c = common.base_config("umd")
   c.model.variant, finetune = common.parse_arg(arg, "L/2")
   if finetune:
     common.finetune_recipe(c)
-    c.data.crop_area_min = 1.0
-  return common.finalize(c)
+  return common.finalize(latent(c))

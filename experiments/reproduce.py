@@ -35,6 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/common.py (timing, machine facts) and train_step.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -216,7 +217,6 @@ class DigitsScorer:
 def step_times(args, methods) -> dict:
   """Median step time of each method's pre-training step, all timed in the same rounds."""
   spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(ROOT, "bench", "train_step.py"))
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   from common import time_rounds
@@ -319,7 +319,7 @@ def main(argv=None):
       print(f"=== {m} seed {seed} ===", flush=True)
       runs.append(run_one(args, m, seed, scorer))
   cost = step_times(args, methods)
-  from common import machine  # bench/common.py (bench/ is on the path once step_times ran)
+  from common import machine  # bench/common.py
   reference = scorer.reference() if scorer else None
   result = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:])),
             "args": vars(args), "machine": machine(), "wall_s": time.time() - started,

@@ -141,8 +141,8 @@ def _config_changes(manager, step: int, config) -> list:
   flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in
                           (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
   old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
-  shaping = lambda k: k.startswith("model.") or k in ("data.image_size", "data.channels", "data.space",
-                                                                   "vae.latent_channels", "vae.downsample")
+  shaping = lambda k: k.startswith("model.") or k in (
+      "data.image_size", "data.channels", "data.space", "vae.latent_channels", "vae.downsample")
   changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if shaping(k) and old.get(k) != new.get(k)]
   if (old.get("optim.ema_rate", 0) > 0) != (new.get("optim.ema_rate", 0) > 0):

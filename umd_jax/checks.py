@@ -95,7 +95,7 @@ def _training(config) -> None:
   _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
            "use 'stop' or 'skip'")
   _fraction(c.clean_fraction, "corruption.clean_fraction")
-  num_patches = (umd.input_shape(config)[0] // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  num_patches = umd.num_patches(config)
   for name in ("clean_mask_ratio", "noised_mask_ratio"):
     _fraction(c[name], f"corruption.{name}", high_open=True)
     _require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],

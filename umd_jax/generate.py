@@ -44,7 +44,8 @@ def _denoiser(config, graphdef, params, labels):
 
 def make_sampler(config, graphdef, mesh):
   """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (sample.uint8's convention), or
-  for latent models the model-space latents (decoded by `sample_many`), rows sharded over the batch. Memoised, so FID during fine-tuning compiles the sampler once."""
+  for latent models the model-space latents (decoded by `sample_many`), rows sharded over the
+  batch. Memoised, so FID during fine-tuning compiles the sampler once."""
   return _sampler(ml_collections.FrozenConfigDict(config), graphdef, mesh)
 
 
@@ -99,9 +100,7 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
     m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
     return np.broadcast_to(m, (batch, size, size, 1)).copy()
   if kind == "random":
-    from umd_jax.models.umd import parse_variant
-    patch = parse_variant(config.model.variant)["patch"]
-    m = corruption.random_mask(key, batch, (size // patch) ** 2, config.sample.inpaint_ratio)
+    m = corruption.random_mask(key, batch, umd.num_patches(config), config.sample.inpaint_ratio)
     return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
   path = epath.Path(kind)
   if not path.exists():

@@ -1,7 +1,7 @@
 """Latent space: the VAE weights file, images -> latents, latents -> images, and `--mode=encode`.
 
-A run is latent when `vae.weights` names a file written by tools/convert_vae_weights.py. Its
-model then sees VAE latents times the scaling factor, (data.image_size / vae.downsample)² ×
+A run is latent when `data.space="latents"`; `vae.weights` names the file written by
+tools/convert_vae_weights.py. Its model sees VAE latents times the scaling factor, (data.image_size / vae.downsample)² ×
 vae.latent_channels, instead of pixels; `config.data` still names the images (encoded once by
 `--mode=encode` for training, on the fly for probing and the preview grids; the FID reference).
 Samples are divided by the scaling factor and decoded in float32 chunks of `vae.batch_size`.
@@ -75,10 +75,6 @@ class Vae:
     """Images in [-1, 1] (B, H, W, 3), rows sharded -> posterior mean × scale (the model's input)."""
     return _to_latents(self.graphdef, self.scale, self.params, x)
 
-  def to_images(self, z, convention: str = "round"):
-    """Model-space latents (B, h, w, c) -> uint8 images, rows sharded like z."""
-    return _to_images(self.graphdef, self.scale, convention, self.params, z)
-
   def to_pixels(self, z):
     """Model-space latents -> float images clipped to [-1, 1] (preview grids)."""
     return _to_pixels(self.graphdef, self.scale, self.params, z)
@@ -94,9 +90,12 @@ def _to_pixels(graphdef, scale, params, z):
   return jnp.clip(nnx.merge(graphdef, params).decode(z / scale), -1.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _to_images(graphdef, scale, convention, params, z):
-  return images.to_uint8_device(_to_pixels(graphdef, scale, params, z), convention)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _decode_chunk(graphdef, scale, convention, rows, out_sharding, params, z, i):
+  """uint8 images of rows [i·rows, (i+1)·rows) of z, laid out like a batch."""
+  chunk = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(z, i * rows, rows), out_sharding)
+  pixels = _to_pixels(graphdef, scale, params, chunk)
+  return jax.lax.with_sharding_constraint(images.to_uint8_device(pixels, convention), out_sharding)
 
 
 _LOADED = {}
@@ -136,8 +135,8 @@ def decode_batches(vae: Vae, z, chunk: int, mesh, convention: str):
   """uint8 images of model-space latents z (N, h, w, c) (rows sharded, N a multiple of chunk),
   decoded `chunk` rows at a time so the decoder's activations stay bounded."""
   bs = sharding.batch_sharding(mesh)
-  take = jax.jit(lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk), out_shardings=bs)
-  return sharding.concatenate([vae.to_images(take(z, i), convention) for i in range(z.shape[0] // chunk)], bs)
+  return sharding.concatenate([_decode_chunk(vae.graphdef, vae.scale, convention, chunk, bs, vae.params, z, i)
+                               for i in range(z.shape[0] // chunk)], bs)
 
 
 # --- --mode=encode ----------------------------------------------------------------------------
@@ -198,8 +197,7 @@ def encode(config, workdir: str) -> dict:
   mesh = sharding.local_mesh()
   vae = Vae(config.vae.weights, mesh)
   size = d.image_size // config.vae.downsample
-  settings = {"vae_sha256": vae.meta["source_sha256"], "vae_weights": os.path.basename(config.vae.weights),
-              "scaling_factor": vae.scale, "image_size": d.image_size, "latent_shape": [size, size, config.vae.latent_channels],
+  settings = {"vae_sha256": vae.meta["source_sha256"], "scaling_factor": vae.scale, "image_size": d.image_size, "latent_shape": [size, size, config.vae.latent_channels],
               "views": e.views, "dtype": e.dtype, "preprocessing": "ADM center crop (BOX halving, BICUBIC, centre square)",
               "source": {"name": d.name, "split": d.train_split, "records": len(source)},
               "num_classes": int(getattr(source, "num_classes", 0) or d.num_classes)}

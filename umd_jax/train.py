@@ -35,8 +35,7 @@ def _reconstruction_fn(config, graphdef, mesh):
   replicated so that every process can fetch them (a batch-sharded result spans all hosts)."""
   c = config.corruption
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  patch = umd.parse_variant(config.model.variant)["patch"]
-  num_patches = (umd.input_shape(config)[0] // patch) ** 2
+  num_patches = umd.num_patches(config)
   clean = c.clean_fraction > 0
   latent_space = config.data.space == "latents"
   ratio = c.clean_mask_ratio if clean else c.noised_mask_ratio

@@ -121,7 +121,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   equal to the full-batch update."""
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   c = config.corruption
-  num_patches = (umd.input_shape(config)[0] // umd.parse_variant(config.model.variant)["patch"]) ** 2
+  num_patches = umd.num_patches(config)
   ema_rate = config.optim.ema_rate
   accum = config.grad_accum_steps
   order = accumulation_order(config.batch_size, c.clean_fraction, accum)

@@ -174,6 +174,11 @@ def input_shape(config) -> tuple:
   return d.image_size, d.channels
 
 
+def num_patches(config) -> int:
+  """Tokens of one input: (input size / patch)²."""
+  return (input_shape(config)[0] // parse_variant(config.model.variant)["patch"]) ** 2
+
+
 def from_config(config, rngs: nnx.Rngs) -> UMD:
   """Build the model of `config.model` for the input of `config.data` (see `input_shape`)."""
   m = config.model
