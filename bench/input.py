@@ -11,7 +11,9 @@ common sizes) to a temporary image folder and as a TFDS array_record dataset (th
 stored as they are), and reads them through the real pipeline with the training crop (area
 80-100%) at 64 and 256 px, with `data.decode_reduced` on and off, in one process without reader
 threads (the per-core rate) and with one grain worker per core; it also reports the PSNR of the
-reduced decode against the full one on the same crop boxes.
+reduced decode against the full one on the same crop boxes, and the decode alone: whole image,
+and at 1/8 scale (DC coefficients only), which still entropy-decodes every coefficient of the
+file and is therefore the least any libjpeg decode of these files can cost on this host.
 """
 import io
 import os
@@ -118,6 +120,20 @@ def psnr_reduced_vs_full(folder_source, size, n=200):
   return float(np.mean(values)), float(np.min(values))
 
 
+def decode_alone(jpegs, n=300):
+  """ms per image (one core) of libjpeg decoding alone: the whole image, and at 1/8 scale."""
+  rows = []
+  for name, scale in (("whole image", 1), ("1/8 scale (entropy-decoding floor)", 8)):
+    start = time.perf_counter()
+    for jpeg, _ in jpegs[:n]:
+      with Image.open(io.BytesIO(jpeg)) as im:
+        if scale > 1:
+          im.draft("RGB", (im.size[0] // scale, im.size[1] // scale))
+        im.load()
+    rows.append({"decode": name, "ms_per_image": 1000 * (time.perf_counter() - start) / min(n, len(jpegs))})
+  return rows
+
+
 def photos(args):
   """The ImageNet-like JPEG rows (see the module docstring)."""
   rows = []
@@ -151,8 +167,10 @@ def photos(args):
     folder = data.make_source(_folder_config(args, tmp).data, "train")
     psnr = [dict(zip(("size", "psnr_mean_db", "psnr_min_db"), (size, *psnr_reduced_vs_full(folder, size))))
             for size in (64, 256)]
+    floor = decode_alone(BenchPhotos.JPEGS)
   report("input_photos", rows, {"photos": args.photos, "cores": cores}, args.json)
   report("input_photos_psnr", psnr, {"reduced vs full decode, same crop boxes": True}, None)
+  report("input_photos_decode", floor, {"libjpeg via PIL, one core": True}, None)
 
 
 def _folder_config(args, tmp):

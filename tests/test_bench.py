@@ -65,3 +65,15 @@ def test_xla_options_split_from_config_overrides_and_reach_the_compiler():
     assert compiled_option.as_text().count("ynn_fusion") < compiled_default.as_text().count("ynn_fusion")
   with pytest.raises(Exception, match="No such compile option"):
     bench_train_step.build(config, xla_check=False, compiler_options={"xla_no_such_option": 1})
+
+
+def test_photo_jpegs_are_deterministic_photo_sized_and_the_decode_rows_are_filled():
+  import input as bench_input
+  from PIL import Image
+  import io
+  jpegs = list(bench_input.photo_jpegs(3))
+  assert jpegs == list(bench_input.photo_jpegs(3))  # the same files on every run
+  assert [Image.open(io.BytesIO(j)).size for j, _ in jpegs] == list(bench_input.SIZES[:3])
+  assert all(20_000 < len(j) < 400_000 for j, _ in jpegs)  # photo-like compression, not noise or flat
+  rows = bench_input.decode_alone(jpegs, n=3)
+  assert [r["decode"].split()[0] for r in rows] == ["whole", "1/8"] and all(r["ms_per_image"] > 0 for r in rows)

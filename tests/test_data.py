@@ -191,6 +191,20 @@ def test_reduced_jpeg_decode_draws_the_same_boxes_and_differs_only_by_resampling
   np.testing.assert_array_equal(pipeline.center_crop(full, size), pipeline.center_crop(decoded, size))
 
 
+def test_a_jpeg_header_is_parsed_once_per_read_and_decodes_again_when_asked(monkeypatch):
+  from umd_jax.data import encoded as enc
+  data = _jpeg(_photo(375, 500))
+  opened = []
+  real_open = enc.Image.open
+  monkeypatch.setattr(enc.Image, "open", lambda f: opened.append(1) or real_open(f))
+  image = enc.EncodedImage(data, 3)
+  first = pipeline.inception_crop(image, np.random.default_rng(0), (0.8, 1.0), 64)
+  assert len(opened) == 1  # shape (the crop box) and the region decode share one parsed header
+  again = pipeline.inception_crop(image, np.random.default_rng(0), (0.8, 1.0), 64)
+  np.testing.assert_array_equal(first, again)  # a second read opens the bytes afresh, same pixels
+  np.testing.assert_array_equal(image.full(), np.asarray(real_open(__import__("io").BytesIO(data)).convert("RGB")))
+
+
 def test_grey_and_cmyk_jpegs_and_pngs_convert_as_before(tmp_path):
   from umd_jax.data.encoded import EncodedImage
   photo = _photo(120, 160)

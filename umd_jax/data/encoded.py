@@ -50,9 +50,13 @@ class EncodedImage:
 
   def __init__(self, data: bytes, channels: int, name: str = "", fallback=None, reduced: bool = True):
     self.data, self.channels, self.name, self.fallback, self.reduced = data, channels, name, fallback, reduced
-    self._size = None
+    self._size, self._header = None, None
 
   def _open(self) -> Image.Image:
+    """The opened (header-parsed, not decoded) image; the one `shape` parsed is used once more."""
+    im, self._header = self._header, None
+    if im is not None:
+      return im
     try:
       return Image.open(io.BytesIO(self.data))
     except Exception as e:  # noqa: BLE001 - any unreadable header
@@ -60,9 +64,9 @@ class EncodedImage:
 
   @property
   def shape(self):
-    if self._size is None:
-      with self._open() as im:
-        self._size = im.size
+    if self._size is None:  # the header is parsed once: the decode that follows reuses it
+      self._header = self._open()
+      self._size = self._header.size
     w, h = self._size
     return (h, w, self.channels)
 
