@@ -1,18 +1,26 @@
 # make demo: tiny UMD on the embedded digits.  make test: the test suite (CPU, fake devices).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.installed-test-$(shell cksum < requirements-test.txt | cut -d' ' -f1)
 
 .PHONY: demo test install clean reproduce
 
+# The pinned requirements, then the package itself (editable: `umd_jax`, `configs` and the `umd-jax` command).
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
-	rm -f $(VENV)/.installed-*
+	$(VENV)/bin/python -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-[0-9]*
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(VENV)/bin/python -m pip install -q -r requirements-test.txt
+	rm -f $(VENV)/.installed-test-*
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py --mode=pretrain --workdir=workdirs/demo
@@ -20,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=finetune --workdir=workdirs/demo_finetune
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:

@@ -1,5 +1,8 @@
 """Shared benchmark helpers: load a config with overrides, time jitted calls, measure a matmul roofline."""
 import argparse
+import collections
+import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -7,16 +10,14 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from umd_jax.models.umd import DTYPES, compute_dtype  # noqa: E402
+from umd_jax.models.umd import DTYPES, compute_dtype
 
 
 def load_config(spec: str, overrides=()):
@@ -52,11 +53,10 @@ def make_parser(doc: str, default_config: str, repeats: int | None = None) -> ar
 def time_rounds(fns: dict, repeats=20, warmup=3, best_of: dict | None = None) -> dict:
   """{name: no-argument fn} -> {name: [wall seconds of each round]}, block_until_ready after each
   call. The fns take turns, one call each per round, so a shared machine that slows down mid-run
-  (this project's CPU host: the same step read 61-87 ms within an hour) slows every fn of that
-  round alike: compare fns by per-round ratios (`median_ratio`), not by separately timed medians.
-  `best_of={name: k}` calls that fn k times in a row per round and keeps the fastest: a roofline
-  matmul run right after a long step starts with cold caches (on this CPU it then read 130-150
-  instead of ~200 GFLOP/s), and a roofline should be the warm rate."""
+  slows every fn of that round alike: compare fns by per-round ratios (`median_ratio`), not by
+  separately timed medians. `best_of={name: k}` calls that fn k times in a row per round and
+  keeps the fastest: a roofline matmul run right after a long step starts with cold caches, and a
+  roofline should be the warm rate."""
   best_of = best_of or {}
   for fn in fns.values():
     for _ in range(warmup):
@@ -120,9 +120,6 @@ def profile(fn, *args, steps: int = 5, logdir: str, top: int = 15, hlo_text: str
   return the ops that took the most device time: [{op, ms_per_call, share}], busiest first, then the
   totals of matmul / attention / other kernels: by kernel name (cuBLAS, cuDNN), and with the
   compiled program's `hlo_text`, every fusion that contains a dot counts as matmul (XLA:CPU)."""
-  import collections
-  import glob
-  import gzip
   jax.block_until_ready(fn(*args))
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     for _ in range(steps):

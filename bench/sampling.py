@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from umd_jax import generate, sharding, train_step
+from umd_jax import generate, sharding, weights
 from umd_jax.models import umd
 
 
@@ -24,9 +24,8 @@ def main():
   config = load_config(args.config, args.set)
   s = config.sample
   mesh = sharding.make_mesh(config.mesh)
-  tx, _ = train_step.make_optimizer(config)
-  graphdef, state, _ = train_step.create_state(config, mesh, tx)
-  params, b = state.params, s.batch_size
+  graphdef, params = weights.fresh(config, mesh, config.seed)
+  b = s.batch_size
   labels = jax.device_put(jnp.arange(b, dtype=jnp.int32) % max(config.model.num_classes, 1),
                           sharding.batch_sharding(mesh))
   sampler = generate.make_sampler(config, graphdef, mesh)

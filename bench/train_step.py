@@ -20,6 +20,7 @@ In --set and --compare, a key that starts with `xla_` is an XLA compiler option 
 step (`compile(compiler_options=...)`; true/false and integers are converted), so flag A/Bs
 share rounds too, which separate processes with different XLA_FLAGS cannot.
 """
+import copy
 import statistics
 import time
 
@@ -36,14 +37,10 @@ from umd_jax.models.umd import compute_dtype
 def xla_flops(config, batch) -> float:
   """XLA's cost_analysis() FLOPs of the step, lowered with unrolled layers (a scanned loop body
   is counted once, not once per layer, so the scanned program under-reports)."""
-  import copy
   unrolled = copy.deepcopy(config)
   unrolled.model.scan_layers = False
-  mesh = sharding.make_mesh(unrolled.mesh)
-  tx, lr = train_step.make_optimizer(unrolled)
-  graphdef, state, shardings = train_step.create_state(unrolled, mesh, tx)
-  step = train_step.make_train_step(unrolled, graphdef, tx, lr, shardings, mesh)
-  cost = step.lower(state, batch).compile().cost_analysis()
+  run = train_step.build(unrolled, sharding.make_mesh(unrolled.mesh))
+  cost = run.step.lower(run.state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
@@ -67,9 +64,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   compile facts, no-argument step call, the compiled step)."""
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
-  tx, lr = train_step.make_optimizer(config)
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+  run = train_step.build(config, mesh)
   d = config.data
   rng = np.random.default_rng(0)
   size, channels = umd.input_shape(config)  # pixels, or latents (data.space="latents")
@@ -79,7 +74,7 @@ def build(config, *, xla_check=True, compiler_options=None):
     batch["std"] = np.full_like(batch["image"], 0.1)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile(compiler_options=compiler_options or None)
+  compiled = run.step.lower(run.state, batch).compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - start
   model_flops = flops.train_flops_per_image(config) * config.batch_size
   xla = xla_flops(config, batch) if xla_check else float("nan")
@@ -88,7 +83,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   row = {"variant": config.model.variant, "image": f"{size}x{channels}" if d.space == "latents" else size, "batch": config.batch_size,
          "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
-  holder = [state]
+  holder = [run.state]
 
   def run():
     holder[0], metrics = compiled(holder[0], batch)

@@ -29,6 +29,9 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.checkpoint_every = 5000
   c.image_every = 5000                     # masked / reconstruction / original PNG grid
   c.keep_checkpoints = 3
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = 0                      # trace this many training steps with jax.profiler (0: off) into
+  c.profile.first_step = 10                # WORKDIR/profile/process_<i>/ from this step (TensorBoard's profile tab)
   c.restore_fallback = True                # a damaged latest checkpoint: resume from the previous one
   c.nonfinite_policy = "stop"              # non-finite loss/gradient: "stop", or "skip" the update
   c.max_skips = 10                         # with "skip": stop once more updates than this were skipped
@@ -73,7 +76,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.model.conditioning = preset["conditioning"]   # "adaln" | "in_context"
   c.model.num_classes = 0                  # 0: self-supervised, no label embedding
   c.model.dtype = "auto"                   # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
-  c.model.scan_layers = False              # unrolled: 1.4× faster steps (H100, B/4) and 1.3× (CPU, S/4); L scans
+  c.model.scan_layers = False              # unrolled layers step faster (BENCHMARKS.md); L scans (compile time)
   c.model.remat = "none"                   # "none" | "full" | "dots"
   c.model.attention = "auto"               # "auto" (cuDNN flash on GPU in bf16/fp16, else XLA) | "xla" | "cudnn"
 

@@ -25,20 +25,30 @@ reproduce.json (every number, the command, commit and machine), summary.md (the 
 probe_vs_generation.png.
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench/common.py (timing, machine facts) and train_step.py
+# bench/common.py (timing, machine facts) and bench/train_step.py (the step-time measurement): the
+# benchmarks are scripts, not part of the installed package.
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+
+import train_step as bench_train_step  # noqa: E402  (bench/train_step.py)
+from common import machine, time_rounds  # noqa: E402  (bench/common.py)
+from configs import common as config_common, demo  # noqa: E402
+from umd_jax import fid, flops, generate, probe, train  # noqa: E402
 
 METHODS = ("umd", "dit", "maskdit", "mae")
 
@@ -73,8 +83,7 @@ def parse_args(argv=None):
 
 def _method(c, method):
   """SPEC §1: the methods are values of the same corruption (configs/common.METHODS)."""
-  from configs import common
-  preset = common.METHODS[method]
+  preset = config_common.METHODS[method]
   c.method = method
   c.corruption.clean_fraction = preset["clean_fraction"]
   c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
@@ -85,7 +94,6 @@ def _method(c, method):
 
 def make_config(args, method, seed, finetune=False, init_from=""):
   """The pre-training (or fine-tuning) config of one run."""
-  from configs import common, demo
   if args.dataset == "digits":  # the demo's settings, then the method's corruption
     c = _method(demo.get_config("finetune" if finetune else None), method)
     c.unlock()
@@ -130,7 +138,6 @@ def make_config(args, method, seed, finetune=False, init_from=""):
 
 
 def run_one(args, method, seed, scorer) -> dict:
-  from umd_jax import flops, generate, probe, train
   work = os.path.join(args.out, "runs", f"{method}_s{seed}")
   pre_dir, ft_dir = os.path.join(work, "pretrain"), os.path.join(work, "finetune")
   pre = make_config(args, method, seed)
@@ -171,9 +178,6 @@ class DigitsScorer:
   recall (Kynkäänniemi et al. 2019, k = 3)."""
 
   def __init__(self, config):
-    from sklearn.neural_network import MLPClassifier
-
-    from umd_jax import generate
     train_x, train_y = generate._pixels(config, config.data.train_split)
     test_x, test_y = generate._pixels(config, config.data.eval_split)
     self.net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=0).fit(train_x, train_y)
@@ -186,7 +190,6 @@ class DigitsScorer:
 
   @staticmethod
   def frechet(a, b) -> float:
-    from umd_jax import fid
     return fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
   @staticmethod
@@ -216,11 +219,7 @@ class DigitsScorer:
 
 def step_times(args, methods) -> dict:
   """Median step time of each method's pre-training step, all timed in the same rounds."""
-  spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(ROOT, "bench", "train_step.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  from common import time_rounds
-  calls = {m: bench.build(make_config(args, m, 0), xla_check=False)[1] for m in methods}
+  calls = {m: bench_train_step.build(make_config(args, m, 0), xla_check=False)[1] for m in methods}
   times = time_rounds(calls, repeats=args.timing_rounds, warmup=2)
   dit = times.get("dit")
   return {m: {"step_ms": 1e3 * statistics.median(t),
@@ -286,9 +285,6 @@ def summarize(runs, methods, cost, reference) -> str:
 
 
 def plot(runs, methods, path, gen_key):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 4))
   for m in methods:
     x = mean_std([_get(r, "fewshot.10") for r in runs if r["method"] == m])
@@ -319,7 +315,6 @@ def main(argv=None):
       print(f"=== {m} seed {seed} ===", flush=True)
       runs.append(run_one(args, m, seed, scorer))
   cost = step_times(args, methods)
-  from common import machine  # bench/common.py
   reference = scorer.reference() if scorer else None
   result = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv if argv is not None else sys.argv[1:])),
             "args": vars(args), "machine": machine(), "wall_s": time.time() - started,

@@ -5,15 +5,15 @@ rows this process read and the global batches it saw.
   python tests/distributed_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID STEPS OUT.json
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-import grain  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+from configs import demo
+from umd_jax import data, sharding
 
 NUM_RECORDS, GLOBAL_BATCH = 100, 16
 
@@ -35,8 +35,6 @@ class AsIs(grain.transforms.RandomMap):
 
 def read_batches(steps: int):
   """(local rows, global batches) of the first `steps` training batches, as label lists."""
-  from configs import demo
-  from umd_jax import data, sharding
   config = demo.get_config("4")
   mesh = sharding.make_mesh(config.mesh)
   batches = data.make_batches(config.data, IndexSource(), global_batch=GLOBAL_BATCH,

@@ -1,16 +1,17 @@
-"""The benchmark harness: interleaved timing rounds and the train-step row (no timing is asserted)."""
-import os
-import sys
+"""The benchmark harness: interleaved timing rounds and the train-step row (no timing is asserted).
+The scripts under bench/ are importable here through pytest's `pythonpath` (pyproject.toml)."""
+import io
 
+import common as bench_common
+import input as bench_input
+import jax
+import jax.numpy as jnp
 import pytest
+import train_step as bench_train_step
+from conftest import tiny_config
+from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-
-import common as bench_common  # noqa: E402
-import train_step as bench_train_step  # noqa: E402
-from conftest import tiny_config  # noqa: E402
-
-from umd_jax import flops  # noqa: E402
+from umd_jax import flops
 
 
 def test_rounds_alternate_the_calls_and_ratios_pair_rounds():
@@ -38,8 +39,6 @@ def test_train_step_rows_are_consistent():
 
 
 def test_dot_instructions_finds_the_fused_matmuls():
-  import jax
-  import jax.numpy as jnp
   a = jnp.ones((64, 64))
   with_dot = jax.jit(lambda a: jnp.tanh(a @ a) + 1).lower(a).compile().as_text()
   elementwise = jax.jit(lambda a: jnp.tanh(a) * 2 + 1).lower(a).compile().as_text()
@@ -49,7 +48,6 @@ def test_dot_instructions_finds_the_fused_matmuls():
 
 
 def test_xla_options_split_from_config_overrides_and_reach_the_compiler():
-  import jax
   config_overrides, options = bench_train_step.split_options(
       ["batch_size=8", "xla_cpu_enable_fast_math=False", "xla_gpu_autotune_level=0",
        "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"])
@@ -68,9 +66,6 @@ def test_xla_options_split_from_config_overrides_and_reach_the_compiler():
 
 
 def test_photo_jpegs_are_deterministic_photo_sized_and_the_decode_rows_are_filled():
-  import input as bench_input
-  from PIL import Image
-  import io
   jpegs = list(bench_input.photo_jpegs(3))
   assert jpegs == list(bench_input.photo_jpegs(3))  # the same files on every run
   assert [Image.open(io.BytesIO(j)).size for j, _ in jpegs] == list(bench_input.SIZES[:3])

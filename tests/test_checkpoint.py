@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from umd_jax import checkpoint, sharding, train, train_step
+from umd_jax import checkpoint, sharding, train, train_step, weights
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +69,14 @@ def test_a_changed_array_is_caught_by_its_checksum(fresh):
   ckpt = checkpoint.Checkpointer(workdir)
   try:
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    tx, _ = train_step.make_optimizer(config)
-    _, state, shardings = train_step.create_state(config, mesh, tx)
+    run = train_step.build(config, mesh)
     with pytest.raises(checkpoint.CheckpointError, match=r"array \['params'\].* does not match the checksum"):
-      ckpt.restore(4, train_step.abstract_state(state, shardings))
-    step_2 = ckpt.restore(2, train_step.abstract_state(state, shardings)).params
+      ckpt.restore(4, train_step.abstract_state(run.state, run.shardings))
+    step_2 = ckpt.restore(2, train_step.abstract_state(run.state, run.shardings)).params
   finally:
     ckpt.close()
   # Read-only loaders (init_from, probe, generate) verify too, and use the previous step.
-  params = train_step.load_weights(config, workdir, mesh, prefer_ema=False)[1]
+  params = weights.load(config, workdir, mesh, prefer_ema=False)[1]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(step_2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -54,9 +54,9 @@ class Recorder:
   def __init__(self, patch=2):
     self.calls, self.patch = [], patch
 
-  def __call__(self, x, t, labels, keep_ids, restore_ids):
+  def __call__(self, x, t, labels, mask):
     self.calls.append(dict(x=np.asarray(x), t=np.asarray(t), labels=labels,
-                           keep=None if keep_ids is None else np.asarray(keep_ids)))
+                           keep=None if mask is None else np.asarray(mask.keep_ids)))
     return dict(x0=0.5 * x, eps=-0.25 * x)
 
 

@@ -18,9 +18,19 @@ import subprocess
 import sys
 import time
 
+import convert_vae_weights
+import distributed_worker
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+from array_record.python.array_record_module import ArrayRecordReader
+from PIL import Image
+
+from configs import demo
+from umd_jax import checkpoint, encode, generate, probe, sharding, train, weights
+from umd_jax.data import latents as latent_data
+from umd_jax.models import inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
@@ -90,8 +100,6 @@ def test_two_processes_read_disjoint_rows_of_the_same_global_batches(tmp_path):
   p0, p1 = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2))
   assert (p0["devices"], p0["local_devices"], p0["process"], p1["process"]) == (8, 4, 0, 1)
   # The global batches do not depend on the number of processes: one process on 8 devices sees the same.
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
-  import distributed_worker
   _, single = distributed_worker.read_batches(steps)
   assert p0["global"] == p1["global"] == single
   for step, batch in enumerate(single):  # process i read rows [8i, 8i + 8) of each global batch
@@ -104,7 +112,6 @@ def test_two_processes_read_disjoint_rows_of_the_same_global_batches(tmp_path):
 
 def _config(arg, overrides):
   """The config main.py would build from `--config=configs/demo.py:ARG` and the overrides."""
-  from configs import demo
   config = demo.get_config(arg)
   for item in overrides:
     key, value = item.removeprefix("--config.").split("=", 1)
@@ -128,7 +135,6 @@ def _main_py(arg, mode, workdir, overrides):
 
 def _scalars(workdir) -> dict:
   """{tag: {step: value}} of a workdir's TensorBoard events."""
-  import tensorflow as tf
   out = {}
   for path in glob.glob(str(workdir / "events.out.tfevents*")):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -139,9 +145,8 @@ def _scalars(workdir) -> dict:
 
 
 def _params(workdir):
-  from umd_jax import checkpoint, sharding, train_step
   config = checkpoint.load_config(workdir)
-  return train_step.load_weights(config, workdir, sharding.make_mesh(config.mesh), prefer_ema=False)[1]
+  return weights.load(config, workdir, sharding.make_mesh(config.mesh), prefer_ema=False)[1]
 
 
 def _assert_params_close(a, b):
@@ -153,12 +158,10 @@ def _assert_params_close(a, b):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
   """Workdirs of the 2-process runs ("multi") and the 1-process, 8-device runs ("single")."""
-  from umd_jax import train
-  from umd_jax.models import inception
   root = tmp_path_factory.mktemp("chain")
-  weights = root / "inception.npz"
-  np.savez(weights, **inception.Inception(seed=0).weights)
-  finetune = FINETUNE + [f"--config.sample.inception_weights={weights}"]
+  inception_file = root / "inception.npz"
+  np.savez(inception_file, **inception.Inception(seed=0).weights)
+  finetune = FINETUNE + [f"--config.sample.inception_weights={inception_file}"]
   multi, single = root / "multi", root / "single"
   out = _run_together(_main_py(12, "pretrain", multi, PRETRAIN), root / "logs_pretrain")
   assert all("trained steps 0 -> 12" in o for o in out)
@@ -190,7 +193,6 @@ def test_pretraining_with_probes_and_images_equals_one_process(chain):
 
 
 def test_probe_mode_on_two_processes_equals_one_process(chain):
-  from umd_jax import probe
   multi, root = chain["multi"], chain["root"]
   copy = root / "probe_single"
   shutil.copytree(multi / "checkpoints", copy / "checkpoints")  # the very same weights
@@ -233,7 +235,6 @@ def test_finetuning_with_fid_equals_one_process(chain):
 
 
 def test_generate_with_inpainting_and_fid_equals_one_process(chain):
-  from umd_jax import generate
   multi, root = chain["multi"] / "ft", chain["root"]
   copy = root / "generate_single"
   shutil.copytree(multi / "checkpoints", copy / "checkpoints")
@@ -254,7 +255,6 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
 
 
 def _png(path):
-  from PIL import Image
   return np.asarray(Image.open(path))
 
 
@@ -287,7 +287,6 @@ def test_resume_on_another_number_of_processes_devices_or_fsdp_layout(chain):
   """The step-6 checkpoint of one layout continued on another gives the uninterrupted run's
   step-12 parameters: 2×4 -> 1×8, 1×8 -> 2×4, and 1×8 -> 1×4 with FSDP over 2 devices. Equal to
   float32 rounding, not bitwise: the gradient all-reduce order changes with the layout."""
-  from umd_jax import train
   root, expected = chain["root"], _params(chain["single"])
 
   def from_step_6(source, name):
@@ -314,21 +313,16 @@ def test_latent_encode_pretrain_and_generate_on_two_processes_equal_one_process(
   """Latent space on 2 processes: --mode=encode (each process encodes its own shards on its own
   devices), pre-training on the latents with the decoded preview grid and the few-shot probe
   (probe images encoded on the fly), and sampling + decoding + FID, against one process."""
-  from umd_jax import generate, latent, train
-  from umd_jax.data import latents as latent_data
-  from umd_jax.models import inception
-  sys.path.insert(0, os.path.join(ROOT, "tools"))
-  import convert_vae_weights
-  vae, weights = tmp_path / "vae.npz", tmp_path / "inception.npz"
+  vae, inception_file = tmp_path / "vae.npz", tmp_path / "inception.npz"
   convert_vae_weights.main(os.path.join(ROOT, "tests", "fixtures", "vae_tiny"), str(vae))
-  np.savez(weights, **inception.Inception(seed=0).weights)
+  np.savez(inception_file, **inception.Inception(seed=0).weights)
   space = ["--config.data.space=latents", "--config.data.image_size=16", "--config.data.channels=3",
            f"--config.vae.weights={vae}", "--config.vae.downsample=2", "--config.diffusion.schedule=linear",
            "--config.sample.clip=False", "--config.encode.shard_records=400", "--config.vae.batch_size=64"]
   multi, single = tmp_path / "multi", tmp_path / "single"
   out = _run_together(_main_py(12, "encode", multi / "latents", space), tmp_path / "logs_encode")
   assert all("encoded 1500 images" in o for o in out)
-  latent.encode(_config("12", space), str(single / "latents"))
+  encode.run(_config("12", space), str(single / "latents"))
   meta, ref = (json.loads((d / "latents" / "metadata.json").read_text()) for d in (multi, single))
   assert meta["splits"] == ref["splits"] == {"train": {"records": 1500, "shards": 4}} and meta["complete"]
   np.testing.assert_allclose(meta["channel_statistics"]["std"], ref["channel_statistics"]["std"], rtol=1e-5)
@@ -342,19 +336,22 @@ def test_latent_encode_pretrain_and_generate_on_two_processes_equal_one_process(
     assert [r[:4] for r in a] == [r[:4] for r in b]  # labels
 
   pre = space + PRETRAIN + ["--config.total_steps=6", "--config.checkpoint_every=6", "--config.image_every=6",
-                            "--config.probe_every=6", "--config.probe.fewshot_shots=(1,5)"]
+                            "--config.probe_every=6", "--config.probe.fewshot_shots=(1,5)",
+                            "--config.profile.steps=4", "--config.profile.first_step=5"]  # a trace the run outlasts
   out = _run_together(_main_py(12, "pretrain", multi, pre + [f"--config.data.latents={multi / 'latents'}"]),
                       tmp_path / "logs_pretrain")
   assert all("trained steps 0 -> 6" in o for o in out)
   train.pretrain(_config("12", pre + [f"--config.data.latents={single / 'latents'}"]), str(single))
   _assert_params_close(_params(multi), _params(single))
   assert (multi / "images" / "reconstruction_00000006.png").exists()
+  for i in range(2):  # each process wrote its own trace, closed when the run ended
+    assert list((multi / "profile" / f"process_{i}").rglob("*.xplane.pb")), i
   got, expected = _scalars(multi), _scalars(single)
   assert got["fewshot_5shot"][6] == pytest.approx(expected["fewshot_5shot"][6], abs=1.01 / 297)
 
   gen = pre + ["--config.sample.num_samples=16", "--config.sample.batch_size=16", "--config.sample.steps=4",
                "--config.sample.grid_classes=1", "--config.sample.grid_per_class=8", "--config.sample.fid=True",
-               f"--config.sample.inception_weights={weights}", "--config.sample.classifier_score=False",
+               f"--config.sample.inception_weights={inception_file}", "--config.sample.classifier_score=False",
                "--config.vae.batch_size=8", "--config.sample.cfg_scale=1.0"]
   shutil.copytree(multi / "checkpoints", single / "gen" / "checkpoints")
   _run_together(_main_py(12, "generate", multi, gen), tmp_path / "logs_gen", timeout=400)
@@ -368,7 +365,6 @@ def test_latent_encode_pretrain_and_generate_on_two_processes_equal_one_process(
 
 
 def data_records(path):
-  from array_record.python.array_record_module import ArrayRecordReader
   reader = ArrayRecordReader(str(path))
   records = reader.read_all()
   reader.close()

@@ -5,10 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import tiny_config
-from umd_jax import checkpoint, diffusion, fid, generate, sharding, train, train_step
+from umd_jax import checkpoint, diffusion, fid, generate, sharding, train, train_step, weights
 
 
 def finetune_config(init_from, **overrides):
@@ -32,10 +31,10 @@ def test_finetune_starts_from_pretrained_weights_with_a_new_label_embedding(work
   pre, _ = workdirs
   config = finetune_config(pre)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  tx, _ = train_step.make_optimizer(config)
-  _, state, shardings = train_step.create_state(config, mesh, tx)
+  run = train_step.build(config, mesh)
+  state = run.state
   fresh_label = jax.device_get(state.params["label_embed"])
-  started = train._init_from(config, state, shardings)["params"]
+  started = train._init_from(config, state, run.shardings)["params"]
   pretrained = checkpoint.restore_params(pre, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                            {k: v for k, v in state.params.items() if k != "label_embed"}))
   for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves({k: started[k] for k in pretrained})):
@@ -55,7 +54,7 @@ def test_finetune_needs_init_from_and_classes(tmp_path):
 def test_label_dropout_replaces_labels_with_the_null_class():
   from umd_jax import corruption
   seen = []
-  def apply(x, t, labels, keep, restore):
+  def apply(x, t, labels, mask):
     seen.append(labels)
     return dict(x0=x, eps=x)
   labels = jnp.zeros((4000,), jnp.int32)
@@ -87,7 +86,7 @@ def test_inpainting_keeps_the_known_pixels(workdirs):
   for kind in ("center", "random"):
     config = finetune_config("", **{"sample.inpaint": kind, "sample.inpaint_resample": 2, "sample.num_samples": 0})
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    graphdef, params = train_step.load_weights(config, fine, mesh)
+    graphdef, params = weights.load(config, fine, mesh)
     x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
     known = jnp.asarray(generate.inpaint_mask(config, kind, 8, jax.random.PRNGKey(1)))
     assert 0 < float(known.mean()) < 1

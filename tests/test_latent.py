@@ -5,7 +5,6 @@ encodes the digits at 16×16 RGB into 8×8×4 latents; the model is Mu/2 (16 tok
 """
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from umd_jax import checks, data, generate, latent, probe, sharding, train, train_step
+from umd_jax import checks, data, encode, generate, latent, probe, sharding, train, train_step, weights
 from umd_jax.data import latents as latent_data
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import convert_vae_weights  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(__file__), "fixtures", "vae_tiny")
@@ -40,7 +38,7 @@ def latent_config(vae_file, **overrides):
 @pytest.fixture(scope="module")
 def encoded(vae_file, tmp_path_factory):
   out = tmp_path_factory.mktemp("latents")
-  meta = latent.encode(latent_config(vae_file), str(out))
+  meta = encode.run(latent_config(vae_file), str(out))
   return out, meta
 
 
@@ -56,7 +54,7 @@ def test_encode_writes_both_views_of_every_image(encoded, vae_file):
   from flax import nnx
   net = nnx.merge(vae.graphdef, vae.params)
   for i in (0, 599, 600, len(source) - 1):  # first and last records of shards
-    image = latent.adm_center_crop(source[i]["image"], 16).astype(np.float32) / 127.5 - 1
+    image = encode.adm_center_crop(source[i]["image"], 16).astype(np.float32) / 127.5 - 1
     mean, std = net.encode(np.stack([image, image[:, ::-1]]))
     record = lat[i]
     assert record["label"] == source[i]["label"]
@@ -77,11 +75,11 @@ def test_encode_resumes_shard_by_shard_and_refuses_other_settings(encoded, vae_f
   before = keep.stat().st_mtime_ns
   redo.unlink()  # as if the run had stopped in shard 1
   (work / "train" / ".half-written.tmp-1").write_bytes(b"garbage")  # a crashed write is never read
-  meta = latent.encode(latent_config(vae_file), str(work))
+  meta = encode.run(latent_config(vae_file), str(work))
   assert keep.stat().st_mtime_ns == before and redo.exists() and meta["complete"]
   assert redo.read_bytes() == (out / latent_data.shard_name("train", 1, 3)).read_bytes()
   with pytest.raises(latent.LatentError, match="other settings.*views"):
-    latent.encode(latent_config(vae_file, **{"encode.views": 1}), str(work))
+    encode.run(latent_config(vae_file, **{"encode.views": 1}), str(work))
 
 
 def test_latent_source_refuses_a_set_of_another_vae_or_size(encoded, vae_file):
@@ -110,7 +108,7 @@ def test_latent_checks(vae_file):
   with pytest.raises(checks.ConfigError, match="data.latents='gs://b/lat' is a URL"):
     checks.check(latent_config(vae_file, **{"data.latents": "gs://b/lat"}), "pretrain")
   with pytest.raises(latent.LatentError, match="takes no URLs"):
-    latent.encode(latent_config(vae_file), "gs://bucket/latents")
+    encode.run(latent_config(vae_file), "gs://bucket/latents")
   checks.check(latent_config(""), "summary")  # the model's shape needs no file
 
 
@@ -119,9 +117,8 @@ def test_train_step_draws_the_posterior_sample(vae_file):
   path's on that input), and ε is drawn from the step's key (same batch, same state: same loss)."""
   config = latent_config(vae_file, **{"data.latents": "x"})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  tx, lr = train_step.make_optimizer(config)
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+  run = train_step.build(config, mesh)
+  state, step = run.state, run.step
   rng = np.random.default_rng(0)
   mean = rng.standard_normal((16, 8, 8, 4)).astype(np.float32)
   labels = np.zeros(16, np.int32)
@@ -169,7 +166,7 @@ def test_latent_run_end_to_end(encoded, vae_file, tmp_path):
   # the decoded samples are the VAE's decoding of the sampled latents / scale
   config = latent_config(vae_file, **ft)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
-  graphdef, params = train_step.load_weights(config, str(fine), mesh)
+  graphdef, params = weights.load(config, str(fine), mesh)
   z = generate.make_sampler(config, graphdef, mesh)(params, jnp.arange(8, dtype=jnp.int32) % 10,
                                                      jax.random.fold_in(jax.random.PRNGKey(0), 0))
   vae = latent.load(config, mesh)
@@ -195,7 +192,7 @@ def test_encode_reads_jpeg_folders_with_adm_crops(vae_file, tmp_path):
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.jpg")
   config = latent_config(vae_file, **{"data.name": "folder", "data.data_dir": str(tmp_path / "images"),
                                       "data.num_classes": 2, "encode.shard_records": 2, "vae.batch_size": 8})
-  meta = latent.encode(config, str(tmp_path / "latents"))
+  meta = encode.run(config, str(tmp_path / "latents"))
   assert meta["splits"]["train"] == {"records": 5, "shards": 3} and meta["num_classes"] == 2
   lat = data.LatentSource(str(tmp_path / "latents"), "train", latent.expected_metadata(config))
   source = data.make_source(config.data, "train")
@@ -203,7 +200,7 @@ def test_encode_reads_jpeg_folders_with_adm_crops(vae_file, tmp_path):
   from flax import nnx
   net = nnx.merge(vae.graphdef, vae.params)
   for i in range(5):
-    image = latent.adm_center_crop(source[i]["image"].full(), 16)
+    image = encode.adm_center_crop(source[i]["image"].full(), 16)
     assert image.shape == (16, 16, 3)
     mean, _ = net.encode(image[None].astype(np.float32) / 127.5 - 1)
     np.testing.assert_allclose(lat[i]["moments"][0, 0], np.asarray(mean[0]) * 0.18215, rtol=1e-4, atol=1e-5)
@@ -215,7 +212,7 @@ def test_adm_center_crop_halves_then_resizes_the_short_side():
   resized to short side 32 with BICUBIC (150×40 -> 120×32), centre 32×32 taken."""
   from PIL import Image
   image = np.tile(np.linspace(0, 255, 600).astype(np.uint8)[None, :, None], (160, 1, 3))
-  out = latent.adm_center_crop(image, 32)
+  out = encode.adm_center_crop(image, 32)
   pil = Image.fromarray(image)
   for _ in range(2):
     pil = pil.resize((pil.size[0] // 2, pil.size[1] // 2), resample=Image.BOX)

@@ -60,8 +60,8 @@ def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path)
   proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env, stderr=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
   try:
-    for line in proc.stderr:  # absl logs "step N: loss ..." to stderr
-      if "] step 3: loss" in line:
+    for line in proc.stderr:  # absl logs "step N/TOTAL: loss ..." to stderr
+      if "] step 3/30: loss" in line:
         proc.send_signal(signal.SIGTERM)
         break
     _, err = proc.communicate(timeout=120)

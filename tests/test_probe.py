@@ -99,8 +99,7 @@ def test_features_identical_on_one_and_eight_devices(trained):
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     mesh = sharding.make_mesh(config.mesh, devices)
     graphdef, params = probe.load_backbone(config, trained[1], mesh)
-    feats[name] = probe.extract(config, graphdef, params, "test", t=100, blocks=[-1, 0, 2], mesh=mesh,
-                                progress=False)
+    feats[name] = probe.Extractor(config, graphdef, t=100, blocks=[-1, 0, 2], mesh=mesh)(params, "test", progress=False)
   # 297 test digits in order (the padding after them is left out); the batch is 64, so 320 rows
   assert feats["one"].x.shape == (3, 320, 32) and feats["one"].n == 297
   test_labels = np.array([r["label"] for r in data.make_source(config.data, "test")])
@@ -147,9 +146,9 @@ def test_online_linear_probe_with_augmentation(trained):
   config = probe_config(**{"probe.linear_augment": True, "probe.linear_epochs": 1, "probe.linear_crop_area_min": 0.5})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   graphdef, params = probe.load_backbone(config, workdir, mesh)
-  te = probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh, progress=False)
-  acc = probe.linear_probe_online(config, graphdef, params, mesh, t=-1, block=-1, test_x=te.block(0), test_y=te.y,
-                                  num_classes=10)
+  extractor = probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)
+  te = extractor(params, "test", progress=False)
+  acc = probe.linear_probe_online(config, extractor, params, test_x=te.block(0), test_y=te.y, num_classes=10)
   assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0
 
 
@@ -176,7 +175,7 @@ def test_empty_split_is_a_clear_error(tmp_path, trained):
   with pytest.raises(data.DataError, match="no readable images"):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     graphdef, params = probe.load_backbone(config, trained[1], mesh)
-    probe.extract(config, graphdef, params, "test", t=-1, blocks=[-1], mesh=mesh)
+    probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)(params, "test")
 
 
 def test_colab_notebook_runs_top_to_bottom(trained, monkeypatch):

@@ -2,14 +2,13 @@
 script that makes RESULTS.md cannot rot)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
+import reproduce  # experiments/reproduce.py, through pytest's pythonpath (pyproject.toml)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import reproduce  # noqa: E402
 
 
 def test_precision_recall_and_frechet_on_hand_cases():

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import demo
 from conftest import tiny_config
-from umd_jax import checkpoint, data, sharding, train, train_step
+from umd_jax import checkpoint, data, sharding, train, train_step, weights
 
 
 def _batches(config, mesh, n):
@@ -23,12 +23,10 @@ def _batches(config, mesh, n):
 
 def _run_steps(config, devices, batches):
   mesh = sharding.make_mesh(config.mesh, devices)
-  tx, lr = train_step.make_optimizer(config)
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
-  bs = sharding.batch_sharding(mesh)
+  run = train_step.build(config, mesh)
+  state, bs = run.state, sharding.batch_sharding(mesh)
   for b in batches:
-    state, metrics = step(state, {k: jax.device_put(v, bs) for k, v in b.items()})
+    state, metrics = run.step(state, {k: jax.device_put(v, bs) for k, v in b.items()})
   return state, metrics
 
 
@@ -61,7 +59,7 @@ def test_logical_rules_map_to_mesh_axes():
 
 def test_weight_decay_skips_biases_norms_registers_and_mask_token():
   config = tiny_config(**{"model.scan_layers": True})
-  _, abstract = train_step.abstract_model(config)
+  _, abstract = weights.abstract_model(config)
   from flax import nnx
   mask = train_step.weight_decay_mask(nnx.to_pure_dict(abstract))
   assert mask["encoder"]["blocks"]["mlp"]["fc1"]["kernel"] and mask["encoder_pos"]
@@ -142,19 +140,15 @@ def test_resuming_with_a_different_model_lists_the_parameters_and_moves_nothing(
   assert not (tmp_path / "run" / "damaged_checkpoints").exists()
   # Same parameters, other compute settings: restores (with a warning).
   same = tiny_config(**{"model.dtype": "bfloat16", "model.remat": "full"})
-  mesh = sharding.make_mesh(same.mesh, one_device)
-  tx, _ = train_step.make_optimizer(same)
-  _, state, shardings = train_step.create_state(same, mesh, tx)
+  run = train_step.build(same, sharding.make_mesh(same.mesh, one_device))
   ckpt = checkpoint.Checkpointer(tmp_path / "run")
-  restored, step = ckpt.restore_latest(train_step.abstract_state(state, shardings), config=same)
+  restored, step = ckpt.restore_latest(train_step.abstract_state(run.state, run.shardings), config=same)
   ckpt.close()
   assert step == 4 and int(restored.step) == 4
 
 
 def _abstract_params(config):
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  tx, _ = train_step.make_optimizer(config)
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
+  state = train_step.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1])).state
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
 
 
@@ -208,8 +202,7 @@ def test_skip_policy_drops_bad_updates_then_stops_after_max_skips(tmp_path, one_
   result = train.pretrain(config, tmp_path / "ok", devices=one_device)
   assert int(result["state"].nonfinite_steps) == 4
   assert sorted(os.listdir(tmp_path / "ok" / "checkpoints")) == ["2", "4"]  # skipped updates leave a good state
-  mesh = sharding.make_mesh(config.mesh, one_device)
-  _, init, _ = train_step.create_state(config, mesh, train_step.make_optimizer(config)[0])
+  init = train_step.build(config, sharding.make_mesh(config.mesh, one_device)).state
   for a, b in zip(_params(result["state"]), _params(init)):
     np.testing.assert_array_equal(a, b)
   config = tiny_config(**{"optim.base_lr": float("inf"), "nonfinite_policy": "skip", "max_skips": 2,
@@ -266,7 +259,7 @@ def test_fsdp_holds_an_eighth_of_umd_l_per_device():
   config = umd_l.get_config()
   config.mesh.fsdp = 8
   mesh = sharding.make_mesh(config.mesh)  # 8 fake devices: data 1 × fsdp 8
-  _, abstract = train_step.abstract_model(config)
+  _, abstract = weights.abstract_model(config)
   shapes, shards = nnx.to_pure_dict(abstract), sharding.param_shardings(abstract, config.mesh.rules, mesh)
   nbytes = lambda shape: 4 * int(np.prod(shape))
   total = sum(nbytes(x.shape) for x in jax.tree.leaves(shapes))
@@ -286,23 +279,17 @@ def test_remat_lowers_temporary_memory(one_device):
   for remat in ("none", "full"):
     config = tiny_config(**{"model.remat": remat,
                             "batch_size": 64})
-    mesh = sharding.make_mesh(config.mesh, one_device)
-    tx, lr = train_step.make_optimizer(config)
-    graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-    step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
+    run = train_step.build(config, sharding.make_mesh(config.mesh, one_device))
     batch = {"image": jax.ShapeDtypeStruct((64, 8, 8, 1), np.float32), "label": jax.ShapeDtypeStruct((64,), np.int32)}
-    temp[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    temp[remat] = run.step.lower(run.state, batch).compile().memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["none"], temp
 
 
 def _one_update(config, devices, batch, tx=None):
   mesh = sharding.make_mesh(config.mesh, devices)
-  tx_default, lr = train_step.make_optimizer(config)
-  tx = tx or tx_default
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-  step = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
-  state, metrics = step(state, {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()})
-  return state, jax.device_get(metrics), step
+  run = train_step.build(config, mesh, tx)
+  state, metrics = run.step(run.state, {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()})
+  return state, jax.device_get(metrics), run.step
 
 
 def test_gradient_accumulation_equals_the_full_batch_update(one_device):
@@ -335,10 +322,9 @@ def test_gradient_accumulation_on_one_device_same_update_less_memory_and_checks(
     c = tiny_config(**{"batch_size": 64, "corruption.clean_fraction": 0.25, "grad_accum_steps": accum,
                        "optim.ema_rate": 0.1})
     mesh = sharding.make_mesh(c.mesh, one_device)
-    _, lr = train_step.make_optimizer(c)
-    graphdef, state, shardings = train_step.create_state(c, mesh, sgd)
-    on_mesh = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
-    compiled = train_step.make_train_step(c, graphdef, sgd, lr, shardings, mesh).lower(state, on_mesh).compile()
+    run = train_step.build(c, mesh, sgd)
+    state, on_mesh = run.state, {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    compiled = run.step.lower(state, on_mesh).compile()
     temp[accum] = compiled.memory_analysis().temp_size_in_bytes
     state, metrics = compiled(state, on_mesh)
     runs[accum] = (state, jax.device_get(metrics))

@@ -7,14 +7,12 @@ points at a folder made with `make_vae_fixture.py DIR --full` (335 MB, not commi
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import convert_vae_weights  # noqa: E402
 
 from umd_jax import latent, sharding  # noqa: E402

@@ -17,8 +17,9 @@ import time
 
 from absl import logging
 import jax
-import numpy as np
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -316,7 +317,6 @@ def latest_step(workdir):
 
 def load_config(workdir):
   """The config a workdir's latest checkpoint was written with, as a locked ConfigDict."""
-  import ml_collections
   if latest_step(workdir) is None:
     raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first")
   manager = _reader(workdir)

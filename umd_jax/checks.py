@@ -7,7 +7,7 @@ to use instead. Keys that may take any value (`seed`, `sample.cfg_scale`, `sampl
 from etils import epath
 from PIL import Image
 
-from umd_jax import corruption, diffusion, images
+from umd_jax import corruption, diffusion, images, latent
 from umd_jax.models import layers, umd
 
 MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode")
@@ -85,6 +85,8 @@ def _training(config) -> None:
   _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
   _int(config, "max_skips", 0)
   _int(config, "probe_every", 0, "must be >= 0 (0: off)")
+  _int(config, "profile.steps", 0, "must be >= 0 (0: no trace)")
+  _int(config, "profile.first_step", 1)
   _int(config, "fid_every", 0, "must be >= 0 (0: off)")
   k, n = config.model.num_classes, config.data.num_classes
   _require(k == 0 or k == n, "model.num_classes", k,
@@ -194,7 +196,6 @@ def _vae(config, mode: str) -> None:
     _int(config, "encode.shard_records", 1)
   if d.space != "latents" or mode == "summary":
     return
-  from umd_jax import latent
   _int(config, "vae.batch_size", 1)
   try:
     latent.check_file(config)

@@ -79,7 +79,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
              null_label: int = 0, sample_ids: Optional[jax.Array] = None):
   """The UMD loss of SPEC §2 and its parts.
 
-  apply_fn(x, t_index, labels, keep_ids, restore_ids) -> dict(x0=..., eps=...), images (B, H, W, C);
+  apply_fn(x, t_index, labels, mask: Mask | None) -> dict(x0=..., eps=...), images (B, H, W, C);
   x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label; in
   the noised one each label is replaced by `null_label` with probability `label_dropout` (CFG).
   Returns (loss, metrics) with loss_clean, loss_noised and per-timestep-bucket sums/counts.
@@ -102,8 +102,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
   if n_clean:
     xc = x0[:n_clean]
     mask = sample_mask(_per_sample(k_clean, 0, lambda k: k), num_patches, clean_mask_ratio)
-    out = apply_fn(xc, jnp.zeros((n_clean,), jnp.int32), None,
-                   *(mask[:2] if mask is not None else (None, None)))
+    out = apply_fn(xc, jnp.zeros((n_clean,), jnp.int32), None, mask)
     _, masked = _regions(mask, xc)
     metrics["loss_clean"] = masked_mean(jnp.square(out["x0"] - xc), masked)
     loss = loss + (n_clean / batch) * metrics["loss_clean"]
@@ -119,8 +118,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
       if label_dropout > 0:
         drop = _per_sample(k_noised, 4, lambda k: jax.random.uniform(k, ())) < label_dropout
         noised_labels = jnp.where(drop, null_label, noised_labels)
-    out = apply_fn(xt, t + 1, noised_labels,
-                   *(mask[:2] if mask is not None else (None, None)))
+    out = apply_fn(xt, t + 1, noised_labels, mask)
     visible, masked = _regions(mask, xn)
     eps_se, x0_se = jnp.square(out["eps"] - eps), jnp.square(out["x0"] - xn)
     metrics["loss_noised"] = 0.5 * masked_mean(eps_se, visible) + 0.5 * masked_mean(x0_se, masked)

@@ -14,7 +14,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from umd_jax import files, multihost, sharding
+from umd_jax import data, files, multihost, sharding
 from umd_jax.images import to_uint8_device
 from umd_jax.models.inception import Inception
 
@@ -127,7 +127,6 @@ def inception_score(logits, splits: int = 10, n: int | None = None):
 def reference_statistics(config, net: Inception, mesh, workdir=None):
   """mu, sigma of data.eval_split (centre-cropped like the model's input); cached as .npz by
   process 0 and read back only where every process sees the file."""
-  from umd_jax import data
   s, d = config.sample, config.data
   path = epath.Path(s.fid_reference) if s.fid_reference else (
       epath.Path(workdir or ".") / f"fid_reference_{d.name}_{d.eval_split}_{d.image_size}.npz")

@@ -32,7 +32,7 @@ def forward_flops(*, width, encoder_depth, decoder_depth, heads, patch, image_si
 
 def train_flops_per_image(config) -> float:
   """Forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
-  c, m, d = config.corruption, config.model, config.data
+  c, m = config.corruption, config.model
   size, channels = input_shape(config)
   common = dict(image_size=size, channels=channels, num_registers=m.num_registers,
                 adaln=m.conditioning == "adaln", num_classes=m.num_classes, **parse_variant(m.variant))

@@ -5,18 +5,17 @@ EMA weights when the checkpoint has them. Deterministic for a given `sample.seed
 of devices and processes. Samples stay on the devices (rows sharded over the batch) for FID;
 they are gathered to the hosts only for what is written or scored on the host.
 """
-import functools
 import json
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from umd_jax import checks, corruption, files, diffusion, images, latent, multihost, sharding, train_step
+from umd_jax import checks, corruption, data, diffusion, fid, files, images, latent, multihost, sharding, weights
 from umd_jax.models import umd
 
 
@@ -45,12 +44,7 @@ def _denoiser(config, graphdef, params, labels):
 def make_sampler(config, graphdef, mesh):
   """jit(params, labels (B,), key) -> uint8 images (B, H, W, C) (sample.uint8's convention), or
   for latent models the model-space latents (decoded by `sample_many`), rows sharded over the
-  batch. Memoised, so FID during fine-tuning compiles the sampler once."""
-  return _sampler(ml_collections.FrozenConfigDict(config), graphdef, mesh)
-
-
-@functools.lru_cache(maxsize=8)
-def _sampler(config, graphdef, mesh):
+  batch. Build it once and reuse it: every new sampler compiles anew."""
   s = config.sample
   size, channels = umd.input_shape(config)
   latent_space = config.data.space == "latents"
@@ -72,22 +66,22 @@ def _sampler(config, graphdef, mesh):
   return jax.jit(sample, out_shardings=bs)
 
 
-def sample_many(config, graphdef, params, mesh, labels: np.ndarray, seed: int, progress=True) -> jax.Array:
+def sample_many(config, sampler, params, mesh, labels: np.ndarray, seed: int, progress=True, vae=None) -> jax.Array:
   """uint8 samples (N_pad, H, W, C) for every label, in batches of sample.batch_size, rows sharded
-  over the batch; row i is the sample of labels[i], rows from len(labels) on are padding."""
+  over the batch; row i is the sample of labels[i], rows from len(labels) on are padding.
+  `sampler`: `make_sampler`'s; latent models decode with `vae`."""
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, -(-min(config.sample.batch_size, len(labels)) // shards) * shards)
-  vae = latent.load(config, mesh) if config.data.space == "latents" else None
   if vae is not None:  # decoded `decode_rows` rows at a time: the batch is a multiple of it
     decode_rows = max(shards, min(config.vae.batch_size, batch) // shards * shards)
     batch = -(-batch // decode_rows) * decode_rows
-  fn, bs, out = make_sampler(config, graphdef, mesh), sharding.batch_sharding(mesh), []
+  bs, out = sharding.batch_sharding(mesh), []
   steps = -(-len(labels) // batch)
   for i in tqdm(range(steps), desc="sampling", disable=not progress or not multihost.is_main()):
     chunk = labels[i * batch:(i + 1) * batch]
     padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    x = fn(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i))
-    out.append(x if vae is None else latent.decode_batches(vae, x, decode_rows, mesh, config.sample.uint8))
+    x = sampler(params, multihost.global_array(padded, bs), jax.random.fold_in(jax.random.PRNGKey(seed), i))
+    out.append(x if vae is None else vae.decode_uint8(x, decode_rows, config.sample.uint8))
   return sharding.concatenate(out, bs)
 
 
@@ -131,7 +125,9 @@ def run(config, workdir, devices=None) -> dict:
   checks.check(config, "generate")  # settings and input files, before anything is sampled or written
   classes = classes_to_sample(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  graphdef, params = train_step.load_weights(config, workdir, mesh, prefer_ema=s.use_ema)
+  graphdef, params = weights.load(config, workdir, mesh, prefer_ema=s.use_ema)
+  vae = latent.load(config, mesh) if config.data.space == "latents" else None
+  sampler = make_sampler(config, graphdef, mesh)
   out_dir = epath.Path(workdir) / "samples"
   is_main = multihost.is_main()
   as_label = lambda c: 0 if c is None else c
@@ -141,9 +137,9 @@ def run(config, workdir, devices=None) -> dict:
             "clip": s.clip, "uint8": s.uint8}
   shown = classes[:s.grid_classes]
   grid_labels = np.repeat(np.array([as_label(c) for c in shown], np.int32), s.grid_per_class)
-  grid = multihost.to_host(sample_many(config, graphdef, params, mesh, grid_labels, s.seed + 1, progress=False))
+  grid = multihost.to_host(sample_many(config, sampler, params, mesh, grid_labels, s.seed + 1, progress=False, vae=vae))
   rows = [grid[i * s.grid_per_class:(i + 1) * s.grid_per_class].astype(np.float32) / 127.5 - 1 for i in range(len(shown))]
-  samples = sample_many(config, graphdef, params, mesh, labels, s.seed) if s.num_samples else None
+  samples = sample_many(config, sampler, params, mesh, labels, s.seed, vae=vae) if s.num_samples else None
   # gathered for the .npz and the host-side classifier (collective: every process takes part)
   host_samples = multihost.to_host(samples)[:len(labels)] if samples is not None else None
   if is_main:
@@ -159,7 +155,6 @@ def run(config, workdir, devices=None) -> dict:
   if s.classifier_score and samples is not None:
     result.update(classifier_score(config, host_samples, labels))
   if s.fid:
-    from umd_jax import fid
     result.update(fid.evaluate(config, samples, len(labels), mesh, workdir))
   if is_main:
     files.write_text(out_dir / "result.json", json.dumps(result, indent=2))
@@ -169,7 +164,6 @@ def run(config, workdir, devices=None) -> dict:
 def classifier_score(config, samples: np.ndarray, labels: np.ndarray) -> dict:
   """A generation score that needs no downloaded weights: a logistic regression trained on the
   real training images classifies the samples; accuracy per class and overall."""
-  from sklearn.linear_model import LogisticRegression
   clf = LogisticRegression(max_iter=2000).fit(*_pixels(config, config.data.train_split))
   predicted = clf.predict(samples.reshape(len(samples), -1).astype(np.float32) / 127.5 - 1)
   per_class = {int(c): float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
@@ -179,24 +173,29 @@ def classifier_score(config, samples: np.ndarray, labels: np.ndarray) -> dict:
 
 def _pixels(config, split):
   """Every image of a split, centre-cropped and flattened to [-1, 1] pixels, and its labels."""
-  from umd_jax import data
   source, prep = data.make_source(config.data, split), data.pipeline.EvalPreprocess(config.data.image_size)
   real = [prep.map(source[i]) for i in range(len(source))]
   return np.stack([r["image"].reshape(-1) for r in real]), np.array([r["label"] for r in real])
 
 
-def fid_during_training(config, graphdef, params, mesh, workdir) -> dict:
-  """FID / IS of `config.fid_samples` samples of the current weights (every `config.fid_every` steps)."""
-  from umd_jax import fid
-  classes = classes_to_sample(config)
-  labels = np.array([0 if classes[i % len(classes)] is None else classes[i % len(classes)]
-                     for i in range(config.fid_samples)], np.int32)
-  samples = sample_many(config, graphdef, params, mesh, labels, config.sample.seed, progress=False)
-  return fid.evaluate(config, samples, len(labels), mesh, workdir)
+class FidEval:
+  """FID / IS of `config.fid_samples` samples of given weights (fine-tuning's periodic
+  evaluation, every `config.fid_every` steps): the sampler is compiled once, when this is built."""
+
+  def __init__(self, config, graphdef, mesh, workdir, vae=None):
+    self.config, self.mesh, self.workdir, self.vae = config, mesh, workdir, vae
+    self.sampler = make_sampler(config, graphdef, mesh)
+    classes = classes_to_sample(config)
+    self.labels = np.array([0 if classes[i % len(classes)] is None else classes[i % len(classes)]
+                            for i in range(config.fid_samples)], np.int32)
+
+  def __call__(self, params) -> dict:
+    samples = sample_many(self.config, self.sampler, params, self.mesh, self.labels, self.config.sample.seed,
+                          progress=False, vae=self.vae)
+    return fid.evaluate(self.config, samples, len(self.labels), self.mesh, self.workdir)
 
 
 def _inpaint_grid(config, graphdef, params, mesh, out_dir, is_main) -> str:
-  from umd_jax import data
   s = config.sample
   n = max(8, -(-8 // sharding.num_data_shards(mesh)) * sharding.num_data_shards(mesh))
   split = config.data.eval_split

@@ -17,15 +17,16 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from umd_jax import checkpoint, checks, data, files, diffusion, latent, multihost, sharding, train_step
+from umd_jax import checkpoint, checks, data, diffusion, files, images, latent, multihost, sharding, weights
+from umd_jax.models.umd import parse_variant
 
 REP = -1  # block index meaning "rep"
 
@@ -35,7 +36,6 @@ class ProbeError(ValueError):
 
 
 def num_blocks(config) -> int:
-  from umd_jax.models.umd import parse_variant
   v = parse_variant(config.model.variant)
   return v["encoder_depth"] + v["decoder_depth"]
 
@@ -53,16 +53,12 @@ def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
 
 def load_backbone(config, workdir, mesh):
   """(graphdef, params) of the latest checkpoint in `workdir`, EMA weights if present and wanted."""
-  return train_step.load_weights(config, workdir, mesh, prefer_ema=config.probe.use_ema)
+  return weights.load(config, workdir, mesh, prefer_ema=config.probe.use_ema)
 
 
 def random_backbone(config, mesh):
   """A randomly initialised network of the same shape (a baseline)."""
-  graphdef, abstract = train_step.abstract_model(config)
-  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
-  from umd_jax.models import umd
-  init = lambda: nnx.to_pure_dict(nnx.state(umd.from_config(config, nnx.Rngs(config.seed + 12345)), nnx.Param))
-  return graphdef, jax.jit(init, out_shardings=shardings)()
+  return weights.fresh(config, mesh, seed=config.seed + 12345)
 
 
 def rows_sharding(mesh) -> NamedSharding:
@@ -71,13 +67,8 @@ def rows_sharding(mesh) -> NamedSharding:
 
 
 def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int], mesh):
-  """jit(params, images, indices) -> (len(blocks), B, D) features of the requested blocks, rows
-  sharded like the batch. Memoised, so the evaluator inside the training loop compiles once."""
-  return _feature_fn(ml_collections.FrozenConfigDict(config), graphdef, t, tuple(blocks), mesh)
-
-
-@functools.lru_cache(maxsize=32)
-def _feature_fn(config, graphdef, t: int, blocks: tuple, mesh):
+  """jit(params, inputs, indices) -> (len(blocks), B, D) features of the requested blocks, rows
+  sharded like the batch."""
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   noise_key = jax.random.PRNGKey(config.probe.noise_seed)
   blocks = tuple(blocks)
@@ -99,6 +90,25 @@ def _feature_fn(config, graphdef, t: int, blocks: tuple, mesh):
   return jax.jit(features, out_shardings=rows_sharding(mesh))
 
 
+class Extractor:
+  """Features of `blocks` at timestep `t` (see the module docstring), compiled once when built
+  and applied to any weights and any split. The model's inputs are the images, or for latent
+  models their VAE latents (posterior mean × scaling factor) encoded on the fly by `vae`."""
+
+  def __init__(self, config, graphdef, *, t: int, blocks: Sequence[int], mesh, vae=None):
+    check_request(config, blocks, [t])
+    self.config, self.t, self.blocks, self.mesh, self.vae = config, t, tuple(blocks), mesh, vae
+    self.fn = make_feature_fn(config, graphdef, t, blocks, mesh)
+
+  def inputs(self, images):
+    return images if self.vae is None else self.vae.to_latents(images)
+
+  def __call__(self, params, split: str, max_images: int = 0, progress: bool = True) -> "Features":
+    """Features of a whole split (or its first max_images), row r = record r."""
+    return _extract(self.config, split, lambda x, i: self.fn(params, x, i), self.mesh, max_images,
+                    f"features {split} t={self.t}", progress, self.inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Features:
   """Features of a split in its order: row r is record r, whatever the number of processes."""
@@ -113,18 +123,8 @@ class Features:
     return self.x[k]  # (N_pad, D)
 
 
-def model_input(config, mesh):
-  """images -> what the model sees: the images, or for latent models their VAE latents (posterior
-  mean × scaling factor), encoded on the fly."""
-  if config.data.space != "latents":
-    return lambda images: images
-  return latent.load(config, mesh).to_latents
-
-
-def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Features:
-  """Runs fn(inputs, indices) -> (K, B, D) over a split (or its first max_images) in order; the
-  inputs are the images or their latents (`model_input`)."""
-  prep = model_input(config, mesh)
+def _extract(config, split, fn, mesh, max_images, desc, progress, prep) -> Features:
+  """Runs fn(prep(images), indices) -> (K, B, D) over a split (or its first max_images) in order."""
   source = data.make_source(config.data, split)
   n = len(source) if not max_images else min(max_images, len(source))
   if n == 0:
@@ -142,27 +142,18 @@ def _extract(config, split, fn, mesh, max_images, desc, progress=True) -> Featur
   return Features(x, np.concatenate(multihost.to_host(labels))[:n])
 
 
-def extract(config, graphdef, params, split, *, t: int, blocks: Sequence[int], mesh, max_images=0,
-            progress=True) -> Features:
-  """Features of the requested blocks at timestep t for a whole split (or its first max_images)."""
-  check_request(config, blocks, [t])
-  fn = make_feature_fn(config, graphdef, t, blocks, mesh)
-  return _extract(config, split, lambda images, indices: fn(params, images, indices), mesh, max_images,
-                  f"features {split} t={t}", progress)
-
-
-def extract_cached(config, graphdef, params, split, *, t, blocks, mesh, max_images=0, cache=None) -> Features:
-  """`extract`, reusing features saved under `cache` (a directory; None: no caching). File names
-  carry the split, t, blocks and image count; the caller puts the checkpoint step in `cache`.
-  Process 0 writes the file; it is read only where every process can read it."""
+def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=None) -> Features:
+  """`extractor(params, split)`, reusing features saved under `cache` (a directory; None: no
+  caching). File names carry the split, t, blocks and image count; the caller puts the checkpoint
+  step in `cache`. Process 0 writes the file; it is read only where every process can read it."""
   path = None
   if cache is not None:
-    path = epath.Path(cache) / f"{split}_t{t}_blocks{'_'.join(map(str, blocks))}_n{max_images}.npz"
+    path = epath.Path(cache) / f"{split}_t{extractor.t}_blocks{'_'.join(map(str, extractor.blocks))}_n{max_images}.npz"
     if multihost.all_processes(path.exists()):
       with path.open("rb") as f:
         saved = np.load(f)
-        return _placed(saved["features"], saved["labels"], mesh)
-  feats = extract(config, graphdef, params, split, t=t, blocks=blocks, mesh=mesh, max_images=max_images)
+        return _placed(saved["features"], saved["labels"], extractor.mesh)
+  feats = extractor(params, split, max_images)
   if path is not None:
     x = multihost.to_host(feats.x)[:, :feats.n]  # collective: every process takes part
     if multihost.is_main():
@@ -239,7 +230,9 @@ def fewshot(train_x, train_y, test_x, test_y, *, shots: Sequence[int], seeds: in
 # --- linear probe (MAE protocol) --------------------------------------------------------------
 
 def lars(learning_rate, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-  """LARS as in MoCo v3 / MAE: weight decay and the trust ratio only on ≥2-D weights (not biases)."""
+  """LARS as in MoCo v3 / MAE: weight decay and the trust ratio only on ≥2-D weights (not biases).
+  Built from optax parts because MAE applies momentum before the learning rate (`optax.lars`
+  scales by the learning rate first, so its momentum carries past learning rates)."""
   mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.chain(optax.add_decayed_weights(weight_decay, mask),
                      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
@@ -279,8 +272,8 @@ def _head_update(tx, head, stats, opt, x, labels):
 
 
 def make_head_step(tx, feature_fn):
-  """jit(head, stats, opt, images, labels, params, indices) -> updated (head, stats, opt, loss):
-  features of a batch of images come from the frozen backbone on-line."""
+  """jit(head, stats, opt, inputs, labels, params, indices) -> updated (head, stats, opt, loss):
+  features of a batch come from the frozen backbone on-line (feature_fn: `make_feature_fn`)."""
 
   @jax.jit
   def step(head, stats, opt, images, labels, params, indices):
@@ -347,9 +340,10 @@ def linear_probe_features(train_x, train_y, test_x, test_y, probe_config, num_cl
   return topk_accuracy(head, stats, test_x, test_y, num_classes)
 
 
-def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, test_y, num_classes, seed=0):
-  """Linear probe trained through the frozen backbone on crop + flip augmented images."""
-  p = config.probe
+def linear_probe_online(config, extractor: Extractor, params, *, test_x, test_y, num_classes, seed=0):
+  """Linear probe trained through the frozen backbone on crop + flip augmented images; the
+  feature is the extractor's first block."""
+  p, mesh = config.probe, extractor.mesh
   source = data.make_source(config.data, p.train_split)
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, min(p.linear_batch_size, len(source)) // shards * shards)
@@ -359,14 +353,13 @@ def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, tes
                               seed=config.seed + seed, train=True, augment=augment)
   tx = lars(lr, p.linear_weight_decay)
   head, stats = init_head(test_x.shape[1], num_classes, seed)
-  opt, step = tx.init(head), make_head_step(tx, make_feature_fn(config, graphdef, t, [block], mesh))
+  opt, step = tx.init(head), make_head_step(tx, extractor.fn)
   # the stream position of each row: the per-image noise (t >= 0), the same on any process count
   positions = jax.jit(lambda i: i * batch + jnp.arange(batch, dtype=jnp.int32),
                       out_shardings=sharding.batch_sharding(mesh))
-  prep = model_input(config, mesh)
   for i in tqdm(range(total), desc="linear probe", disable=not multihost.is_main()):
     b = next(batches)
-    head, stats, opt, loss = step(head, stats, opt, prep(b["image"]), b["label"], params, positions(i))
+    head, stats, opt, loss = step(head, stats, opt, extractor.inputs(b["image"]), b["label"], params, positions(i))
     # One step in flight at a time: XLA:CPU's in-process collectives can deadlock when many
     # small collective programs are queued at once (seen with 8 fake devices on 2 cores).
     loss.block_until_ready()
@@ -375,8 +368,6 @@ def linear_probe_online(config, graphdef, params, mesh, *, t, block, test_x, tes
 
 def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
   """A (rows, cols) accuracy grid as a PNG heatmap with the values written in the cells."""
-  from PIL import Image, ImageDraw
-  from umd_jax import images
   rows, cols = grid.shape
   left, top = 64, 24
   img = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")
@@ -401,11 +392,12 @@ def _flat_pixels(images, _indices):
   return images.reshape(images.shape[0], -1)[None]
 
 
-def pixel_features(config, split, mesh, max_images=0) -> Features:
-  """The raw input (centre-cropped pixels, or their latents for latent models) as a (1, N, H·W·C)
+def pixel_features(config, split, mesh, max_images=0, vae=None) -> Features:
+  """The raw input (centre-cropped pixels, or with a `vae` their latents) as a (1, N, H·W·C)
   baseline feature."""
   flat = jax.jit(_flat_pixels, out_shardings=rows_sharding(mesh))
-  return _extract(config, split, flat, mesh, max_images, f"pixels {split}", progress=False)
+  prep = (lambda x: x) if vae is None else vae.to_latents
+  return _extract(config, split, flat, mesh, max_images, f"pixels {split}", False, prep)
 
 
 def _heads(config, train: Features, test: Features, online=None):
@@ -418,18 +410,22 @@ def _heads(config, train: Features, test: Features, online=None):
   return out
 
 
-def fewshot_eval(config, graphdef, params, mesh, shots=None, seeds=1):
-  """Few-shot accuracy of the configured feature (used during pre-training)."""
-  p = config.probe
-  tr = extract(config, graphdef, params, p.train_split, t=p.t, blocks=[p.block], mesh=mesh,
-               max_images=p.max_train_images, progress=False)
-  te = extract(config, graphdef, params, p.eval_split, t=p.t, blocks=[p.block], mesh=mesh,
-               max_images=p.max_eval_images, progress=False)
-  counts = np.bincount(tr.y, minlength=config.data.num_classes)
-  usable = [k for k in (shots or p.fewshot_shots) if k <= counts.min()]
-  res = fewshot(tr.block(0), tr.y, te.block(0), te.y, shots=usable, seeds=seeds, l2=p.fewshot_l2,
-                num_classes=config.data.num_classes)
-  return {f"fewshot_{k}shot": v["mean"] for k, v in res.items()}
+class FewShotEval:
+  """Few-shot accuracy of the configured feature for given weights (pre-training's periodic
+  evaluation): the extractor is compiled once, when this is built."""
+
+  def __init__(self, config, graphdef, mesh, vae=None):
+    self.config = config
+    self.extractor = Extractor(config, graphdef, t=config.probe.t, blocks=[config.probe.block], mesh=mesh, vae=vae)
+
+  def __call__(self, params, shots=None, seeds=1) -> dict:
+    p, k = self.config.probe, self.config.data.num_classes
+    tr = self.extractor(params, p.train_split, p.max_train_images, progress=False)
+    te = self.extractor(params, p.eval_split, p.max_eval_images, progress=False)
+    counts = np.bincount(tr.y, minlength=k)
+    usable = [n for n in (shots or p.fewshot_shots) if n <= counts.min()]
+    res = fewshot(tr.block(0), tr.y, te.block(0), te.y, shots=usable, seeds=seeds, l2=p.fewshot_l2, num_classes=k)
+    return {f"fewshot_{n}shot": v["mean"] for n, v in res.items()}
 
 
 def run(config, workdir, devices=None) -> dict:
@@ -437,26 +433,27 @@ def run(config, workdir, devices=None) -> dict:
   p = config.probe
   checks.check(config, "probe")
   mesh = sharding.make_mesh(config.mesh, devices)
+  vae = latent.load(config, mesh) if config.data.space == "latents" else None
   graphdef, params = load_backbone(config, workdir, mesh)
+  extractor = Extractor(config, graphdef, t=p.t, blocks=[p.block], mesh=mesh, vae=vae)
   out_dir = epath.Path(workdir) / "probe"
   step = checkpoint.latest_step(workdir)
   cache = out_dir / f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}"
 
   def probe_backbone(params_, cache=None):
-    kw = dict(t=p.t, blocks=[p.block], mesh=mesh, cache=cache)
-    tr = extract_cached(config, graphdef, params_, p.train_split, max_images=p.max_train_images, **kw)
-    te = extract_cached(config, graphdef, params_, p.eval_split, max_images=p.max_eval_images, **kw)
-    online = (functools.partial(linear_probe_online, config, graphdef, params_, mesh, t=p.t, block=p.block,
-                                test_x=te.block(0), test_y=te.y, num_classes=config.data.num_classes)
+    tr = extract_cached(extractor, params_, p.train_split, max_images=p.max_train_images, cache=cache)
+    te = extract_cached(extractor, params_, p.eval_split, max_images=p.max_eval_images, cache=cache)
+    online = (functools.partial(linear_probe_online, config, extractor, params_, test_x=te.block(0), test_y=te.y,
+                                num_classes=config.data.num_classes)
               if p.linear_augment else None)
     return _heads(config, tr, te, online)
 
   results = {"feature": {"t": p.t, "block": p.block}, "step": step, **probe_backbone(params, cache)}
   if p.sweep:
-    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache)
+    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache, vae)
   if p.baselines:
-    tr = pixel_features(config, p.train_split, mesh, p.max_train_images)
-    te = pixel_features(config, p.eval_split, mesh, p.max_eval_images)
+    tr = pixel_features(config, p.train_split, mesh, p.max_train_images, vae)
+    te = pixel_features(config, p.eval_split, mesh, p.max_eval_images, vae)
     raw = "latents" if config.data.space == "latents" else "pixels"  # the model's raw input
     results["baselines"] = {raw: _heads(config, tr, te),
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
@@ -467,16 +464,16 @@ def run(config, workdir, devices=None) -> dict:
   return results
 
 
-def sweep(config, graphdef, params, mesh, out_dir, cache=None):
+def sweep(config, graphdef, params, mesh, out_dir, cache=None, vae=None):
   """DDAE grid: few-shot accuracy for every (block, t); heatmap PNG, table, best cell."""
   p = config.probe
   blocks = [REP] + list(range(num_blocks(config)))
   check_request(config, blocks, p.sweep_ts)
   grid = np.zeros((len(blocks), len(p.sweep_ts)))
   for j, t in enumerate(p.sweep_ts):
-    kw = dict(t=t, blocks=blocks, mesh=mesh, cache=cache)
-    tr = extract_cached(config, graphdef, params, p.train_split, max_images=p.max_train_images, **kw)
-    te = extract_cached(config, graphdef, params, p.eval_split, max_images=p.max_eval_images, **kw)
+    extractor = Extractor(config, graphdef, t=t, blocks=blocks, mesh=mesh, vae=vae)
+    tr = extract_cached(extractor, params, p.train_split, max_images=p.max_train_images, cache=cache)
+    te = extract_cached(extractor, params, p.eval_split, max_images=p.max_eval_images, cache=cache)
     for i in range(len(blocks)):
       grid[i, j] = fewshot(tr.block(i), tr.y, te.block(i), te.y, shots=[p.sweep_shots], seeds=p.fewshot_seeds,
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]

@@ -1,4 +1,6 @@
-"""Pre-training loop, readable top to bottom: config -> mesh -> state -> data -> steps -> checkpoints.
+"""Pre-training loop, readable top to bottom: config -> mesh -> state -> data -> steps, with
+everything periodic (finiteness guard, log line, reconstruction grid, few-shot probe, FID,
+checkpoint, profile) as clu periodic actions, each with its own cadence.
 
 Resume order: the workdir's latest checkpoint, else `config.init_from`'s weights, else scratch.
 SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the same step
@@ -6,6 +8,8 @@ SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the s
 """
 import functools
 import json
+import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +19,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, checks, corruption, data, files, diffusion, flops, generate, images, latent, multihost,
-                     probe, sharding, train_step)
+from umd_jax import (checkpoint, checks, corruption, data, diffusion, files, flops, generate, images, latent, multihost,
+                     probe, sharding, train_step, weights)
 from umd_jax.models import umd
 
 
@@ -47,8 +51,7 @@ def _reconstruction_fn(config, graphdef, mesh):
     t = jnp.full((b,), schedule.num_timesteps // 2, jnp.int32)
     x_in = x0 if clean else diffusion.q_sample(schedule, x0, t, jax.random.normal(k_eps, x0.shape))
     mask = corruption.random_mask(k_mask, b, num_patches, ratio)
-    out = nnx.merge(graphdef, params)(x_in, jnp.zeros_like(t) if clean else t + 1, None,
-                                      *(mask[:2] if mask is not None else (None, None)))
+    out = nnx.merge(graphdef, params)(x_in, jnp.zeros_like(t) if clean else t + 1, None, mask)
     shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
     return shown, out["x0"] if latent_space else jnp.clip(out["x0"], -1, 1), x0
 
@@ -94,80 +97,133 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
     ckpt.close()  # also on an error: no checkpointer threads left to print after the error line
 
 
-def _train(config, workdir, mesh, ckpt, source) -> dict:
-  tx, lr = train_step.make_optimizer(config)
-  graphdef, state, shardings = train_step.create_state(config, mesh, tx)
-  step_fn = train_step.make_train_step(config, graphdef, tx, lr, shardings, mesh)
-  reconstruct = _reconstruction_fn(config, graphdef, mesh)
+class Every(periodic_actions.PeriodicCallback):
+  """clu's PeriodicCallback (callback(step, t, **kwargs) every `every` steps; 0: never) that also
+  fires on `on_steps` and, with `on_stop`, on the step at which the run is stopped by a signal."""
 
+  def __init__(self, every: int, callback, *, on_steps=(), on_stop=False):
+    super().__init__(every_steps=every or None, on_steps=on_steps, callback_fn=callback)
+    self.on_stop, self._stopping = on_stop, False
+
+  def __call__(self, step, stopping=False, **kwargs):
+    self._stopping = stopping and self.on_stop
+    return super().__call__(step, **kwargs)
+
+  def _should_trigger(self, step, t):
+    return self._stopping or super()._should_trigger(step, t)
+
+
+def _train(config, workdir, mesh, ckpt, source) -> dict:
+  run = train_step.build(config, mesh)
+  state, graphdef = run.state, run.graphdef
   position_at = functools.partial(data_position, config, source)
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore_latest(train_step.abstract_state(state, shardings), position_at,
+    state, start = ckpt.restore_latest(train_step.abstract_state(state, run.shardings), position_at,
                                        fallback=config.restore_fallback, config=config)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   elif config.init_from:
-    state = state.replace(**_init_from(config, state, shardings))
+    state = state.replace(**_init_from(config, state, run.shardings))
     logging.info("initialised weights from %s", config.init_from)
   start = int(state.step)
   # One global batch per step: every process starts its rows of the stream at batch `start`,
   # whatever the number of processes that wrote the checkpoint.
   batches = data.make_batches(config.data, source, global_batch=config.batch_size,
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True, start=start)
-
-  is_main = multihost.is_main()
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+  vae = latent.load(config, mesh) if config.data.space == "latents" else None
+  writer = _writer(workdir)
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                             every_steps=config.log_every)
-  preview = _preview_images(config, mesh)
-  history, first_loss, last = [], None, {}
-  step = start
+    writer.write_hparams(_flat(config.to_dict()))
+
+  history, logged = [], {}
+  last, first = config.total_steps, start + 1
+
+  def guard(step, t, state):
+    _check_finite(config, state, step, ckpt, history)
+
+  def log(step, t, state):  # the means since the last log line
+    since_step, since_t = logged.get("at", (start, t0))
+    scalars = {**_mean_metrics(history), "nonfinite_skipped": float(state.nonfinite_steps)}
+    history.clear()
+    rate = (step - since_step) / max(t - since_t, 1e-9)
+    writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "images_per_sec": rate * config.batch_size})
+    logging.info("step %d/%d: loss %.5f (clean %.5f, noised %.5f), %.2f steps/s", step, last, scalars["loss"],
+                 scalars["loss_clean"], scalars["loss_noised"], rate)
+    logged.update(last=scalars, at=(step, t))
+    logged.setdefault("first_loss", scalars["loss"])
+
+  actions = [Every(math.gcd(config.log_every, config.checkpoint_every), guard, on_steps=(first, last), on_stop=True),
+             Every(config.log_every, log, on_steps=(first, last), on_stop=True),
+             Every(config.image_every, _reconstruction_action(config, graphdef, mesh, workdir, writer, vae),
+                   on_steps=(last,))]
+  if config.probe_every:
+    fewshot = probe.FewShotEval(config, graphdef, mesh, vae)
+    actions.append(Every(config.probe_every, lambda step, t, state: _scores(writer, step, fewshot(state.params)),
+                         on_steps=(last,)))
+  if config.fid_every:
+    fid = generate.FidEval(config, graphdef, mesh, workdir, vae)
+    ema_or_live = lambda state: state.ema_params if state.ema_params is not None else state.params
+    actions.append(Every(config.fid_every, lambda step, t, state: _scores(writer, step, fid(ema_or_live(state))),
+                         on_steps=(last,)))
+  actions.append(Every(config.checkpoint_every, lambda step, t, state: ckpt.save(step, state, position_at(step), config),
+                       on_steps=(last,), on_stop=True))
+  profile = None
+  if config.profile.steps:  # a trace of `steps` steps from `first_step`: TensorBoard's profile tab
+    profile = periodic_actions.Profile(logdir=str(workdir / "profile" / f"process_{jax.process_index()}"),
+                                       num_profile_steps=config.profile.steps, profile_duration_ms=None,
+                                       first_profile=config.profile.first_step, every_secs=None)
+
+  step, t0 = start, time.monotonic()
   with multihost.StopRequest() as stop:
     while step < config.total_steps:
-      state, metrics = step_fn(state, next(batches))
+      state, metrics = run.step(state, next(batches))
       step += 1
       history.append(metrics)
-      progress(step)
-      final = step == config.total_steps
       stopping = stop.reached(step)  # the same answer on every process
-      if step == start + 1 or step % config.log_every == 0 or final or stopping:
-        _check_finite(config, state, step, ckpt, history)
-        last = _mean_metrics(history)
-        last["nonfinite_skipped"] = float(state.nonfinite_steps)
-        history = []
-        first_loss = first_loss if first_loss is not None else last["loss"]
-        writer.write_scalars(step, last)
-        logging.info("step %d: loss %.5f (clean %.5f, noised %.5f)", step, last["loss"],
-                     last["loss_clean"], last["loss_noised"])
-      if step % config.image_every == 0 or final:
-        rows = reconstruct(state.params, preview, jax.random.PRNGKey(config.seed))
-        if config.data.space == "latents":  # shown in pixels
-          rows = [latent.load(config, mesh).to_pixels(r) for r in rows]
-        picture = images.grid(multihost.to_host(rows))
-        if is_main:
-          images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
-                          upscale=max(1, 256 // picture.shape[0]))
-        writer.write_images(step, {"reconstruction": picture[None]})
-      if config.probe_every and (step % config.probe_every == 0 or final):
-        scores = probe.fewshot_eval(config, graphdef, state.params, mesh)
-        writer.write_scalars(step, scores)
-        logging.info("step %d: %s", step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
-      if config.fid_every and (step % config.fid_every == 0 or final):
-        weights = state.ema_params if state.ema_params is not None else state.params
-        scores = generate.fid_during_training(config, graphdef, weights, mesh, workdir)
-        writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
-        logging.info("step %d: FID %.2f, IS %.2f", step, scores["fid"], scores["inception_score"])
-      if step % config.checkpoint_every == 0 or final or stopping:
-        _check_finite(config, state, step, ckpt, history)
-        ckpt.save(step, state, position_at(step), config)
+      for action in actions:
+        action(step, stopping=stopping, state=state)
+      if profile is not None:
+        profile(step)
       if stopping:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
+  if profile is not None and profile._session_running:  # the run ended inside the traced steps
+    jax.profiler.stop_trace()
   ckpt.wait()
   writer.flush()
-  return dict(start_step=start, step=step, first_loss=first_loss, last_loss=last.get("loss"),
+  return dict(start_step=start, step=step, first_loss=logged.get("first_loss"), last_loss=logged.get("last", {}).get("loss"),
               stopped_by=stop.signal, workdir=str(workdir), state=state)
+
+
+def _writer(workdir):
+  """TensorBoard (scalars, images, hyperparameters) from process 0, written asynchronously; the
+  console gets the loop's one line per log step instead of every scalar again."""
+  if not multihost.is_main():
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
+
+
+def _scores(writer, step, scores: dict) -> None:
+  """An evaluation's results: to TensorBoard, and one log line."""
+  writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
+  logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+
+def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
+  """callback(step, t, state): the masked input / reconstruction / original grid of a fixed batch,
+  as a PNG (process 0) and in TensorBoard; latent models' rows are decoded to pixels."""
+  reconstruct = _reconstruction_fn(config, graphdef, mesh)
+  preview = _preview_images(config, mesh, vae)
+
+  def action(step, t, state):
+    rows = reconstruct(state.params, preview, jax.random.PRNGKey(config.seed))
+    if vae is not None:
+      rows = [vae.to_pixels(r) for r in rows]
+    picture = images.grid(multihost.to_host(rows))  # collective: every process takes part
+    if multihost.is_main():
+      images.save_png(epath.Path(workdir) / "images" / f"reconstruction_{step:08d}.png", picture,
+                      upscale=max(1, 256 // picture.shape[0]))
+    writer.write_images(step, {"reconstruction": picture[None]})
+  return action
 
 
 def data_position(config, source, step: int) -> dict:
@@ -209,16 +265,16 @@ def training_source(config):
   return source
 
 
-def _preview_images(config, mesh):
+def _preview_images(config, mesh, vae=None):
   """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else
-  train; for latent models their latents."""
+  train; for latent models (`vae`) their latents."""
   shards = sharding.num_data_shards(mesh)
   split = config.data.eval_split if config.data.name == "digits" else config.data.train_split
   batches = data.make_batches(config.data, data.make_source(config.data, split), train=False,
                               global_batch=shards * max(1, 8 // shards),
                               sharding=sharding.batch_sharding(mesh), seed=config.seed)
   images_ = next(batches)["image"]
-  return latent.load(config, mesh).to_latents(images_) if config.data.space == "latents" else images_
+  return images_ if vae is None else vae.to_latents(images_)
 
 
 def _check_finite(config, state, step, ckpt, history):
@@ -262,7 +318,7 @@ def _flat(d, prefix=""):
 def summarize(config, workdir: str) -> dict:
   """Parameter overview, parameter count and training FLOPs per image; writes summary.json."""
   validate_config(config, "summary")
-  _, abstract_params = train_step.abstract_model(config)
+  _, abstract_params = weights.abstract_model(config)
   params = nnx.to_pure_dict(abstract_params)
   overview = parameter_overview.get_parameter_overview(params, include_stats=False)
   count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

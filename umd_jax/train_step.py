@@ -5,7 +5,8 @@ gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA.
 whose loss, gradient or update is not finite leaves the state unchanged and is recorded in it, so
 the host can stop before any bad state is written.
 """
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from umd_jax import corruption, diffusion, sharding
+from umd_jax import corruption, diffusion, sharding, weights
 from umd_jax.models import umd
 
 NO_DECAY_TOP = ("registers", "mask_token")
@@ -54,27 +55,9 @@ def make_optimizer(config):
   return tx, lr
 
 
-def abstract_model(config):
-  """(graphdef, abstract Param state) without allocating anything."""
-  model = nnx.eval_shape(lambda: umd.from_config(config, nnx.Rngs(config.seed)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  assert not jax.tree.leaves(rest), "the model must hold only nnx.Param state"
-  return graphdef, params
-
-
-def load_weights(config, workdir, mesh, prefer_ema: bool = True):
-  """(graphdef, params) of a workdir's latest checkpoint, sharded for `mesh` (EMA if kept and wanted)."""
-  from umd_jax import checkpoint
-  graphdef, abstract = abstract_model(config)
-  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  return graphdef, checkpoint.restore_params(workdir, target, prefer_ema=prefer_ema, config=config)
-
-
 def create_state(config, mesh, tx):
   """Shape first, then materialise sharded: returns (graphdef, state, state shardings)."""
-  graphdef, abstract_params = abstract_model(config)
+  graphdef, abstract_params = weights.abstract_model(config)
   param_sharding = sharding.param_shardings(abstract_params, config.mesh.rules, mesh)
   use_ema = config.optim.ema_rate > 0
 
@@ -136,9 +119,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
                "label": batch["label"]}
 
     def loss_fn(params, images, labels, sample_ids=None):
-      model = nnx.merge(graphdef, params)
-      apply = lambda x, t, labels, keep, restore: model(x, t, labels, keep, restore)
-      return corruption.umd_loss(apply, schedule, images, key, num_patches=num_patches,
+      return corruption.umd_loss(nnx.merge(graphdef, params), schedule, images, key, num_patches=num_patches,
                                  clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                  noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
                                  labels=labels if config.model.num_classes else None,
@@ -183,3 +164,26 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   batch_shard = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_shard),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What training a config on a mesh needs: the model's graphdef, the sharded initial state and
+  its shardings, the optimizer and its learning-rate schedule, and the compiled step."""
+  mesh: Any
+  graphdef: Any
+  state: TrainState
+  shardings: TrainState
+  tx: optax.GradientTransformation
+  lr: Callable
+  step: Callable  # jit(state, batch) -> (state, metrics), the state donated
+
+
+def build(config, mesh, tx=None) -> Run:
+  """The one way to set up training (train.py, the benchmarks and the tests): optimizer (or `tx`),
+  sharded initial state, compiled step."""
+  default_tx, lr = make_optimizer(config)
+  tx = default_tx if tx is None else tx
+  graphdef, state, shardings = create_state(config, mesh, tx)
+  return Run(mesh=mesh, graphdef=graphdef, state=state, shardings=shardings, tx=tx, lr=lr,
+             step=make_train_step(config, graphdef, tx, lr, shardings, mesh))

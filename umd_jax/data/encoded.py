@@ -15,9 +15,8 @@ import numpy as np
 from PIL import Image
 
 
-# The region is decoded at >= 1.5x the output size, then resized: at 64 px on photo-like JPEGs
-# this keeps the mean PSNR against the full decode at 42 dB (min 36) for about the speed of the
-# coarsest possible scale (1.0x: 39 dB mean, 27 dB min; BENCHMARKS.md).
+# The region is decoded at >= 1.5x the output size, then resized: close to the full decode's pixels
+# for about the speed of the coarsest possible scale (the PSNR of both choices: BENCHMARKS.md).
 MARGIN = 1.5
 
 

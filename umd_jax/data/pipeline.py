@@ -134,8 +134,8 @@ class _Indexed(grain.transforms.MapWithIndex):
 
 def read_threads(data_config, source) -> int:
   """grain reader threads: `data.read_threads`, or with -1 none for in-memory sources (grain's
-  advice: reader threads then only contend for the GIL -- on a 2-core host 16 of them cut the
-  synthetic source from 20,000 to 1,300 img/s) and grain's default 16 for files."""
+  advice: reader threads then only contend for the GIL with the thread that feeds the devices;
+  BENCHMARKS.md, input pipeline) and grain's default 16 for files."""
   if data_config.read_threads < -1:
     raise DataError(f"data.read_threads={data_config.read_threads}: use -1 (automatic) or a count >= 0")
   if data_config.read_threads >= 0:

@@ -9,8 +9,10 @@ import io
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from umd_jax.data.encoded import EncodedImage, to_channels
 
@@ -34,7 +36,6 @@ class DigitsSource:
   in_memory = True  # no file reads: the pipeline uses no reader threads (see pipeline.read_threads)
 
   def __init__(self, split: str, channels: int = 1):
-    from sklearn.datasets import load_digits
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))  # fixed shuffle, then split
     cut = len(order) - self.TEST_SIZE
@@ -158,7 +159,6 @@ class TfdsSource:
   """A TFDS dataset prepared as array_record, read with `tfds.data_source` (never downloads)."""
 
   def __init__(self, name: str, split: str, data_dir: str, channels: int, reduced: bool = True):
-    import tensorflow_datasets as tfds
     self.reduced = reduced
     try:  # the images stay encoded: the pipeline decodes only what its crop needs
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,

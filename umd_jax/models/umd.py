@@ -148,11 +148,12 @@ class UMD(nnx.Module):
     out = self.unpatchify(self.head(h).astype(jnp.float32), 2 * self.channels)
     return out[..., :self.channels], out[..., self.channels:]
 
-  def __call__(self, x, t_index, labels=None, keep_ids=None, restore_ids=None):
-    """Returns dict(x0, eps, rep). `t_index` is what the network is told (0 = clean step)."""
+  def __call__(self, x, t_index, labels=None, mask=None):
+    """Returns dict(x0, eps, rep). `t_index` is what the network is told (0 = clean step); `mask`
+    (a corruption.Mask, or None for every token) says which patches the encoder sees."""
     cond = self.condition(t_index, labels)
-    visible, rep = self.encode(x, cond, keep_ids)
-    x0, eps = self.decode(visible, rep, cond, restore_ids if keep_ids is not None else None)
+    visible, rep = self.encode(x, cond, None if mask is None else mask.keep_ids)
+    x0, eps = self.decode(visible, rep, cond, None if mask is None else mask.restore_ids)
     return dict(x0=x0, eps=eps, rep=rep.astype(jnp.float32))
 
   def features(self, x, t_index, labels=None):
