@@ -16,8 +16,12 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
 
+from umd_jax.models import vae
 
 LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -50,10 +54,6 @@ def _diffusers_name(key: str) -> str:
 
 def convert_state(state: dict, topology) -> dict:
   """diffusers state_dict (numpy) -> {"encoder/conv_in/kernel": array, ...} for `AutoencoderKL`."""
-  import jax
-  from flax import nnx
-
-  from umd_jax.models import vae
   abstract = nnx.eval_shape(lambda: vae.AutoencoderKL(topology, rngs=nnx.Rngs(0)))
   target = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
             for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]}
@@ -83,9 +83,6 @@ def convert_state(state: dict, topology) -> dict:
 
 def convert(folder: str):
   """(arrays, metadata) for `folder`; see the module docstring."""
-  from safetensors.numpy import load_file
-
-  from umd_jax.models import vae
   config_path, weights_path = find_files(folder)
   with open(config_path) as f:
     config = json.load(f)
