@@ -2,14 +2,15 @@
 a profiler trace on request, and the finiteness guard before every log line and checkpoint."""
 import logging
 import math
-
-import jax
+import subprocess
+import sys
 
 from conftest import tiny_config
+from test_main import ROOT, main_env
 from umd_jax import probe, train
 
 
-def test_one_log_line_per_log_step_fewshot_compiled_once_and_a_trace(tmp_path, one_device, caplog, monkeypatch):
+def test_one_log_line_per_log_step_and_the_fewshot_evaluator_compiled_once(tmp_path, one_device, caplog, monkeypatch):
   built = []
 
   class Recorded(probe.FewShotEval):
@@ -20,8 +21,7 @@ def test_one_log_line_per_log_step_fewshot_compiled_once_and_a_trace(tmp_path, o
   monkeypatch.setattr(probe, "FewShotEval", Recorded)
   config = tiny_config(**{"total_steps": 6, "log_every": 2, "checkpoint_every": 3, "probe_every": 3,
                           "probe.train_split": "train", "probe.eval_split": "test", "probe.fewshot_shots": (1,),
-                          "probe.max_train_images": 64, "probe.max_eval_images": 64, "probe.batch_size": 64,
-                          "profile.steps": 2, "profile.first_step": 2})
+                          "probe.max_train_images": 64, "probe.max_eval_images": 64, "probe.batch_size": 64})
   caplog.set_level(logging.INFO)
   train.pretrain(config, tmp_path / "run", devices=one_device)
   messages = [r.getMessage() for r in caplog.records]
@@ -32,16 +32,18 @@ def test_one_log_line_per_log_step_fewshot_compiled_once_and_a_trace(tmp_path, o
   assert not [m for m in messages if "loss_clean=" in m or "work unit notes" in m]
   assert [m.split(":")[0] for m in messages if "fewshot_1shot" in m] == ["step 3", "step 6"]
   assert len(built) == 1 and built[0].extractor.fn._cache_size() == 1  # two evaluations, one compile
+
+
+def test_profile_steps_writes_one_trace_of_a_real_run(tmp_path):
+  """`--config.profile.steps`: a jax.profiler trace of steps 2-3 of a 6-step main.py run (in its
+  own process, as a user runs it; a trace that outlasts the run: the 2-process latent test)."""
+  proc = subprocess.run([sys.executable, "main.py", "--config=configs/demo.py:6", f"--workdir={tmp_path / 'run'}",
+                         "--config.model.variant=Mu/2", "--config.batch_size=16", "--config.probe_every=0",
+                         "--config.log_every=1", "--config.profile.steps=2", "--config.profile.first_step=2"],
+                        cwd=ROOT, env=main_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
   traces = list((tmp_path / "run" / "profile" / "process_0").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
-
-
-def test_a_trace_that_outlasts_the_run_is_closed_and_written(tmp_path, one_device):
-  config = tiny_config(**{"total_steps": 3, "profile.steps": 10, "profile.first_step": 2})
-  train.pretrain(config, tmp_path / "run", devices=one_device)
-  assert list((tmp_path / "run" / "profile" / "process_0").rglob("*.xplane.pb"))
-  jax.profiler.start_trace(str(tmp_path / "again"))  # no trace was left running
-  jax.profiler.stop_trace()
 
 
 def test_the_finiteness_guard_runs_before_every_log_line_and_checkpoint(tmp_path, one_device, monkeypatch):
