@@ -19,8 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only here fo
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umd_jax import checkpoint, data, encode, generate, latent, multihost, probe, sharding, train
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
 _MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary", "encode"], "What to run.")
@@ -44,6 +42,9 @@ class _QuietLibraries(std_logging.Filter):
 
 def main(argv):
   del argv
+  # Imported once the flags parsed: the package pulls in TensorFlow (clu's writers) and JAX, which
+  # would make `--help` and a mistyped flag take seconds instead of a moment.
+  from umd_jax import checkpoint, data, encode, generate, latent, multihost, probe, sharding, train
   logging.get_absl_handler().addFilter(_QuietLibraries())
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
