@@ -1,7 +1,6 @@
 """The training loop as periodic actions: one log line per log step, evaluators compiled once,
 a profiler trace on request, and the finiteness guard before every log line and checkpoint."""
 import logging
-import math
 import subprocess
 import sys
 
@@ -52,5 +51,4 @@ def test_the_finiteness_guard_runs_before_every_log_line_and_checkpoint(tmp_path
   config = tiny_config(**{"total_steps": 8, "log_every": log_every, "checkpoint_every": checkpoint_every})
   train.pretrain(config, tmp_path / "run", devices=one_device)
   needed = {1, 8} | {s for s in range(1, 9) if s % log_every == 0 or s % checkpoint_every == 0}
-  assert needed <= set(checked) and len(checked) == len(set(checked))
-  assert set(checked) <= needed | {s for s in range(1, 9) if s % math.gcd(log_every, checkpoint_every) == 0}
+  assert sorted(checked) == sorted(needed)  # each of those steps once, and no other

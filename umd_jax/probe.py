@@ -101,7 +101,7 @@ class Extractor:
     self.fn = make_feature_fn(config, graphdef, t, blocks, mesh)
 
   def inputs(self, images):
-    return images if self.vae is None else self.vae.to_latents(images)
+    return model_inputs(self.vae)(images)
 
   def __call__(self, params, split: str, max_images: int = 0, progress: bool = True) -> "Features":
     """Features of a whole split (or its first max_images), row r = record r."""
@@ -121,6 +121,11 @@ class Features:
 
   def block(self, k: int) -> jax.Array:
     return self.x[k]  # (N_pad, D)
+
+
+def model_inputs(vae):
+  """images -> what the model sees: the images themselves, or with a `vae` their latents."""
+  return (lambda images: images) if vae is None else vae.to_latents
 
 
 def _extract(config, split, fn, mesh, max_images, desc, progress, prep) -> Features:
@@ -396,8 +401,7 @@ def pixel_features(config, split, mesh, max_images=0, vae=None) -> Features:
   """The raw input (centre-cropped pixels, or with a `vae` their latents) as a (1, N, H·W·C)
   baseline feature."""
   flat = jax.jit(_flat_pixels, out_shardings=rows_sharding(mesh))
-  prep = (lambda x: x) if vae is None else vae.to_latents
-  return _extract(config, split, flat, mesh, max_images, f"pixels {split}", False, prep)
+  return _extract(config, split, flat, mesh, max_images, f"pixels {split}", False, model_inputs(vae))
 
 
 def _heads(config, train: Features, test: Features, online=None):
@@ -418,13 +422,13 @@ class FewShotEval:
     self.config = config
     self.extractor = Extractor(config, graphdef, t=config.probe.t, blocks=[config.probe.block], mesh=mesh, vae=vae)
 
-  def __call__(self, params, shots=None, seeds=1) -> dict:
+  def __call__(self, params) -> dict:
     p, k = self.config.probe, self.config.data.num_classes
     tr = self.extractor(params, p.train_split, p.max_train_images, progress=False)
     te = self.extractor(params, p.eval_split, p.max_eval_images, progress=False)
     counts = np.bincount(tr.y, minlength=k)
-    usable = [n for n in (shots or p.fewshot_shots) if n <= counts.min()]
-    res = fewshot(tr.block(0), tr.y, te.block(0), te.y, shots=usable, seeds=seeds, l2=p.fewshot_l2, num_classes=k)
+    usable = [n for n in p.fewshot_shots if n <= counts.min()]
+    res = fewshot(tr.block(0), tr.y, te.block(0), te.y, shots=usable, seeds=1, l2=p.fewshot_l2, num_classes=k)
     return {f"fewshot_{n}shot": v["mean"] for n, v in res.items()}
 
 

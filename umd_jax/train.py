@@ -8,7 +8,6 @@ SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the s
 """
 import functools
 import json
-import math
 import time
 
 import jax
@@ -98,11 +97,12 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
 
 
 class Every(periodic_actions.PeriodicCallback):
-  """clu's PeriodicCallback (callback(step, t, **kwargs) every `every` steps; 0: never) that also
-  fires on `on_steps` and, with `on_stop`, on the step at which the run is stopped by a signal."""
+  """clu's PeriodicCallback (callback(step, t, **kwargs)) on every step that one of `periods`
+  divides (0: none), on `on_steps` and, with `on_stop`, on the step at which a signal stops the run."""
 
-  def __init__(self, every: int, callback, *, on_steps=(), on_stop=False):
-    super().__init__(every_steps=every or None, on_steps=on_steps, callback_fn=callback)
+  def __init__(self, periods, callback, *, on_steps=(), on_stop=False):
+    super().__init__(on_steps=on_steps, callback_fn=callback)
+    self.periods = tuple(p for p in (periods if isinstance(periods, tuple) else (periods,)) if p)
     self.on_stop, self._stopping = on_stop, False
 
   def __call__(self, step, stopping=False, **kwargs):
@@ -110,7 +110,7 @@ class Every(periodic_actions.PeriodicCallback):
     return super().__call__(step, **kwargs)
 
   def _should_trigger(self, step, t):
-    return self._stopping or super()._should_trigger(step, t)
+    return self._stopping or any(step % p == 0 for p in self.periods) or super()._should_trigger(step, t)
 
 
 def _train(config, workdir, mesh, ckpt, source) -> dict:
@@ -135,7 +135,7 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
     writer.write_hparams(_flat(config.to_dict()))
 
   history, logged = [], {}
-  last, first = config.total_steps, start + 1
+  last, first, t0 = config.total_steps, start + 1, time.monotonic()
 
   def guard(step, t, state):
     _check_finite(config, state, step, ckpt, history)
@@ -151,7 +151,8 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
     logged.update(last=scalars, at=(step, t))
     logged.setdefault("first_loss", scalars["loss"])
 
-  actions = [Every(math.gcd(config.log_every, config.checkpoint_every), guard, on_steps=(first, last), on_stop=True),
+  # The finiteness guard runs before every log line and checkpoint: nothing logs or saves a bad state.
+  actions = [Every((config.log_every, config.checkpoint_every), guard, on_steps=(first, last), on_stop=True),
              Every(config.log_every, log, on_steps=(first, last), on_stop=True),
              Every(config.image_every, _reconstruction_action(config, graphdef, mesh, workdir, writer, vae),
                    on_steps=(last,))]
@@ -172,7 +173,7 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
                                        num_profile_steps=config.profile.steps, profile_duration_ms=None,
                                        first_profile=config.profile.first_step, every_secs=None)
 
-  step, t0 = start, time.monotonic()
+  step = start
   with multihost.StopRequest() as stop:
     while step < config.total_steps:
       state, metrics = run.step(state, next(batches))
@@ -220,7 +221,7 @@ def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
       rows = [vae.to_pixels(r) for r in rows]
     picture = images.grid(multihost.to_host(rows))  # collective: every process takes part
     if multihost.is_main():
-      images.save_png(epath.Path(workdir) / "images" / f"reconstruction_{step:08d}.png", picture,
+      images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
                       upscale=max(1, 256 // picture.shape[0]))
     writer.write_images(step, {"reconstruction": picture[None]})
   return action
