@@ -11,6 +11,8 @@ METHODS = {
     "dit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
     "maskdit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.5, conditioning="adaln"),
     "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
+    # Not a UMD preset: DiffMAE's own keys are `diffmae.*`; these UMD-family keys stay unread (refused if set).
+    "diffmae": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
 }
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -90,6 +92,18 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
   c.diffusion.num_timesteps = 1000
+  c.diffusion.noise_exponent = 1.0         # ρ: noise variance 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: 0.8)
+
+  # DiffMAE (config.method = "diffmae", docs/METHOD.md §9): read by that method only; the UMD
+  # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
+  c.diffmae = ml_collections.ConfigDict()
+  c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised
+  c.diffmae.decoder = "cross_self"         # "cross_self" | "cross" | "joint" (MAE-like self-attention)
+  c.diffmae.links = "top_down"             # cross decoders: "top_down" (block i <- encoder block E-1-i·E/D) | "last"
+  c.diffmae.target = "x0"                  # what the decoder predicts: "x0" (pixels, the paper's) | "eps"
+  c.diffmae.decoder_width = 512            # MAE's decoder: 8 blocks of width 512, 16 heads
+  c.diffmae.decoder_depth = 8
+  c.diffmae.decoder_heads = 16
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4                 # peak LR = base_lr * batch_size / 256
@@ -150,13 +164,22 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.sample.use_ema = True
   c.sample.inpaint = ""                    # "" | "random" | "center" | path to a PNG mask (white = fill)
   c.sample.inpaint_ratio = 0.5             # share of patches to fill with "random"
-  c.sample.inpaint_resample = 1            # RePaint resampling passes per step
+  c.sample.inpaint_resample = 1            # RePaint resampling passes per step (UMD family)
+  c.sample.inpaint_images = 1000           # eval images inpainted and scored (PSNR / SSIM; 0: the whole split)
   c.sample.classifier_score = False        # score samples with a classifier fit on the real images
   c.sample.fid = False
   c.sample.inception_weights = ""          # local .npz of pytorch-fid InceptionV3 weights (see README)
   c.sample.fid_reference = ""              # .npz with mu/sigma; "" = computed from data.eval_split, cached
   c.fid_every = 0                          # FID during fine-tuning every N steps (0: off)
   c.fid_samples = 10_000
+
+  if method == "diffmae":
+    c.model.num_registers = 1              # MAE's single class token: rep is its output
+    c.diffusion.schedule = "linear"        # the paper's linear schedule with exponent ρ = 0.8
+    c.diffusion.noise_exponent = 0.8
+    c.sample.num_samples = 0               # not a class-conditional generator: --mode=generate inpaints
+    c.sample.inpaint = "center"
+    c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps, as the paper samples
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                         # -1: all devices not used by fsdp

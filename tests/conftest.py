@@ -36,6 +36,8 @@ def tiny_config(method: str = "umd", **overrides):
   c.model.variant = "Mu/2"
   c.model.scan_layers = False
   c.optim.base_lr = 2e-3
+  if method == "diffmae":  # a decoder as small as the Mu encoder (width 32)
+    c.diffmae.decoder_width, c.diffmae.decoder_depth, c.diffmae.decoder_heads = 32, 2, 2
   c = common.finalize(c)
   for key, value in overrides.items():
     node = c

@@ -7,34 +7,12 @@ to use instead. Keys that may take any value (`seed`, `sample.cfg_scale`, `sampl
 from etils import epath
 from PIL import Image
 
-from umd_jax import corruption, diffusion, images, latent
+from umd_jax import diffusion, images, latent, methods, rules
 from umd_jax.models import layers, umd
+from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
 MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode")
-
-
-class ConfigError(ValueError):
-  """A setting that cannot work: the message names the key and what to change."""
-
-
-def _require(ok: bool, key: str, value, what: str) -> None:
-  """`what` is a predicate ("must be ...", "is not ...") or advice ("use ...")."""
-  if not ok:
-    sep = " " if what.split()[0] in ("must", "is", "keeps", "needs", "has", "out", "not") else ": "
-    raise ConfigError(f"{key}={value!r}{sep}{what}")
-
-
-def _int(config, key: str, low: int, what: str = "") -> None:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  _require(isinstance(node, int) and not isinstance(node, bool) and node >= low, key, node,
-           what or f"must be an integer >= {low}")
-
-
-def _fraction(value, key: str, low_open=False, high_open=False) -> None:
-  ok = (low_open and value > 0 or not low_open and value >= 0) and (high_open and value < 1 or not high_open and value <= 1)
-  _require(ok, key, value, f"must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+_require, _int, _fraction = rules.require, rules.integer, rules.fraction
 
 
 def _model_and_data(config) -> None:
@@ -60,7 +38,6 @@ def _model_and_data(config) -> None:
            f"{what} not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
   _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
   _int(config, "model.num_classes", 0)
-  _require(m.conditioning in ("adaln", "in_context"), "model.conditioning", m.conditioning, "use 'adaln' or 'in_context'")
   try:
     umd.compute_dtype(m.dtype)
   except ValueError as e:
@@ -69,6 +46,8 @@ def _model_and_data(config) -> None:
   _require(m.attention in layers.ATTENTION, "model.attention", m.attention, f"use one of {list(layers.ATTENTION)}")
   _require(config.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule", config.diffusion.schedule,
            "use 'cosine' (pixels) or 'linear' (latents)")
+  _require(config.diffusion.noise_exponent > 0, "diffusion.noise_exponent", config.diffusion.noise_exponent,
+           "must be > 0 (1: the plain schedule)")
   _int(config, "diffusion.num_timesteps", 2)
   _int(config, "mesh.fsdp", 1)
   _require(config.mesh.data == -1 or isinstance(config.mesh.data, int) and config.mesh.data >= 1, "mesh.data",
@@ -79,7 +58,7 @@ def _model_and_data(config) -> None:
 
 
 def _training(config) -> None:
-  c, d, o = config.corruption, config.data, config.optim
+  d, o = config.data, config.optim
   for key in ("batch_size", "total_steps", "grad_accum_steps", "log_every", "checkpoint_every", "image_every"):
     _int(config, key, 1)
   _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
@@ -96,14 +75,7 @@ def _training(config) -> None:
     _inception_weights(config)
   _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
            "use 'stop' or 'skip'")
-  _fraction(c.clean_fraction, "corruption.clean_fraction")
-  num_patches = umd.num_patches(config)
-  for name in ("clean_mask_ratio", "noised_mask_ratio"):
-    _fraction(c[name], f"corruption.{name}", high_open=True)
-    _require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
-             f"keeps no token of {num_patches}: lower it")
   _int(config, "corruption.loss_buckets", 1)
-  _fraction(c.label_dropout, "corruption.label_dropout")
   _require(0 < d.crop_area_min <= d.crop_area_max <= 1, "data.crop_area_min", (d.crop_area_min, d.crop_area_max),
            "need 0 < data.crop_area_min <= data.crop_area_max <= 1")
   _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "must be > 0")
@@ -121,7 +93,7 @@ def _probe(config, mode_probe: bool) -> None:
   p, T = config.probe, config.diffusion.num_timesteps
   _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
            "probing needs labels: set the dataset's class count")
-  blocks = sum(umd.parse_variant(config.model.variant)[k] for k in ("encoder_depth", "decoder_depth"))
+  blocks = methods.get(config).num_blocks(config)
   _require(-1 <= p.block < blocks, "probe.block", p.block, f"use -1 (rep) or 0..{blocks - 1}")
   _require(-1 <= p.t < T, "probe.t", p.t, f"use -1 (clean image) or a timestep in [0, {T})")
   for key in ("probe.batch_size", "probe.fewshot_seeds"):
@@ -172,7 +144,8 @@ def _generate(config) -> None:
            "needs a class-conditional model (model.num_classes=0): fine-tune with a ':finetune' config, or use 1")
   bad = [c for c in s.classes if not (isinstance(c, int) and 0 <= c < k)]
   _require(not bad, "sample.classes", tuple(s.classes), f"out of range: the model has {k} classes")
-  _fraction(s.inpaint_ratio, "sample.inpaint_ratio", high_open=True)
+  _fraction(s.inpaint_ratio, "sample.inpaint_ratio", low_open=s.inpaint == "random", high_open=True)
+  _int(config, "sample.inpaint_images", 0, "must be >= 0 (0: the whole data.eval_split)")
   if s.inpaint not in ("", "random", "center"):
     path = epath.Path(s.inpaint)
     _require(path.is_file(), "sample.inpaint", s.inpaint, "use 'random', 'center' or the path of a PNG mask file")
@@ -214,7 +187,12 @@ def _vae(config, mode: str) -> None:
 def check(config, mode: str) -> None:
   """Raise ConfigError for the first setting `mode` reads that cannot work."""
   _require(mode in MODES, "--mode", mode, f"use one of {MODES}")
+  try:
+    method = methods.get(config)
+  except methods.UnknownMethod as e:
+    raise ConfigError(str(e)) from None
   _model_and_data(config)
+  method.check(config, mode)
   _vae(config, mode)
   if mode in ("pretrain", "finetune", "summary"):
     _training(config)

@@ -16,6 +16,7 @@ class Mask(NamedTuple):
   keep_ids: jax.Array     # (B, K) indices of the kept patches, in shuffled order
   restore_ids: jax.Array  # (B, L) undoes the shuffle: take_along_axis(kept ++ masked, restore_ids)
   mask: jax.Array         # (B, L) float, 1 where the patch was dropped
+  masked_ids: Optional[jax.Array] = None  # (B, L - K) indices of the dropped patches, in shuffled order
 
 
 def num_kept(num_patches: int, ratio: float) -> int:
@@ -36,7 +37,16 @@ def sample_mask(keys, num_patches: int, ratio: float) -> Optional[Mask]:
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, keep)), jnp.ones((batch, num_patches - keep))], axis=1)
-  return Mask(ids_shuffle[:, :keep], ids_restore, jnp.take_along_axis(mask, ids_restore, axis=1))
+  return Mask(ids_shuffle[:, :keep], ids_restore, jnp.take_along_axis(mask, ids_restore, axis=1), ids_shuffle[:, keep:])
+
+
+def mask_from_patches(masked: jax.Array, num_masked: int) -> Mask:
+  """A Mask from a (B, L) 0/1 patch mask (1 = dropped) with `num_masked` ones in every row (a
+  fixed inpainting mask): kept and dropped patches each in patch order."""
+  ids_shuffle = jnp.argsort(masked, axis=1, stable=True)  # the zeros (kept) first, each in order
+  keep = masked.shape[1] - num_masked
+  return Mask(ids_shuffle[:, :keep], jnp.argsort(ids_shuffle, axis=1), masked.astype(jnp.float32),
+              ids_shuffle[:, keep:])
 
 
 def pixel_mask(mask: jax.Array, height: int, width: int) -> jax.Array:

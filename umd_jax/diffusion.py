@@ -41,13 +41,20 @@ class Schedule:
     return int(self.betas.shape[0])
 
 
-def make_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
+def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 1.0) -> Schedule:
+  """The tables of schedule `name`. `noise_exponent` ρ raises the noise variance to
+  1 - abar'_t = (1 - abar_t)^ρ (ρ < 1: more noise at every t; ρ = 1: the schedule itself), the
+  exponent DiffMAE puts on the linear schedule (docs/METHOD.md §9)."""
   if name == "cosine":
     abar = cosine_alphas_cumprod(num_timesteps)
   elif name == "linear":
     abar = linear_alphas_cumprod(num_timesteps)
   else:
     raise ValueError(f"diffusion.schedule={name!r}: use 'cosine' (pixels) or 'linear' (latents)")
+  if not noise_exponent > 0:
+    raise ValueError(f"diffusion.noise_exponent={noise_exponent!r} must be > 0 (1: the plain schedule)")
+  if noise_exponent != 1.0:
+    abar = 1.0 - (1.0 - abar) ** noise_exponent
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   betas = 1.0 - abar / abar_prev
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
@@ -58,6 +65,21 @@ def make_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
       posterior_variance=f32(post_var),
       posterior_mean_coef_x0=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
       posterior_mean_coef_xt=f32((1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)))
+
+
+def from_config(config) -> Schedule:
+  """The schedule of `config.diffusion` (every mode builds it here)."""
+  d = config.diffusion
+  return make_schedule(d.schedule, d.num_timesteps, d.noise_exponent)
+
+
+CLEAN_INDEX = 0  # the timestep index of the clean step (UMD, MAE); never used while sampling
+
+
+def network_timestep(t: jax.Array) -> jax.Array:
+  """Diffusion timestep t in [0, T) -> the index the network is told: t + 1, because index 0
+  (CLEAN_INDEX) is the clean step's. The one place this convention is written."""
+  return t + 1
 
 
 def _bcast(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
@@ -204,8 +226,8 @@ def guided(apply, labels: jax.Array, null_label: int, scale: float):
   out = uncond + scale · (cond - uncond) on both heads. apply(x, t_index, labels) -> (x0, eps)."""
   def denoise(x, t):
     if scale == 1.0:
-      return apply(x, t + 1, labels)
-    both = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]) + 1,
+      return apply(x, network_timestep(t), labels)
+    both = apply(jnp.concatenate([x, x]), network_timestep(jnp.concatenate([t, t])),
                  jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
     b = x.shape[0]
     return tuple(u[b:] + scale * (u[:b] - u[b:]) for u in both)

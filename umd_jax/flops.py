@@ -1,11 +1,12 @@
-"""Analytic model FLOPs (multiply-add = 2 FLOPs) of the UMD auto-encoder, per image.
+"""Analytic model FLOPs (multiply-add = 2 FLOPs) per training image: `train_flops_per_image` asks
+the config's method; the UMD auto-encoder's count is here, DiffMAE's in methods/diffmae.py.
 
-Counted: patch embedding, every dense layer and both attention matmuls of the encoder (on
+Counted for UMD: patch embedding, every dense layer and both attention matmuls of the encoder (on
 registers + kept tokens) and decoder (on rep + all tokens), adaLN modulations, condition MLPs
 and the output head. Not counted: norms, softmax, elementwise ops. Backward = 2× forward;
 remat recompute is not model FLOPs.
 """
-from umd_jax import corruption
+from umd_jax import corruption, methods
 from umd_jax.models.umd import input_shape, parse_variant
 
 
@@ -31,7 +32,12 @@ def forward_flops(*, width, encoder_depth, decoder_depth, heads, patch, image_si
 
 
 def train_flops_per_image(config) -> float:
-  """Forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
+  """Forward + backward FLOPs of one training image of `config`'s method."""
+  return methods.get(config).train_flops_per_image(config)
+
+
+def umd_train_flops_per_image(config) -> float:
+  """UMD: forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
   c, m = config.corruption, config.model
   size, channels = input_shape(config)
   common = dict(image_size=size, channels=channels, num_registers=m.num_registers,

@@ -25,10 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from umd_jax import checkpoint, checks, data, diffusion, files, images, latent, multihost, sharding, weights
-from umd_jax.models.umd import parse_variant
-
-REP = -1  # block index meaning "rep"
+from umd_jax import checkpoint, checks, data, diffusion, files, images, latent, methods, multihost, sharding, weights
+from umd_jax.methods import REP
 
 
 class ProbeError(ValueError):
@@ -36,16 +34,15 @@ class ProbeError(ValueError):
 
 
 def num_blocks(config) -> int:
-  v = parse_variant(config.model.variant)
-  return v["encoder_depth"] + v["decoder_depth"]
+  """Blocks the method's features offer (UMD: encoder then decoder; DiffMAE: the encoder's)."""
+  return methods.get(config).num_blocks(config)
 
 
 def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
   n, T = num_blocks(config), config.diffusion.num_timesteps
   for b in blocks:
     if not REP <= b < n:
-      raise ProbeError(f"probe block {b} is out of range: use -1 (rep) or 0..{n - 1} "
-                       f"({n} blocks: encoder first, then decoder)")
+      raise ProbeError(f"probe block {b} is out of range: use -1 (rep) or 0..{n - 1} ({n} blocks)")
   for t in ts:
     if not -1 <= t < T:
       raise ProbeError(f"probe t={t} is outside [0, {T}) (or -1 for the clean image at timestep index 0)")
@@ -69,23 +66,19 @@ def rows_sharding(mesh) -> NamedSharding:
 def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int], mesh):
   """jit(params, inputs, indices) -> (len(blocks), B, D) features of the requested blocks, rows
   sharded like the batch."""
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  schedule, method = diffusion.from_config(config), methods.get(config)
   noise_key = jax.random.PRNGKey(config.probe.noise_seed)
   blocks = tuple(blocks)
 
   def features(params, images, indices):
-    model = nnx.merge(graphdef, params)
     b = images.shape[0]
     if t < 0:
-      x, t_index = images, jnp.zeros((b,), jnp.int32)
+      x, t_index = images, jnp.full((b,), diffusion.CLEAN_INDEX, jnp.int32)
     else:  # fixed noise per image index: the same on any number of devices or batch size
       eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices)
       tt = jnp.full((b,), t, jnp.int32)
-      x, t_index = diffusion.q_sample(schedule, images, tt, eps), tt + 1
-    if blocks == (REP,):  # the encoder alone gives rep
-      return model.encode(x, model.condition(t_index))[1].astype(jnp.float32)[None]
-    out = model.features(x, t_index)
-    return jnp.stack([out["rep"] if blk == REP else out["blocks"][blk] for blk in blocks])
+      x, t_index = diffusion.q_sample(schedule, images, tt, eps), diffusion.network_timestep(tt)
+    return method.features(nnx.merge(graphdef, params), x, t_index, blocks).astype(jnp.float32)
 
   return jax.jit(features, out_shardings=rows_sharding(mesh))
 
@@ -136,7 +129,7 @@ def _extract(config, split, fn, mesh, max_images, desc, progress, prep) -> Featu
     raise ProbeError(f"split {split!r} of {config.data.name!r} is empty")
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, (min(config.probe.batch_size, n) + shards - 1) // shards * shards)
-  batches = data.make_batches(config.data, _Head(source, n), global_batch=batch,
+  batches = data.make_batches(config.data, data.Head(source, n), global_batch=batch,
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=False)
   chunks, labels = [], []
   for _ in tqdm(range(-(-n // batch)), desc=desc, disable=not progress or not multihost.is_main()):
@@ -173,23 +166,6 @@ def _placed(x: np.ndarray, y: np.ndarray, mesh) -> Features:
   pad = -(-x.shape[1] // shards) * shards - x.shape[1]
   x = np.concatenate([x, np.zeros((x.shape[0], pad, x.shape[2]), x.dtype)], axis=1)
   return Features(multihost.global_array(x, rows_sharding(mesh)), np.asarray(y, np.int32))
-
-
-class _Head:
-  """The first n records of a source."""
-
-  def __init__(self, source, n):
-    self.source, self.n = source, n
-    self.in_memory = getattr(source, "in_memory", False)
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return self.source[i]
-
-  def __repr__(self):
-    return f"Head({self.source!r}, {self.n})"
 
 
 # --- few-shot ridge ---------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, checks, corruption, data, diffusion, files, flops, generate, images, latent, multihost,
+from umd_jax import (checkpoint, checks, data, diffusion, files, flops, generate, images, latent, methods, multihost,
                      probe, sharding, train_step, weights)
-from umd_jax.models import umd
 
 
 class TrainingError(RuntimeError):
@@ -30,29 +29,20 @@ class TrainingError(RuntimeError):
 def validate_config(config, mode: str = "pretrain") -> None:
   """Fail fast, with one line, on every setting training reads (see checks.py)."""
   checks.check(config, mode)
-  train_step.accumulation_order(config.batch_size, config.corruption.clean_fraction, config.grad_accum_steps)
+  train_step.accumulation_order(config.batch_size, methods.get(config).row_split(config), config.grad_accum_steps)
 
 
 def _reconstruction_fn(config, graphdef, mesh):
-  """jit(params, images, key) -> rows (input shown to the model, x0 prediction, original),
-  replicated so that every process can fetch them (a batch-sharded result spans all hosts)."""
-  c = config.corruption
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  num_patches = umd.num_patches(config)
-  clean = c.clean_fraction > 0
+  """jit(params, images, key) -> rows (input shown to the model, its prediction, original) of the
+  method's preview, replicated so that every process can fetch them (a batch-sharded result spans
+  all hosts)."""
+  method, schedule = methods.get(config), diffusion.from_config(config)
   latent_space = config.data.space == "latents"
-  ratio = c.clean_mask_ratio if clean else c.noised_mask_ratio
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def reconstruct(params, x0, key):
-    k_mask, k_eps = jax.random.split(key)
-    b = x0.shape[0]
-    t = jnp.full((b,), schedule.num_timesteps // 2, jnp.int32)
-    x_in = x0 if clean else diffusion.q_sample(schedule, x0, t, jax.random.normal(k_eps, x0.shape))
-    mask = corruption.random_mask(k_mask, b, num_patches, ratio)
-    out = nnx.merge(graphdef, params)(x_in, jnp.zeros_like(t) if clean else t + 1, None, mask)
-    shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
-    return shown, out["x0"] if latent_space else jnp.clip(out["x0"], -1, 1), x0
+    shown, predicted = method.preview(config, schedule, nnx.merge(graphdef, params), x0, key)
+    return shown, predicted if latent_space else jnp.clip(predicted, -1, 1), x0
 
   return reconstruct
 
@@ -146,8 +136,8 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
     history.clear()
     rate = (step - since_step) / max(t - since_t, 1e-9)
     writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "images_per_sec": rate * config.batch_size})
-    logging.info("step %d/%d: loss %.5f (clean %.5f, noised %.5f), %.2f steps/s", step, last, scalars["loss"],
-                 scalars["loss_clean"], scalars["loss_noised"], rate)
+    parts = ", ".join(f"{k[5:]} {v:.5f}" for k, v in scalars.items() if _is_part(k))
+    logging.info("step %d/%d: loss %.5f (%s), %.2f steps/s", step, last, scalars["loss"], parts, rate)
     logged.update(last=scalars, at=(step, t))
     logged.setdefault("first_loss", scalars["loss"])
 
@@ -297,10 +287,16 @@ def _check_finite(config, state, step, ckpt, history):
                       f"checkpoint: step {ckpt.latest_step()}): lower optim.base_lr or check the data")
 
 
+def _is_part(key: str) -> bool:
+  """A loss part of the method's metrics ("loss_clean", "loss_masked"; not the per-bucket "loss_t3")."""
+  return key.startswith("loss_") and not (key[5:6] == "t" and key[6:].isdigit())
+
+
 def _describe_bad(history) -> str:
   """Loss parts and norms of the first non-finite step still in the unlogged history."""
-  keys = ("loss", "loss_clean", "loss_noised", "grad_norm", "update_norm")
-  for m in jax.device_get(history):
+  fetched = jax.device_get(history)
+  keys = ["loss"] + [k for k in (fetched[0] if fetched else {}) if _is_part(k)] + ["grad_norm", "update_norm"]
+  for m in fetched:
     if not all(np.isfinite(m[k]) for k in keys):
       return " (" + ", ".join(f"{k} {float(m[k]):.4g}" for k in keys) + ")"
   return ""

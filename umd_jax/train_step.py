@@ -1,7 +1,7 @@
 """Train state, optimizer and the one jitted, sharded, donated train step.
 
-The step fuses mask-then-noise corruption, both sub-batch forward passes, the UMD loss,
-gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA. A step
+The step fuses the method's corruption and loss (methods/: UMD's mask-then-noise with both
+sub-batch forward passes, or DiffMAE's), gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA. A step
 whose loss, gradient or update is not finite leaves the state unchanged and is recorded in it, so
 the host can stop before any bad state is written.
 """
@@ -15,8 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from umd_jax import corruption, diffusion, sharding, weights
-from umd_jax.models import umd
+from umd_jax import corruption, diffusion, methods, sharding, weights
 
 NO_DECAY_TOP = ("registers", "mask_token")
 NO_DECAY_LEAF = ("bias", "scale")  # biases and LayerNorm scales (1-D in every unscanned layer)
@@ -62,7 +61,7 @@ def create_state(config, mesh, tx):
   use_ema = config.optim.ema_rate > 0
 
   def init():
-    params = nnx.to_pure_dict(nnx.state(umd.from_config(config, nnx.Rngs(config.seed)), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(methods.get(config).build(config, nnx.Rngs(config.seed)), nnx.Param))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params if use_ema else None,
                       rng=jax.random.PRNGKey(config.seed + 1),
@@ -84,8 +83,9 @@ def abstract_state(state, shardings):
 
 def accumulation_order(batch_size: int, clean_fraction: float, steps: int) -> np.ndarray:
   """(steps, batch_size // steps) rows of the global batch for each micro-batch: every micro-batch
-  takes an equal share of the clean rows (which come first) and of the noised rows, so it is
-  split like the full batch and the mean of the micro-batch losses is the full-batch loss."""
+  takes an equal share of the clean rows (which come first: the method's `row_split`) and of the
+  noised rows, so it is split like the full batch and the mean of the micro-batch losses is the
+  full-batch loss."""
   n_clean, n_noised = corruption.split_sizes(batch_size, clean_fraction)
   micro = batch_size // steps if steps > 0 else 0
   if steps < 1 or batch_size % steps or n_clean % steps or corruption.split_sizes(micro, clean_fraction) != (
@@ -102,12 +102,11 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   config.grad_accum_steps = m > 1 the batch is taken as m micro-batches in a `lax.scan` inside
   the step (activations of one micro-batch at a time) and their mean gradient makes one update,
   equal to the full-batch update."""
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  c = config.corruption
-  num_patches = umd.num_patches(config)
+  method = methods.get(config)
+  method_loss = method.loss_fn(config, diffusion.from_config(config))
   ema_rate = config.optim.ema_rate
   accum = config.grad_accum_steps
-  order = accumulation_order(config.batch_size, c.clean_fraction, accum)
+  order = accumulation_order(config.batch_size, method.row_split(config), accum)
   sharding.check_batch(order.shape[1], mesh, what="the micro-batch batch_size/grad_accum_steps")
   micro_sharding = sharding.micro_batch_sharding(mesh)
 
@@ -119,12 +118,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
                "label": batch["label"]}
 
     def loss_fn(params, images, labels, sample_ids=None):
-      return corruption.umd_loss(nnx.merge(graphdef, params), schedule, images, key, num_patches=num_patches,
-                                 clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
-                                 noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
-                                 labels=labels if config.model.num_classes else None,
-                                 label_dropout=c.label_dropout, null_label=config.model.num_classes,
-                                 sample_ids=sample_ids)
+      return method_loss(nnx.merge(graphdef, params), images, labels, key, sample_ids)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:

@@ -4,13 +4,12 @@ state (optimizer, EMA, counters) is train_step.py's."""
 import jax
 from flax import nnx
 
-from umd_jax import checkpoint, sharding
-from umd_jax.models import umd
+from umd_jax import checkpoint, methods, sharding
 
 
 def abstract_model(config):
   """(graphdef, abstract Param state) of `config`'s model, without allocating anything."""
-  model = nnx.eval_shape(lambda: umd.from_config(config, nnx.Rngs(config.seed)))
+  model = nnx.eval_shape(lambda: methods.get(config).build(config, nnx.Rngs(config.seed)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   assert not jax.tree.leaves(rest), "the model must hold only nnx.Param state"
   return graphdef, params
@@ -29,5 +28,5 @@ def fresh(config, mesh, seed: int):
   """(graphdef, params) of a randomly initialised model of the same shape, sharded for `mesh`."""
   graphdef, abstract = abstract_model(config)
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
-  init = lambda: nnx.to_pure_dict(nnx.state(umd.from_config(config, nnx.Rngs(seed)), nnx.Param))
+  init = lambda: nnx.to_pure_dict(nnx.state(methods.get(config).build(config, nnx.Rngs(seed)), nnx.Param))
   return graphdef, jax.jit(init, out_shardings=shardings)()

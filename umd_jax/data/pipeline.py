@@ -107,6 +107,23 @@ class Batches:
     return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
 
 
+class Head:
+  """The first n records of a source (an evaluation on part of a split)."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, n
+    self.in_memory = getattr(source, "in_memory", False)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+  def __repr__(self):
+    return f"Head({self.source!r}, {self.n})"
+
+
 class _PaddedSplit:
   """A split padded to `total` records: the padding repeats record 0, so its shapes and decoding
   are those of a real record; its index (>= the split's length) tells it apart."""

@@ -141,7 +141,10 @@ class Block(nnx.Module):
     if adaln:
       self.modulation = dense(width, 6 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=zeros)
 
-  def __call__(self, x, cond):  # x (B, N, D); cond (B, D)
+  def __call__(self, x, cond):  # x (B, N, D); cond (B, D), or None for an unconditioned block
+    if cond is None:
+      x = x + self.attn(self.norm1(x))
+      return x + self.mlp(self.norm2(x))
     if self.adaln:
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(cond), 6, axis=-1)
       x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
@@ -160,13 +163,17 @@ REMAT_POLICIES = {
 
 
 class Stack(nnx.Module):
-  """`depth` blocks, either stacked and run with `nnx.scan` (fast compiles at depth 24) or unrolled."""
+  """`depth` blocks, either stacked and run with `nnx.scan` (fast compiles at depth 24) or unrolled.
+  `make(rngs)` builds one block (default: `Block`); a block is called as block(x, cond) or, with a
+  per-block `context`, block(x, cond, context)."""
 
-  def __init__(self, depth, width, heads, *, adaln, dtype, scan, remat, rngs, attention="auto"):
+  def __init__(self, depth, width=None, heads=None, *, adaln=True, dtype=None, scan, remat, rngs,
+               attention="auto", make=None):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)}")
     self.scan, self.remat = scan, remat
-    make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r, attention=attention)
+    if make is None:
+      make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r, attention=attention)
     if scan:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -176,23 +183,26 @@ class Stack(nnx.Module):
     else:
       self.blocks = nnx.List([make(rngs) for _ in range(depth)])
 
-  def __call__(self, x, cond, pool_from: int | None = None):
+  def __call__(self, x, cond, pool_from: int | None = None, context=None, collect: bool = False):
     """Apply every block. With `pool_from`, also return each block's output mean-pooled over
-    tokens[pool_from:] as a (depth, B, D) array (features for DDAE-style probing)."""
-    def apply(block, h, c):
-      h = block(h, c)
+    tokens[pool_from:] as a (depth, B, D) array (features for DDAE-style probing); with `collect`,
+    every block's whole output (depth, B, N, D). `context` (depth, ...): block i's own input."""
+    def apply(block, h, c, ctx):
+      h = block(h, c) if ctx is None else block(h, c, ctx)
+      if collect:
+        return h, h
       return h, (None if pool_from is None else h[:, pool_from:].mean(axis=1).astype(jnp.float32))
     if self.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     if self.scan:
-      @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0))
-      def body(block, h, c):
-        return apply(block, h, c)
-      x, pooled = body(self.blocks, x, cond)
+      @nnx.scan(in_axes=(0, nnx.Carry, None, None if context is None else 0), out_axes=(nnx.Carry, 0))
+      def body(block, h, c, ctx):
+        return apply(block, h, c, ctx)
+      x, out = body(self.blocks, x, cond, context)
     else:
-      pooled = []
-      for block in self.blocks:
-        x, p = apply(block, x, cond)
-        pooled.append(p)
-      pooled = None if pool_from is None else jnp.stack(pooled)
-    return x if pool_from is None else (x, pooled)
+      out = []
+      for i, block in enumerate(self.blocks):
+        x, o = apply(block, x, cond, None if context is None else context[i])
+        out.append(o)
+      out = None if pool_from is None and not collect else jnp.stack(out)
+    return x if pool_from is None and not collect else (x, out)

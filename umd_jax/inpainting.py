@@ -1,0 +1,153 @@
+"""Inpainting with any method, scored against the ground truth it has: the first
+`sample.inpaint_images` images of data.eval_split, a mask per batch (`sample.inpaint`: random
+patches, the centre box or a PNG), the unknown region filled by the method's own inpainter
+(methods/: RePaint-style for the UMD family, the masked-patch denoiser for DiffMAE), then PSNR
+and SSIM of the filled region, FID / IS of the inpainted images when sample.fid is set, and a
+PNG grid (masked input, mask, filled, original) of the first images.
+
+Multi-host: images, masks and fills stay sharded on the devices; the scores are sums reduced on
+device (padding rows weighted out), only scalars and the grid's rows reach the hosts.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from umd_jax import corruption, data, diffusion, fid, images, methods, multihost, sharding
+from umd_jax.models import umd
+
+
+class InpaintError(ValueError):
+  """A bad inpainting request: the message says what to change."""
+
+
+def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
+  """(B, H, W, 1) float, 1 = known pixel. kind: 'random' (patches), 'center' (a box), or a PNG path
+  (white = to fill)."""
+  size = config.data.image_size
+  if kind == "center":
+    m = np.ones((size, size, 1), np.float32)
+    m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
+    return np.broadcast_to(m, (batch, size, size, 1)).copy()
+  if kind == "random":
+    m = corruption.random_mask(key, batch, umd.num_patches(config), config.sample.inpaint_ratio)
+    return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
+  path = epath.Path(kind)
+  if not path.exists():
+    raise InpaintError(f"sample.inpaint={kind!r}: use 'random', 'center' or the path of an existing PNG mask")
+  with path.open("rb") as f:
+    gray = np.asarray(Image.open(f).convert("L").resize((size, size), Image.NEAREST))
+  return np.broadcast_to((gray < 128).astype(np.float32)[..., None], (batch, size, size, 1)).copy()
+
+
+def masked_patch_count(config, known: np.ndarray) -> int:
+  """Patches with an unknown pixel, the same in every image of `known` (B, H, W, 1)."""
+  patch = umd.parse_variant(config.model.variant)["patch"]
+  b, h, w, _ = known.shape
+  per_patch = known[..., 0].reshape(b, h // patch, patch, w // patch, patch).min(axis=(2, 4))
+  counts = (per_patch < 1).reshape(b, -1).sum(axis=1)
+  if counts.min() != counts.max():
+    raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} masks {counts.min()}..{counts.max()} patches per "
+                       "image: every image of a batch must mask as many")
+  if counts[0] == 0:
+    raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} leaves nothing to fill: mask at least one patch")
+  return int(counts[0])
+
+
+def make_inpainter(config, graphdef, num_masked: int):
+  """jit(params, images, known, labels, key) -> images with the unknown pixels filled by the method."""
+  method, schedule = methods.get(config), diffusion.from_config(config)
+
+  @jax.jit
+  def inpaint(params, x, known, labels, key):
+    return method.inpaint(config, schedule, lambda: nnx.merge(graphdef, params), x, known, labels, key, num_masked)
+  return inpaint
+
+
+# --- scores of the filled region ----------------------------------------------------------------
+
+def _blur(x, sigma: float = 1.5, radius: int = 5):
+  """Gaussian blur (σ 1.5, 11 taps as Wang et al.'s SSIM; fewer on images under 11 px), reflect-padded."""
+  r = min(radius, x.shape[1] - 1, x.shape[2] - 1)
+  taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+  taps = taps / taps.sum()
+  x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+  h, w = x.shape[1] - 2 * r, x.shape[2] - 2 * r
+  x = sum(float(k) * x[:, i:i + h] for i, k in enumerate(taps))
+  return sum(float(k) * x[:, :, i:i + w] for i, k in enumerate(taps))
+
+
+def ssim_map(x, y, data_range: float = 2.0):
+  """Per-pixel SSIM (B, H, W) of images in [-1, 1] (data range 2), averaged over channels."""
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mx, my = _blur(x), _blur(y)
+  vx, vy, cxy = _blur(x * x) - mx * mx, _blur(y * y) - my * my, _blur(x * y) - mx * my
+  s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+  return s.mean(axis=-1)
+
+
+def region_scores(filled, original, known, data_range: float = 2.0):
+  """Per-image PSNR (dB) and SSIM over the filled region (known == 0) -> two (B,) arrays."""
+  unknown = 1.0 - known[..., 0]
+  area = jnp.maximum(unknown.sum(axis=(1, 2)), 1.0)
+  mse = (jnp.square(filled - original).mean(axis=-1) * unknown).sum(axis=(1, 2)) / area
+  psnr = 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-10))
+  ssim = (ssim_map(filled, original, data_range) * unknown).sum(axis=(1, 2)) / area
+  return psnr, ssim
+
+
+def _score_sums(filled, original, known, index, n):
+  """Sums over the real rows (index < n, not padding) of the per-image PSNR and SSIM."""
+  psnr, ssim = region_scores(jnp.clip(filled, -1, 1), original, known)
+  real = (index < n).astype(jnp.float32)
+  return {"psnr": jnp.sum(psnr * real), "ssim": jnp.sum(ssim * real)}
+
+
+def evaluate(config, graphdef, params, mesh, out_dir, workdir) -> dict:
+  """Inpaint the eval images, score the filled region, write `out_dir/inpaint.png`; returns the
+  scores and the settings they came from (the caller writes them with the mode's other results)."""
+  s = config.sample
+  source = data.make_source(config.data, config.data.eval_split)
+  n = len(source) if not s.inpaint_images else min(s.inpaint_images, len(source))
+  shards, bs = sharding.num_data_shards(mesh), sharding.batch_sharding(mesh)
+  batch = max(shards, -(-min(s.batch_size, n) // shards) * shards)
+  batches = data.make_batches(config.data, data.Head(source, n), global_batch=batch, sharding=bs,
+                              seed=config.seed, train=False)
+  inpainter, sums, grid_rows, filled_all = None, {"psnr": 0.0, "ssim": 0.0}, None, []
+  replicated = sharding.replicated(mesh)
+  first_rows = jax.jit(lambda *a: tuple(x[:8] for x in a), out_shardings=replicated)
+  score_sums = jax.jit(functools.partial(_score_sums, n=n), out_shardings=replicated)
+  for i in tqdm(range(-(-n // batch)), desc="inpainting", disable=not multihost.is_main()):
+    b = next(batches)
+    key = jax.random.fold_in(jax.random.PRNGKey(s.seed), i)
+    known_host = inpaint_mask(config, s.inpaint, batch, key)
+    if inpainter is None:
+      inpainter = make_inpainter(config, graphdef, masked_patch_count(config, known_host))
+    known = multihost.global_array(known_host, bs)
+    labels = b["label"] if config.model.num_classes else multihost.global_array(np.zeros((batch,), np.int32), bs)
+    filled = inpainter(params, b["image"], known, labels, key)
+    part = score_sums(filled, b["image"], known, b["index"])
+    sums = {k: sums[k] + v for k, v in part.items()}
+    if grid_rows is None:
+      grid_rows = multihost.to_host(first_rows(b["image"], known, filled))  # collective: every process
+    if s.fid:
+      filled_all.append(images.to_uint8_device(jnp.clip(filled, -1, 1), s.uint8))
+  x, k, f = grid_rows
+  picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, np.clip(f, -1, 1), x])
+  grid_path = epath.Path(out_dir) / "inpaint.png"
+  if multihost.is_main():
+    images.save_png(grid_path, picture, upscale=max(1, 256 // picture.shape[1]))
+  scores = {"mask": s.inpaint, "images": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n,
+            "inpainter": methods.get(config).name, "steps": methods.get(config).inpaint_steps(config),
+            "sampler": s.sampler, "grid": str(grid_path)}
+  if s.inpaint == "random":
+    scores["ratio"] = s.inpaint_ratio
+  if s.fid:
+    fid_scores = fid.evaluate(config, sharding.concatenate(filled_all, bs), n, mesh, workdir)
+    scores.update(fid_scores)
+  return scores

@@ -1,0 +1,46 @@
+"""The method interface: what the loop, the preview, probing, sampling, inpainting, FLOPs, the
+summary, the checks and weight loading know of a method. `get(config)` returns the method of
+`config.method`; nothing outside `umd_jax/methods/` and `umd_jax/models/` names one.
+
+A method is an object with:
+  name, generates            its name; whether it samples class-conditionally (generate's grid,
+                             .npz and FID) -- DiffMAE does not, it only inpaints
+  build(config, rngs)        the nnx model (every leaf an nnx.Param)
+  row_split(config)          share of the batch in its first sub-batch: gradient accumulation
+                             gives every micro-batch an equal part of each sub-batch
+  loss_fn(config, schedule)  loss(model, images, labels, key, sample_ids) -> (loss, metrics); the
+                             metrics hold "loss_*" parts (one log line) and per-timestep buckets
+  num_blocks(config)         blocks a probe may read (features' block indices 0 .. n-1)
+  features(model, x, t_index, blocks)
+                             (len(blocks), B, D) probe features, REP (-1) for the representation
+  preview(config, schedule, model, x0, key)
+                             (input shown to the model, its prediction) for the reconstruction grid
+  denoiser(config, make_model, labels)
+                             denoise(x_t, t) -> (x0, eps) for diffusion.py's samplers (generates)
+  inpaint(config, schedule, make_model, images, known, labels, key, num_masked)
+                             images with the unknown pixels (known == 0) filled, known ones copied;
+                             num_masked: patches with an unknown pixel, the same in every image
+  inpaint_steps(config)      network calls of one inpainting (the sampling benchmark's unit)
+  train_flops_per_image(config)
+                             analytic forward + backward FLOPs of one training image
+  check(config, mode)        the method's own settings (raises checks.ConfigError)
+`make_model()` merges the weights where it is called (inside a sampling scan: newer Flax refuses
+a module built at an outer trace level inside the model's own nnx.scan).
+"""
+from umd_jax.methods import diffmae, umd
+from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
+
+METHODS = {"umd": umd.METHOD, "dit": umd.METHOD, "maskdit": umd.METHOD, "mae": umd.METHOD,
+           "diffmae": diffmae.METHOD}
+
+
+class UnknownMethod(ValueError):
+  pass
+
+
+def get(config):
+  """The method of `config.method`."""
+  try:
+    return METHODS[config.method]
+  except KeyError:
+    raise UnknownMethod(f"method={config.method!r}: use one of {sorted(METHODS)}") from None

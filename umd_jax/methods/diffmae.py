@@ -1,0 +1,210 @@
+"""DiffMAE (Wei et al., arXiv 2304.03283; docs/METHOD.md §9) as a method of this code.
+
+Training: per image, a random `diffmae.mask_ratio` of the patches is masked; only those are
+noised, to one t ~ U{0..T-1} per image; the encoder sees the clean visible patches (no t), the
+decoder the noisy masked patches told t, and the loss is the MSE of its prediction (x0 by
+default, or eps) over the masked patches. Inpainting: the encoder runs once per image, then only
+the masked patches are denoised step by step (ancestral DDPM over all T steps, or DDIM); the
+visible pixels are copied. It is not a class-conditional generator.
+"""
+import einops
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from umd_jax import corruption, diffusion, flops, rules
+from umd_jax.methods.common import REP, pick
+from umd_jax.models import diffmae as model_lib
+from umd_jax.models.umd import input_shape, parse_variant
+
+TARGETS = ("x0", "eps")
+# Keys only the UMD family reads; the checks refuse them set on a DiffMAE config.
+FOREIGN = ("corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
+           "corruption.label_dropout", "model.conditioning", "model.num_classes")
+
+
+def patchify(x, patch: int):  # (B, H, W, C) -> (B, L, p*p*C), the model's patch order
+  return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
+
+
+def unpatchify(x, patch: int, grid: int):  # (B, L, p*p*C) -> (B, H, W, C)
+  return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=grid, p=patch, q=patch)
+
+
+def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, mask_ratio: float, target: str = "x0",
+                 num_buckets: int = 10, sample_ids=None):
+  """The DiffMAE loss and its parts. model(x, xt_patches, t_index, mask) -> prediction for the
+  masked patches (B, M, p*p*C). Every draw of a sample (mask, t, noise) comes from fold_in(key,
+  its `sample_ids` entry; default its row), as in corruption.umd_loss, so gradient accumulation
+  draws what the full batch draws. All images mask the same number of patches, so the mean over
+  the batch's masked pixels is the mean of per-image losses."""
+  batch = x0.shape[0]
+  ids = jnp.arange(batch) if sample_ids is None else sample_ids
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  per_sample = lambda purpose, draw: jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(keys)
+  patches = patchify(x0, patch)                                                   # (B, L, P)
+  mask = corruption.sample_mask(per_sample(0, lambda k: k), patches.shape[1], mask_ratio)
+  clean = jnp.take_along_axis(patches, mask.masked_ids[..., None], axis=1)        # (B, M, P)
+  t = per_sample(1, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))
+  eps = per_sample(2, lambda k: jax.random.normal(k, clean.shape[1:], clean.dtype))
+  pred = model(x0, diffusion.q_sample(schedule, clean, t, eps), diffusion.network_timestep(t), mask)
+  per_image = jnp.mean(jnp.square(pred - (clean if target == "x0" else eps)), axis=(1, 2))
+  loss = per_image.mean()
+  onehot = jax.nn.one_hot(t * num_buckets // schedule.num_timesteps, num_buckets)
+  return loss, dict(loss_masked=loss, bucket_sum=onehot.T @ per_image, bucket_count=onehot.sum(axis=0))
+
+
+def known_patches(known, patch: int):
+  """(B, H, W, 1) pixel mask (1 = known) -> (B, L) patch mask, 1 where any pixel is unknown."""
+  return 1.0 - patchify(known, patch).min(axis=-1)
+
+
+class DiffMAEMethod:
+  name = "diffmae"
+  generates = False
+
+  def build(self, config, rngs):
+    return model_lib.from_config(config, rngs)
+
+  def row_split(self, config) -> float:
+    return 0.0  # one kind of row
+
+  def loss_fn(self, config, schedule):
+    d, patch = config.diffmae, parse_variant(config.model.variant)["patch"]
+
+    def loss(model, images, labels, key, sample_ids=None):
+      del labels  # self-supervised
+      return diffmae_loss(model, schedule, images, key, patch=patch, mask_ratio=d.mask_ratio, target=d.target,
+                          num_buckets=config.corruption.loss_buckets, sample_ids=sample_ids)
+    return loss
+
+  def num_blocks(self, config) -> int:
+    return parse_variant(config.model.variant)["encoder_depth"]  # the encoder's: the decoder needs a mask
+
+  def features(self, model, x, t_index, blocks):
+    """The encoder on the whole image (it has no timestep: t_index is ignored; a t >= 0 probe
+    feeds it the noised image)."""
+    del t_index
+    if tuple(blocks) == (REP,):
+      return model.encode(x)["rep"][None]
+    return pick(model.features(x), blocks)
+
+  def preview(self, config, schedule, model, x0, key):
+    """Visible patches, and the decoder's one-step x0 guess for the masked ones from pure noise
+    (t = T - 1, where inpainting starts), the visible ones copied."""
+    b, patch = x0.shape[0], model.patch
+    k_mask, k_eps = jax.random.split(key)
+    mask = corruption.random_mask(k_mask, b, model.num_patches, config.diffmae.mask_ratio)
+    m = mask.masked_ids.shape[1]
+    noise = jax.random.normal(k_eps, (b, m, patch * patch * model.channels))
+    t = jnp.full((b,), schedule.num_timesteps - 1, jnp.int32)
+    pred = model(x0, noise, diffusion.network_timestep(t), mask)
+    x0_pred, _ = _heads(config, schedule, noise, t, pred)
+    visible = 1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3])
+    filled = _fill(x0, x0_pred, mask, patch, model.grid)
+    return x0 * visible, filled
+
+  def denoiser(self, config, make_model, labels):
+    raise ValueError("DiffMAE is not a class-conditional generator: it inpaints (sample.inpaint)")
+
+  def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
+    """Encoder once on the known patches; the `num_masked` unknown patches of every image (those
+    with any unknown pixel) start from Gaussian noise and are denoised alone, ancestral DDPM over
+    all T steps (sample.sampler="ddpm") or DDIM over sample.steps; known pixels are copied."""
+    del labels
+    patch = parse_variant(config.model.variant)["patch"]
+    mask = corruption.mask_from_patches(known_patches(known, patch), num_masked)
+    context = make_model().context(images, mask.keep_ids)  # the encoder, once
+    return self._sample(config, schedule, make_model, images, known, mask, context, key, patch,
+                        images.shape[1] // patch)
+
+  def _sample(self, config, schedule, make_model, images, known, mask, context, key, patch, grid):
+    """The masked patches of `mask`, denoised given the encoder's `context`, put into `images`."""
+    s = config.sample
+    k_noise, k_sample = jax.random.split(key)
+    noise = jax.random.normal(k_noise, mask.masked_ids.shape + (patch * patch * images.shape[-1],))
+
+    def denoise(x, t):
+      pred = make_model().decode(context, x, mask.masked_ids, mask.keep_ids, diffusion.network_timestep(t))
+      return pred, pred  # the one head: parameterise reads it as x0 or eps (prediction=target)
+
+    kw = dict(clip=s.clip, prediction=config.diffmae.target)
+    if s.sampler == "ddpm":
+      x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, **kw)
+    else:
+      x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, grid=s.timesteps, **kw)
+    return known * images + (1 - known) * _fill(images, x, mask, patch, grid)
+
+  def inpaint_steps(self, config) -> int:
+    return config.diffusion.num_timesteps if config.sample.sampler == "ddpm" else config.sample.steps
+
+  def train_flops_per_image(self, config) -> float:
+    return 3.0 * forward_flops(config)
+
+  def check(self, config, mode) -> None:
+    rules.unchanged(config, common.base_config("diffmae"), FOREIGN,
+                    "read only by the UMD family (umd, dit, maskdit, mae); DiffMAE's keys are diffmae.*")
+    d = config.diffmae
+    rules.require(mode != "finetune", "--mode", mode, "DiffMAE has no class-conditional fine-tuning: pre-train, "
+                  "probe, or inpaint with --mode=generate")
+    rules.require(d.decoder in model_lib.DECODERS, "diffmae.decoder", d.decoder, f"use one of {model_lib.DECODERS}")
+    rules.require(d.links in model_lib.LINKS, "diffmae.links", d.links, f"use one of {model_lib.LINKS}")
+    rules.require(d.target in TARGETS, "diffmae.target", d.target, f"use one of {TARGETS}")
+    rules.fraction(d.mask_ratio, "diffmae.mask_ratio", low_open=True, high_open=True)
+    size, _ = input_shape(config)
+    variant = parse_variant(config.model.variant)
+    num_patches = (size // variant["patch"]) ** 2
+    kept = corruption.num_kept(num_patches, d.mask_ratio)
+    rules.require(1 <= kept < num_patches, "diffmae.mask_ratio", d.mask_ratio,
+                  f"must keep at least one and mask at least one of {num_patches} patches")
+    for key in ("diffmae.decoder_depth", "diffmae.decoder_heads"):
+      rules.integer(config, key, 1)
+    rules.integer(config, "diffmae.decoder_width", 4)
+    rules.require(d.decoder_width % 4 == 0 and d.decoder_width % d.decoder_heads == 0, "diffmae.decoder_width", d.decoder_width,
+                  f"must be divisible by 4 (sin-cos positions) and by diffmae.decoder_heads={d.decoder_heads}")
+    rules.require(variant["width"] % 4 == 0, "model.variant", config.model.variant,
+                  "needs a width divisible by 4 (sin-cos positions)")
+    if mode == "generate":
+      s = config.sample
+      rules.require(s.num_samples == 0, "sample.num_samples", s.num_samples,
+                    "must be 0: DiffMAE is not a class-conditional generator (it inpaints: sample.inpaint)")
+      rules.require(bool(s.inpaint), "sample.inpaint", s.inpaint,
+                    "is what --mode=generate does with DiffMAE: use 'random', 'center' or a PNG mask")
+
+
+def _heads(config, schedule, x, t, pred):
+  """(x0, eps) from the decoder's one head, as a sampler step reads them."""
+  return diffusion.parameterise(schedule, x, t, pred, pred, prediction=config.diffmae.target, clip=False)
+
+
+def _fill(images, masked_patches, mask, patch, grid):
+  """`images` with the patches of `mask.masked_ids` replaced by `masked_patches` (B, M, P)."""
+  patches = patchify(images, patch)
+  kept = jnp.take_along_axis(patches, mask.keep_ids[..., None], axis=1)
+  return unpatchify(jnp.take_along_axis(jnp.concatenate([kept, masked_patches.astype(patches.dtype)], axis=1),
+                                        mask.restore_ids[..., None], axis=1), patch, grid)
+
+
+def forward_flops(config) -> float:
+  """Analytic FLOPs of one training forward (multiply-add = 2), as flops.py counts UMD's."""
+  d, m = config.diffmae, config.model
+  size, channels = input_shape(config)
+  v = parse_variant(m.variant)
+  w, dw, p_dim = v["width"], d.decoder_width, v["patch"] ** 2 * channels
+  num_patches = (size // v["patch"]) ** 2
+  kept = corruption.num_kept(num_patches, d.mask_ratio)
+  masked, context = num_patches - kept, m.num_registers + kept
+  total = 2 * kept * p_dim * w + v["encoder_depth"] * flops.block_flops(context, w, adaln=False)
+  total += 2 * masked * p_dim * dw + 8 * dw * dw + 2 * dw * 2 * dw + 2 * masked * dw * p_dim  # embed, t MLP, final, head
+  if d.decoder == "joint":
+    total += 2 * context * w * dw + d.decoder_depth * flops.block_flops(context + masked, dw, adaln=True)
+    return float(total)
+  cross = 2 * masked * dw * dw * 2 + 2 * context * w * 2 * dw + 2 * 2 * masked * context * dw  # q, proj; kv; q·k, p·v
+  mlp = 2 * masked * dw * 8 * dw
+  self_attn = 2 * masked * dw * 4 * dw + 2 * 2 * masked * masked * dw if d.decoder == "cross_self" else 0
+  branches = 3 if d.decoder == "cross_self" else 2
+  total += d.decoder_depth * (cross + mlp + self_attn + 2 * dw * 3 * branches * dw)
+  return float(total)
+
+
+METHOD = DiffMAEMethod()

@@ -1,0 +1,107 @@
+"""The UMD method (SPEC §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
+mask-then-noise corruption and the UMD loss, sampled by DDIM / DDPM over the whole image and
+inpainted RePaint-style. The presets differ only in `config.corruption` and the conditioning."""
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from umd_jax import corruption, diffusion, flops, rules
+from umd_jax.methods.common import REP, pick
+from umd_jax.models import umd as model_lib
+
+# Keys only the DiffMAE method reads; the checks refuse them set on this family.
+FOREIGN = ("diffmae",)
+
+
+class UMDFamily:
+  name = "umd"
+  generates = True
+
+  def build(self, config, rngs):
+    return model_lib.from_config(config, rngs)
+
+  def row_split(self, config) -> float:
+    return config.corruption.clean_fraction
+
+  def loss_fn(self, config, schedule):
+    c = config.corruption
+    num_patches = model_lib.num_patches(config)
+    conditional = bool(config.model.num_classes)
+
+    def loss(model, images, labels, key, sample_ids=None):
+      return corruption.umd_loss(model, schedule, images, key, num_patches=num_patches,
+                                 clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
+                                 noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
+                                 labels=labels if conditional else None, label_dropout=c.label_dropout,
+                                 null_label=config.model.num_classes, sample_ids=sample_ids)
+    return loss
+
+  def num_blocks(self, config) -> int:
+    v = model_lib.parse_variant(config.model.variant)
+    return v["encoder_depth"] + v["decoder_depth"]
+
+  def features(self, model, x, t_index, blocks):
+    """rep, and each encoder then decoder block's mean-pooled tokens, at timestep index t_index."""
+    cond = model.condition(t_index)
+    if tuple(blocks) == (REP,):  # the encoder alone gives rep
+      return model.encode(x, cond)[1].astype(jnp.float32)[None]
+    return pick(model.features(x, t_index), blocks)
+
+  def preview(self, config, schedule, model, x0, key):
+    """The clean step at its mask ratio (UMD, MAE), else the noised step at t = T/2."""
+    c = config.corruption
+    clean = c.clean_fraction > 0
+    k_mask, k_eps = jax.random.split(key)
+    b = x0.shape[0]
+    t = jnp.full((b,), schedule.num_timesteps // 2, jnp.int32)
+    x_in = x0 if clean else diffusion.q_sample(schedule, x0, t, jax.random.normal(k_eps, x0.shape))
+    mask = corruption.random_mask(k_mask, b, model.num_patches, c.clean_mask_ratio if clean else c.noised_mask_ratio)
+    t_index = jnp.full((b,), diffusion.CLEAN_INDEX, jnp.int32) if clean else diffusion.network_timestep(t)
+    out = model(x_in, t_index, None, mask)
+    shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
+    return shown, out["x0"]
+
+  def denoiser(self, config, make_model, labels):
+    def apply(x, t_index, y):
+      out = make_model()(x, t_index, y)
+      return out["x0"], out["eps"]
+    if config.model.num_classes == 0:
+      return lambda x, t: apply(x, diffusion.network_timestep(t), None)
+    return diffusion.guided(apply, labels, config.model.num_classes, config.sample.cfg_scale)
+
+  def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
+    """RePaint-style: the whole network samples the whole image, the known region held to its
+    ground truth noised to the current timestep (diffusion.inpaint_sample). `num_masked` (the
+    patches with an unknown pixel) is not needed: every token is sampled."""
+    del num_masked
+    s = config.sample
+    k_noise, k_sample = jax.random.split(key)
+    return diffusion.inpaint_sample(self.denoiser(config, make_model, labels), schedule, images, known,
+                                    jax.random.normal(k_noise, images.shape), k_sample, steps=s.steps, eta=s.eta,
+                                    clip=s.clip, resample=s.inpaint_resample, prediction=s.prediction,
+                                    grid=s.timesteps)
+
+  def inpaint_steps(self, config) -> int:
+    """Network calls of one inpainting (DDIM over sample.steps, each redone inpaint_resample times)."""
+    return config.sample.steps * config.sample.inpaint_resample
+
+  def train_flops_per_image(self, config) -> float:
+    return flops.umd_train_flops_per_image(config)
+
+  def check(self, config, mode) -> None:
+    rules.unchanged(config, common.base_config("umd"), FOREIGN,
+                    "read only by DiffMAE; this config's method is {!r} (configs/diffmae_b.py is DiffMAE)".format(
+                        config.method))
+    c = config.corruption
+    rules.fraction(c.clean_fraction, "corruption.clean_fraction")
+    num_patches = model_lib.num_patches(config)
+    for name in ("clean_mask_ratio", "noised_mask_ratio"):
+      rules.fraction(c[name], f"corruption.{name}", high_open=True)
+      rules.require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
+                    f"keeps no token of {num_patches}: lower it")
+    rules.fraction(c.label_dropout, "corruption.label_dropout")
+    rules.require(config.model.conditioning in ("adaln", "in_context"), "model.conditioning",
+                  config.model.conditioning, "use 'adaln' or 'in_context'")
+
+
+METHOD = UMDFamily()
