@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from umd_jax import checkpoint, diffusion, fid, generate, sharding, train, train_step, weights
+from umd_jax import checkpoint, diffusion, fid, generate, inpainting, sharding, train, train_step, weights
 
 
 def finetune_config(init_from, **overrides):
@@ -88,14 +88,20 @@ def test_inpainting_keeps_the_known_pixels(workdirs):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     graphdef, params = weights.load(config, fine, mesh)
     x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
-    known = jnp.asarray(generate.inpaint_mask(config, kind, 8, jax.random.PRNGKey(1)))
+    known_host = inpainting.inpaint_mask(config, kind, 8, jax.random.PRNGKey(1))
+    known = jnp.asarray(known_host)
     assert 0 < float(known.mean()) < 1
-    out = generate.make_inpainter(config, graphdef)(params, x, known, jnp.arange(8) % 10, jax.random.PRNGKey(2))
+    fill = inpainting.make_inpainter(config, graphdef, inpainting.masked_patch_count(config, known_host))
+    out = fill(params, x, known, jnp.arange(8) % 10, jax.random.PRNGKey(2))
     np.testing.assert_array_equal(np.asarray(out * known), np.asarray(x * known))
     assert float(jnp.abs(out - x).max()) > 0  # the unknown region was really filled
-  result = generate.run(finetune_config("", **{"sample.inpaint": "center", "sample.num_samples": 0}), fine,
+  result = generate.run(finetune_config("", **{"sample.inpaint": "center", "sample.num_samples": 0,
+                                               "sample.inpaint_images": 20}), fine,
                         devices=jax.devices()[:1])
-  assert (fine / "samples" / "inpaint.png").exists() and result["inpaint"].endswith("inpaint.png")
+  assert (fine / "samples" / "inpaint.png").exists() and result["inpaint"]["grid"].endswith("inpaint.png")
+  scores = json.loads((fine / "samples" / "result.json").read_text())["inpaint"]
+  assert scores["mask"] == "center" and scores["images"] == 20 and scores["inpainter"] == "umd"
+  assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] < 1
 
 
 @pytest.mark.parametrize("overrides,error,message", [
