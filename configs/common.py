@@ -94,7 +94,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffusion.num_timesteps = 1000
   c.diffusion.noise_exponent = 1.0         # ρ: noise variance 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: 0.8)
 
-  # DiffMAE (config.method = "diffmae", docs/METHOD.md §9): read by that method only; the UMD
+  # DiffMAE (config.method = "diffmae", README, "DiffMAE"): read by that method only; the UMD
   # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
   c.diffmae = ml_collections.ConfigDict()
   c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised

@@ -1,4 +1,4 @@
-"""DiffMAE-B/16 pre-training on ImageNet at 224 px (Wei et al., arXiv 2304.03283; docs/METHOD.md §9),
+"""DiffMAE-B/16 pre-training on ImageNet at 224 px (Wei et al., arXiv 2304.03283; README, "DiffMAE"),
 then inpainting and probing. The recipe is MAE's, which DiffMAE pre-trains with: batch 4096, AdamW
 β (0.9, 0.95), base LR 1.5e-4 (peak 1.5e-4 · 4096/256), weight decay 0.05, 40 warm-up epochs of
 1600, random-resized crop (area 20-100%) + flip, no per-patch pixel normalisation (the masked
@@ -17,7 +17,7 @@ From the paper: 75% of the patches masked; only they are noised, per image to t 
 the encoder sees the clean visible patches and no t; a cross-self decoder (self-attention among
 the noisy masked tokens, cross-attention to the encoder) linked top-down to the encoder blocks;
 pixel (x0) target; linear β schedule with the exponent ρ = 0.8; ancestral DDPM over all 1000
-steps to inpaint. Chosen where the paper is silent (config keys, docs/METHOD.md §9): t enters the
+steps to inpaint. Chosen where the paper is silent (config keys, README, "DiffMAE"): t enters the
 decoder by adaLN-Zero; with a shallower decoder, decoder block i reads encoder block
 E-1-floor(i·E/D) (evenly spaced from the top); ρ acts as 1 - abar_t -> (1 - abar_t)^ρ; one class
 token (rep) and MAE's fixed sin-cos positions; decoder width 512, depth 8, 16 heads (MAE's).

@@ -1,7 +1,8 @@
-"""The paper's ordering at small scale: UMD, DiT, MaskDiT and MAE trained alike, probed, fine-tuned
-class-conditionally, sampled and scored, over several seeds, in one command.
+"""The paper's ordering at small scale: UMD, DiT, MaskDiT, MAE and DiffMAE trained alike, probed,
+inpainted, fine-tuned class-conditionally (all but DiffMAE, which does not generate), sampled and
+scored, over several seeds, in one command.
 
-  python experiments/reproduce.py                        # digits, 4 methods × 3 seeds (~90 min, 2 CPU cores)
+  python experiments/reproduce.py                        # digits, 5 methods × 3 seeds (~2 h, 2 CPU cores)
   make reproduce                                         # the same
   python experiments/reproduce.py --quick --out /tmp/r   # 1 seed, a few steps (run by the test suite)
   python experiments/reproduce.py --dataset=imagenet2012 --data_dir=/data/tensorflow_datasets \
@@ -11,7 +12,10 @@ class-conditionally, sampled and scored, over several seeds, in one command.
 
 For each method and seed: pre-train (same model, batch, steps, data, seed); probe the frozen
 network (linear probe and few-shot ridge on `rep`, and the DDAE (block, t) sweep, whose best cell is
-the fair feature for DiT and MaskDiT); fine-tune class-conditionally with the SPEC §5 recipe (same
+the fair feature for DiT and MaskDiT); inpaint the test images with the pre-trained network and
+the method's own inpainter (centre box and 50% random patches; RePaint with the same DDIM sampler
+for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over all T steps) and
+score the filled region (PSNR, SSIM); fine-tune class-conditionally with the SPEC §5 recipe (same
 steps for all); sample with the same sampler, steps and guidance; score the samples. On the digits
 the scores are the demo's classifier accuracy (a logistic regression on real training digits) and a
 Fréchet distance, precision and recall in the hidden layer of a small MLP classifier trained once on
@@ -48,9 +52,10 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 import train_step as bench_train_step  # noqa: E402  (bench/train_step.py)
 from common import machine, time_rounds  # noqa: E402  (bench/common.py)
 from configs import common as config_common, demo  # noqa: E402
-from umd_jax import fid, flops, generate, probe, train  # noqa: E402
+from umd_jax import fid, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
 
-METHODS = ("umd", "dit", "maskdit", "mae")
+METHODS = ("umd", "dit", "maskdit", "mae", "diffmae")
+INPAINT = (("center", 0.5), ("random", 0.5))  # (mask, share of patches for "random")
 
 
 def parse_args(argv=None):
@@ -94,12 +99,16 @@ def _method(c, method):
 
 def make_config(args, method, seed, finetune=False, init_from=""):
   """The pre-training (or fine-tuning) config of one run."""
-  if args.dataset == "digits":  # the demo's settings, then the method's corruption
+  if args.dataset == "digits" and method == "diffmae":  # the demo's scale, DiffMAE's own preset
+    c = demo.get_config("diffmae")
+    c.unlock()
+  elif args.dataset == "digits":  # the demo's settings, then the method's corruption
     c = _method(demo.get_config("finetune" if finetune else None), method)
     c.unlock()
-  else:  # the ImageNet recipe of configs/<method>_b.py (SPEC §5), on the requested data
+  else:  # the ImageNet recipe of configs/<method>_b.py (SPEC §5; DiffMAE's 64 px setting), on the requested data
     module = importlib.import_module(f"configs.{method}_b")
-    c = module.get_config(f"{args.variant or 'B/4'}{',finetune' if finetune else ''}")
+    setting = "umd64" if method == "diffmae" else ""
+    c = module.get_config(",".join(p for p in (args.variant or "B/4", "finetune" if finetune else "", setting) if p))
     c.unlock()
     c.data.name, c.data.data_dir = args.dataset, args.data_dir
     c.data.image_size = args.image_size or 64
@@ -118,11 +127,16 @@ def make_config(args, method, seed, finetune=False, init_from=""):
     c.corruption.clean_fraction = 0.05 if method in ("umd", "mae") else 0.0
     c.corruption.noised_mask_ratio = 0.0
   s = c.sample
-  s.num_samples, s.steps, s.cfg_scale, s.seed = args.num_samples, args.sample_steps, args.cfg_scale, seed
-  s.classifier_score = args.dataset == "digits"
+  if methods.get(c).generates:
+    s.num_samples, s.steps, s.cfg_scale = args.num_samples, args.sample_steps, args.cfg_scale
+  else:  # DiffMAE: inpainting only, ancestral DDPM over all T steps (its preset), no guidance
+    s.num_samples, s.steps = 0, args.sample_steps
+  s.seed = seed
+  s.classifier_score = args.dataset == "digits" and methods.get(c).generates
   s.fid = bool(args.inception_weights)
   s.inception_weights = args.inception_weights
   p = c.probe
+  s.inpaint_images = 0 if args.dataset == "digits" else 10_000  # scored on the first images of eval_split
   p.sweep, p.baselines = True, method == "umd"  # raw pixels and a random network, beside UMD's runs
   p.sweep_ts = (0, 25, 50, 100, 200, 400)
   p.fewshot_shots = (1, 5, 10, 25, 100)  # SPEC §7 reports 100-shot
@@ -145,11 +159,14 @@ def run_one(args, method, seed, scorer) -> dict:
   trained = train.pretrain(pre, pre_dir)
   probe_file = os.path.join(pre_dir, "probe", "results.json")
   probed = json.load(open(probe_file)) if os.path.exists(probe_file) else probe.run(pre, pre_dir)
-  ft = make_config(args, method, seed, finetune=True, init_from=pre_dir)
-  train.finetune(ft, ft_dir)
-  result_file = os.path.join(ft_dir, "samples", "result.json")
-  sampled = json.load(open(result_file)) if os.path.exists(result_file) else generate.run(ft, ft_dir)
-  out = {"method": method, "seed": seed, "last_pretrain_loss": trained["last_loss"],
+  inpainted = {kind: inpaint(pre, pre_dir, kind, ratio) for kind, ratio in INPAINT}
+  sampled = {}
+  if methods.get(pre).generates:
+    ft = make_config(args, method, seed, finetune=True, init_from=pre_dir)
+    train.finetune(ft, ft_dir)
+    result_file = os.path.join(ft_dir, "samples", "result.json")
+    sampled = json.load(open(result_file)) if os.path.exists(result_file) else generate.run(ft, ft_dir)
+  out = {"method": method, "seed": seed, "last_pretrain_loss": trained["last_loss"], "inpaint": inpainted,
          "linear_top1": probed["linear"]["top1"],
          "fewshot": {str(k): v["mean"] for k, v in probed["fewshot"].items()},
          "sweep_best": probed["sweep"]["best"],
@@ -163,10 +180,27 @@ def run_one(args, method, seed, scorer) -> dict:
   for key in ("fid", "inception_score"):
     if key in sampled:
       out[key] = sampled[key]
-  if scorer is not None:
+  if scorer is not None and "npz" in sampled:
     with np.load(sampled["npz"]) as f:
       out.update(scorer.score(f["arr_0"]))
   return out
+
+
+def inpaint(config, workdir, kind, ratio) -> dict:
+  """PSNR / SSIM of the pre-trained network's inpainting of the eval images (inpainting.py) with
+  the method's own inpainter; written to WORKDIR/inpaint_<kind>.json and reused."""
+  path = os.path.join(workdir, f"inpaint_{kind}.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.sample.inpaint, config.sample.inpaint_ratio = kind, ratio
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params = weights.load(config, workdir, mesh, prefer_ema=config.sample.use_ema)
+  scores = inpainting.evaluate(config, graphdef, params, mesh, os.path.join(workdir, f"inpaint_{kind}"), workdir)
+  with open(path, "w") as f:
+    json.dump(scores, f, indent=2)
+  return scores
 
 
 # --- digits-FD ------------------------------------------------------------------------------------
@@ -233,7 +267,10 @@ METRICS = [("linear_top1", "linear top-1 (rep)", 100), ("fewshot.10", "10-shot (
            ("fewshot.100", "100-shot (rep)", 100), ("sweep_best.accuracy", "best sweep cell, 10-shot", 100),
            ("classifier_accuracy", "samples classified as their class", 100), ("digits_fd", "digits-FD ↓", 1),
            ("precision", "precision", 100), ("recall", "recall", 100), ("fid", "FID ↓", 1),
-           ("inception_score", "IS", 1)]
+           ("inception_score", "IS", 1), ("inpaint.center.psnr", "centre inpainting PSNR (dB)", 1),
+           ("inpaint.center.ssim", "centre inpainting SSIM ×100", 100),
+           ("inpaint.random.psnr", "50% random-patch inpainting PSNR (dB)", 1),
+           ("inpaint.random.ssim", "50% random-patch inpainting SSIM ×100", 100)]
 
 
 def _get(run, key):

@@ -42,7 +42,8 @@ FINETUNE = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.l
             "--config.total_steps=4", "--config.checkpoint_every=4", "--config.image_every=4",
             "--config.fid_every=4", "--config.fid_samples=16"]
 GENERATE = ["--config.sample.num_samples=24", "--config.sample.batch_size=16", "--config.sample.steps=5",
-            "--config.sample.grid_per_class=2", "--config.sample.inpaint=center", "--config.sample.fid=True"]
+            "--config.sample.grid_per_class=2", "--config.sample.inpaint=center", "--config.sample.fid=True",
+            "--config.sample.inpaint_images=20"]
 
 
 def _free_port() -> int:
@@ -250,8 +251,50 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
   np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # the same weights, seeds and device layout
   for key in ("fid", "inception_score", "classifier_accuracy"):
     assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+  for key in ("psnr", "ssim", "fid"):  # the inpainting of 20 test digits (2 batches, one padded)
+    assert got["inpaint"][key] == pytest.approx(expected["inpaint"][key], rel=1e-4, abs=1e-6), key
   for name in ("grid.png", "inpaint.png"):
     np.testing.assert_array_equal(_png(multi / "samples" / name), _png(copy / "samples" / name))
+
+
+DIFFMAE_PRETRAIN = PRETRAIN + ["--config.probe.fewshot_shots=(1,5)"]
+DIFFMAE_PROBE = ["--config.probe.sweep=True", "--config.probe.sweep_ts=(-1,100)", "--config.probe.linear_epochs=4",
+                 "--config.probe.fewshot_seeds=2"]
+DIFFMAE_INPAINT = ["--config.sample.inpaint=random", "--config.sample.inpaint_ratio=0.5", "--config.sample.sampler=ddim",
+                   "--config.sample.steps=5", "--config.sample.batch_size=16", "--config.sample.inpaint_images=40"]
+
+
+def test_diffmae_pretraining_probing_and_inpainting_on_two_processes_equal_one_process(tmp_path):
+  """DiffMAE through the method interface on 2 processes x 4 devices against 1 x 8: pre-training
+  with the preview grid and the few-shot probe, --mode=probe with the sweep, and inpainting."""
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  out = _run_together(_main_py("diffmae,12", "pretrain", multi, DIFFMAE_PRETRAIN), tmp_path / "logs_pretrain")
+  assert all("trained steps 0 -> 12" in o for o in out)
+  train.pretrain(_config("diffmae,12", DIFFMAE_PRETRAIN), str(single))
+  _assert_params_close(_params(multi), _params(single))
+  assert (multi / "images" / "reconstruction_00000012.png").exists()
+  got, expected = _scalars(multi), _scalars(single)
+  assert got["fewshot_5shot"][12] == pytest.approx(expected["fewshot_5shot"][12], abs=1.01 / 297)
+  assert got["loss_masked"][12] == pytest.approx(expected["loss_masked"][12], rel=1e-4)
+
+  copy = tmp_path / "copy"
+  shutil.copytree(multi / "checkpoints", copy / "checkpoints")  # the very same weights for both
+  _run_together(_main_py("diffmae,12", "probe", multi, DIFFMAE_PRETRAIN + DIFFMAE_PROBE), tmp_path / "logs_probe")
+  got = json.loads((multi / "probe" / "results.json").read_text())
+  expected = json.loads(json.dumps(probe.run(_config("diffmae,12", DIFFMAE_PRETRAIN + DIFFMAE_PROBE), str(copy))))
+  assert got["sweep"]["blocks"] == expected["sweep"]["blocks"] == [-1, 0, 1]  # rep + the 2 encoder blocks of Mu
+  np.testing.assert_allclose(got["sweep"]["accuracy"], expected["sweep"]["accuracy"], atol=1.01 / 297)
+  for shots in ("1", "5"):
+    assert got["fewshot"][shots]["mean"] == pytest.approx(expected["fewshot"][shots]["mean"], abs=1.01 / 297)
+  assert got["linear"]["top1"] == pytest.approx(expected["linear"]["top1"], abs=1.01 / 297)
+
+  _run_together(_main_py("diffmae,12", "generate", multi, DIFFMAE_PRETRAIN + DIFFMAE_INPAINT), tmp_path / "logs_gen")
+  got = json.loads((multi / "samples" / "result.json").read_text())
+  expected = generate.run(_config("diffmae,12", DIFFMAE_PRETRAIN + DIFFMAE_INPAINT), str(copy))
+  assert got["inpaint"]["inpainter"] == "diffmae" and got["inpaint"]["images"] == 40
+  for key in ("psnr", "ssim"):
+    assert got["inpaint"][key] == pytest.approx(expected["inpaint"][key], rel=1e-4), key
+  np.testing.assert_array_equal(_png(multi / "samples" / "inpaint.png"), _png(copy / "samples" / "inpaint.png"))
 
 
 def _png(path):

@@ -39,29 +39,39 @@ def test_configs_differ_only_in_the_corruption_and_finetune_follows_spec():
   assert umd.model.variant == dit.model.variant == mae.model.variant == "Ti/2"
   assert (dit.corruption.clean_fraction, dit.corruption.noised_mask_ratio) == (0.0, 0.0)
   assert mae.model.conditioning == "in_context" and umd.model.conditioning == "adaln"
-  ft = {m: reproduce.make_config(args, m, 0, finetune=True, init_from="x") for m in reproduce.METHODS}
-  assert [ft[m].corruption.clean_fraction for m in reproduce.METHODS] == [0.05, 0.0, 0.0, 0.05]
+  family = ("umd", "dit", "maskdit", "mae")  # DiffMAE is not fine-tuned: it does not generate
+  ft = {m: reproduce.make_config(args, m, 0, finetune=True, init_from="x") for m in family}
+  assert [ft[m].corruption.clean_fraction for m in family] == [0.05, 0.0, 0.0, 0.05]
+  diffmae = reproduce.make_config(args, "diffmae", 1)  # the same data, batch, steps, seed and probes
+  for key in ("batch_size", "total_steps", "seed", "data", "optim"):
+    assert diffmae[key] == umd[key], key
+  assert diffmae.probe.to_dict() == {**umd.probe.to_dict(), "baselines": False}  # baselines beside UMD's runs only
+  assert diffmae.method == "diffmae" and diffmae.sample.num_samples == 0 and diffmae.model.variant == "Ti/2"
   assert all(c.corruption.noised_mask_ratio == 0.0 and c.model.num_classes == 10 and c.total_steps == 800
              and c.sample.cfg_scale == 2.0 and c.sample.steps == 50 for c in ft.values())
 
 
 def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
-  result = reproduce.main(["--quick", "--methods=umd,dit", "--out", str(tmp_path)])
+  result = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])
   for name in ("reproduce.json", "summary.md", "probe_vs_generation.png"):
     assert (tmp_path / name).exists(), name
   saved = json.loads((tmp_path / "reproduce.json").read_text())
-  assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("umd", 0), ("dit", 0)]
+  assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("umd", 0), ("diffmae", 0)]
   for r in saved["runs"]:
-    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["fewshot"]["10"] <= 1 and 0 <= r["classifier_accuracy"] <= 1
-    assert r["digits_fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
-  umd, dit = saved["runs"]
-  assert umd["train_gflop_per_image"] < dit["train_gflop_per_image"]  # UMD's encoder sees fewer tokens
-  assert saved["step_cost"]["dit"]["step_vs_dit"] == 1.0 and set(umd["baselines"]) == {"pixels", "random_init"}
+    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["fewshot"]["10"] <= 1
+    for kind in ("center", "random"):  # every method inpaints the same 297 test digits
+      assert r["inpaint"][kind]["images"] == 297 and 0 < r["inpaint"][kind]["psnr"] < 60, (r["method"], kind)
+  umd, diffmae = saved["runs"]
+  assert 0 <= umd["classifier_accuracy"] <= 1 and umd["digits_fd"] > 0 and 0 <= umd["precision"] <= 1
+  assert "classifier_accuracy" not in diffmae and "digits_fd" not in diffmae  # DiffMAE does not generate
+  assert diffmae["inpaint"]["center"]["inpainter"] == "diffmae" and umd["inpaint"]["center"]["inpainter"] == "umd"
+  assert saved["step_cost"]["umd"]["step_vs_dit"] is None and set(umd["baselines"]) == {"pixels", "random_init"}
   ref = saved["real_reference"]  # real digits scored like samples: close, precise, covering
   assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
   table = (tmp_path / "summary.md").read_text()
   assert "| 10-shot (rep) |" in table and "| digits-FD ↓ |" in table and "| pixels |" in table
-  again = reproduce.main(["--quick", "--methods=umd,dit", "--out", str(tmp_path)])  # resumes: nothing retrained
+  assert "| centre inpainting PSNR (dB) |" in table
+  again = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])  # resumes: nothing retrained
   assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in result["runs"]]
 
 
@@ -73,6 +83,10 @@ def test_the_paper_setting_builds_the_imagenet_recipes():
                                "--pretrain_steps=1000", "--finetune_steps=100", "--inception_weights="])
   for m in reproduce.METHODS:
     pre = reproduce.make_config(args, m, 0)
+    checks.check(pre, "pretrain")
+    if m == "diffmae":  # configs/diffmae_b.py:umd64, the setting comparable with umd_b.py
+      assert (pre.data.image_size, pre.model.variant, pre.batch_size, pre.optim.b2) == (64, "B/4", 1024, 0.95)
+      continue
     ft = reproduce.make_config(args, m, 0, finetune=True, init_from="/ckpt")
     assert (pre.data.name, pre.data.data_dir, pre.data.image_size, pre.model.variant) == ("imagenet2012", "/data/tfds", 64, "B/4")
     assert (pre.batch_size, pre.optim.b2, pre.corruption.clean_fraction) == (1024, 0.95, {"umd": 0.5, "mae": 1.0}.get(m, 0.0))

@@ -44,7 +44,7 @@ class Schedule:
 def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 1.0) -> Schedule:
   """The tables of schedule `name`. `noise_exponent` ρ raises the noise variance to
   1 - abar'_t = (1 - abar_t)^ρ (ρ < 1: more noise at every t; ρ = 1: the schedule itself), the
-  exponent DiffMAE puts on the linear schedule (docs/METHOD.md §9)."""
+  exponent DiffMAE puts on the linear schedule (README, "DiffMAE")."""
   if name == "cosine":
     abar = cosine_alphas_cumprod(num_timesteps)
   elif name == "linear":

@@ -1,6 +1,7 @@
 """The UMD method (SPEC §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
 mask-then-noise corruption and the UMD loss, sampled by DDIM / DDPM over the whole image and
 inpainted RePaint-style. The presets differ only in `config.corruption` and the conditioning."""
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -71,9 +72,11 @@ class UMDFamily:
 
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
     """RePaint-style: the whole network samples the whole image, the known region held to its
-    ground truth noised to the current timestep (diffusion.inpaint_sample). `num_masked` (the
-    patches with an unknown pixel) is not needed: every token is sampled."""
-    del num_masked
+    ground truth noised to the current timestep (diffusion.inpaint_sample). A network that never
+    trained on noise (MAE: clean_fraction 1) cannot denoise; its inpainter is MAE's one-shot fill:
+    the `num_masked` patches with an unknown pixel dropped, the clean step's x0 prediction for them."""
+    if one_shot(config):
+      return self._one_shot_fill(make_model(), images, known, num_masked)
     s = config.sample
     k_noise, k_sample = jax.random.split(key)
     return diffusion.inpaint_sample(self.denoiser(config, make_model, labels), schedule, images, known,
@@ -81,9 +84,19 @@ class UMDFamily:
                                     clip=s.clip, resample=s.inpaint_resample, prediction=s.prediction,
                                     grid=s.timesteps)
 
+  @staticmethod
+  def _one_shot_fill(model, images, known, num_masked):
+    patch = model.patch
+    masked = 1.0 - einops.rearrange(known, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch).min(axis=-1)
+    mask = corruption.mask_from_patches(masked, num_masked)
+    t_index = jnp.full((images.shape[0],), diffusion.CLEAN_INDEX, jnp.int32)
+    x0 = model(images, t_index, None, mask)["x0"]  # the clean step: the null label, as in training
+    return known * images + (1 - known) * x0
+
   def inpaint_steps(self, config) -> int:
-    """Network calls of one inpainting (DDIM over sample.steps, each redone inpaint_resample times)."""
-    return config.sample.steps * config.sample.inpaint_resample
+    """Network calls of one inpainting (DDIM over sample.steps, each redone inpaint_resample times;
+    one for the one-shot fill)."""
+    return 1 if one_shot(config) else config.sample.steps * config.sample.inpaint_resample
 
   def train_flops_per_image(self, config) -> float:
     return flops.umd_train_flops_per_image(config)
@@ -102,6 +115,11 @@ class UMDFamily:
     rules.fraction(c.label_dropout, "corruption.label_dropout")
     rules.require(config.model.conditioning in ("adaln", "in_context"), "model.conditioning",
                   config.model.conditioning, "use 'adaln' or 'in_context'")
+
+
+def one_shot(config) -> bool:
+  """Inpaint by one clean-step forward: the network never trained on noised images (MAE)."""
+  return config.corruption.clean_fraction == 1.0
 
 
 METHOD = UMDFamily()
