@@ -266,3 +266,20 @@ def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
   assert scores["inpainter"] == "diffmae" and scores["images"] == 24 and scores["steps"] == 5
   assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] <= 1 and result["inpaint"] == scores
   assert (tmp_path / "samples" / "inpaint.png").exists()
+
+
+def test_summary_counts_the_parameters_of_the_architecture(tmp_path):
+  """--mode=summary's count against the architecture, block by block (cross-self decoder)."""
+  from umd_jax import train
+  config = tiny_config("diffmae")  # Mu/2 encoder: width 32, 2 blocks; decoder 32 wide, 2 blocks
+  w, dw, p_dim, e, d, r = 32, 32, 4, 2, 2, 1
+  vit_block = 12 * w * w + 13 * w                                      # qkv, proj, mlp, 2 LayerNorms
+  encoder = p_dim * w + w + r * w + e * vit_block + 2 * w               # patch embed, class token, blocks, norm
+  cross_self = (2 * dw + 4 * dw * dw + 4 * dw                          # self-attention and its norm
+                + 2 * dw + 2 * w + (dw * dw + dw) + (w * 2 * dw + 2 * dw) + (dw * dw + dw)  # cross-attention
+                + 2 * dw + 8 * dw * dw + 5 * dw + dw * 9 * dw + 9 * dw)                  # MLP, adaLN-Zero
+  decoder = (p_dim * dw + dw + 4 * dw * dw + 3 * dw + d * cross_self + 2 * dw + dw * 2 * dw + 2 * dw
+             + dw * p_dim + p_dim)                                     # embed, t MLP, blocks, norm, final, head
+  result = train.summarize(config, tmp_path)
+  assert result["params"] == encoder + decoder
+  assert result["train_flops_per_image"] == methods.get(config).train_flops_per_image(config) > 0
