@@ -29,4 +29,7 @@ if [[ $part == all || $part == scaling ]]; then
     --json "$out/masking_b4.json"
   run bench/sampling.py --config=configs/umd_b.py:B/4,finetune --set sample.batch_size=256 $bf16 \
     --set sample.steps=50 --json "$out/sampling_b4.json"
+  # One DiffMAE-B/4 inpainting against one UMD-B/4 inpainting (64 px, centre box, 50 DDIM calls each).
+  run bench/sampling.py --inpainting --config=configs/umd_b.py:B/4 --diffmae=configs/diffmae_b.py:umd64 \
+    --set sample.batch_size=256 --set sample.steps=50 $bf16 --json "$out/inpainting_b4.json"
 fi

@@ -1,9 +1,11 @@
 """The benchmark harness: interleaved timing rounds and the train-step row (no timing is asserted).
 The scripts under bench/ are importable here through pytest's `pythonpath` (pyproject.toml)."""
+import contextlib
 import io
 
 import common as bench_common
 import input as bench_input
+import sampling as bench_sampling
 import jax
 import jax.numpy as jnp
 import pytest
@@ -72,3 +74,18 @@ def test_photo_jpegs_are_deterministic_photo_sized_and_the_decode_rows_are_fille
   assert all(20_000 < len(j) < 400_000 for j, _ in jpegs)  # photo-like compression, not noise or flat
   rows = bench_input.decode_alone(jpegs, n=3)
   assert [r["decode"].split()[0] for r in rows] == ["whole", "1/8"] and all(r["ms_per_image"] > 0 for r in rows)
+
+
+def test_inpainting_row_times_both_methods_with_the_same_calls():
+  parser = bench_common.make_parser("", "configs/demo.py", repeats=2)
+  parser.add_argument("--diffmae", default="configs/demo.py:diffmae")
+  args = parser.parse_args(["--repeats=2", "--set", "sample.steps=3", "--set", "sample.batch_size=8",
+                            "--set", "model.variant=Mu/2"])
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    bench_sampling.inpainting_row(args)
+  text = out.getvalue()
+  assert "diffmae_over_umd" in text and "0.25" in text  # the centre box: 4 of 16 patches
+  with pytest.raises(SystemExit, match="network calls"):
+    args.set = ["sample.steps=3", "sample.inpaint_resample=2"]
+    bench_sampling.inpainting_row(args)

@@ -283,3 +283,18 @@ def test_summary_counts_the_parameters_of_the_architecture(tmp_path):
   result = train.summarize(config, tmp_path)
   assert result["params"] == encoder + decoder
   assert result["train_flops_per_image"] == methods.get(config).train_flops_per_image(config) > 0
+
+
+def test_latent_space_trains_on_vae_latents(one_device):
+  """data.space="latents": the model sees (size / downsample)² × latent_channels inputs, the step
+  draws z = mean + std·ε, and DiffMAE's patches are latent patches (4 channels)."""
+  config = tiny_config("diffmae", **{"data.space": "latents", "data.image_size": 16, "data.channels": 3,
+                                     "vae.downsample": 2, "vae.latent_channels": 4})
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  run = train_step.build(config, mesh)
+  assert run.state.params["head"]["kernel"].shape == (32, 2 * 2 * 4)  # predicts 2x2 patches of 4 channels
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32), "std": np.full((16, 8, 8, 4), 0.1, np.float32),
+           "label": np.zeros(16, np.int32)}
+  state, metrics = run.step(run.state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
