@@ -67,7 +67,8 @@ def get_config(arg=None):
     c.diffmae.decoder_width = 64  # the encoder's width (Ti); the paper's 512 would dwarf it
     c.diffmae.decoder_depth = 2
     c.diffmae.decoder_heads = 4
-    c.sample.num_samples = 0
+    c.sample.num_samples = 0      # it inpaints, unguided (no labels)
+    c.sample.cfg_scale = 1.0
     c.sample.inpaint_images = 0   # the whole test split
   if finetune:                    # class-conditional fine-tuning of the pre-trained demo model
     c.init_from = "workdirs/demo"

@@ -235,7 +235,8 @@ def test_configs_follow_the_paper_and_the_comparable_setting():
       node_c, node_u = node_c[part], node_u[part]
     assert node_c == node_u, key
   for config in (paper, comparable, demo.get_config("diffmae")):
-    checks.check(config, "pretrain")
+    for mode in ("pretrain", "probe", "generate", "summary"):
+      checks.check(config, mode)
   assert common.METHODS.keys() >= {"umd", "dit", "maskdit", "mae", "diffmae"}
 
 

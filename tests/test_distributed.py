@@ -258,7 +258,7 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
 
 
 DIFFMAE_PRETRAIN = PRETRAIN + ["--config.probe.fewshot_shots=(1,5)"]
-DIFFMAE_PROBE = ["--config.probe.sweep=True", "--config.probe.sweep_ts=(-1,100)", "--config.probe.linear_epochs=4",
+DIFFMAE_PROBE = ["--config.probe.sweep=True", "--config.probe.sweep_ts=(-1,100)", "--config.probe.linear_epochs=10",
                  "--config.probe.fewshot_seeds=2"]
 DIFFMAE_INPAINT = ["--config.sample.inpaint=random", "--config.sample.inpaint_ratio=0.5", "--config.sample.sampler=ddim",
                    "--config.sample.steps=5", "--config.sample.batch_size=16", "--config.sample.inpaint_images=40"]
