@@ -45,6 +45,11 @@ CASES = [
     ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
     ("busy workdir", [DEMO, "--workdir={tmp}/busy"], "is in use by pid"),
     ("vae weights", ["--config=configs/latent_umd_l.py:B/2", "--mode=probe"], "vae.weights='' is not a file"),
+    ("diffmae key on umd", [DEMO, "--config.diffmae.decoder=cross"], "diffmae.decoder='cross' is read only by DiffMAE"),
+    ("umd key on diffmae", ["--config=configs/demo.py:diffmae", "--config.corruption.noised_mask_ratio=0.5"],
+     "corruption.noised_mask_ratio=0.5 is read only by the UMD family"),
+    ("diffmae generates", ["--config=configs/demo.py:diffmae", "--mode=generate", "--config.sample.num_samples=8"],
+     "sample.num_samples=8 must be 0: DiffMAE is not a class-conditional generator"),
 ]
 
 

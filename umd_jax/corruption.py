@@ -128,7 +128,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
       if label_dropout > 0:
         drop = _per_sample(k_noised, 4, lambda k: jax.random.uniform(k, ())) < label_dropout
         noised_labels = jnp.where(drop, null_label, noised_labels)
-    out = apply_fn(xt, t + 1, noised_labels, mask)
+    out = apply_fn(xt, diffusion.network_timestep(t), noised_labels, mask)
     visible, masked = _regions(mask, xn)
     eps_se, x0_se = jnp.square(out["eps"] - eps), jnp.square(out["x0"] - xn)
     metrics["loss_noised"] = 0.5 * masked_mean(eps_se, visible) + 0.5 * masked_mean(x0_se, masked)
