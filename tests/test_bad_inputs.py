@@ -41,6 +41,8 @@ CASES = [
     ("inpaint directory", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}"], "PNG mask file"),
     ("inpaint not an image", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}/notes.txt"],
      "is not a readable image"),
+    ("inpaint nothing", [FINETUNE, "--mode=generate", "--config.sample.inpaint={tmp}/black.png"],
+     "leaves nothing to fill"),
     ("steps", [FINETUNE, "--mode=generate", "--config.sample.steps=0"], "sample.steps=0 must be in [1, 1000]"),
     ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
     ("busy workdir", [DEMO, "--workdir={tmp}/busy"], "is in use by pid"),
@@ -63,6 +65,7 @@ def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
     (tmp_path / "eleven" / f"c{c}").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "eleven" / f"c{c}" / "0.png")
   (tmp_path / "notes.txt").write_text("not an image")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")  # a mask with nothing to fill
   (tmp_path / "busy").mkdir()  # a workdir another run (this test's process) holds
   (tmp_path / "busy" / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
   before = _snapshot(tmp_path)

@@ -4,10 +4,11 @@
 to use instead. Keys that may take any value (`seed`, `sample.cfg_scale`, `sample.seed`,
 `probe.noise_seed`, split names, `init_from`) are not listed here; the README says so.
 """
+import jax
 from etils import epath
 from PIL import Image
 
-from umd_jax import diffusion, images, latent, methods, rules
+from umd_jax import diffusion, images, inpainting, latent, methods, rules
 from umd_jax.models import layers, umd
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
@@ -154,6 +155,11 @@ def _generate(config) -> None:
         mask.load()
     except Exception:  # noqa: BLE001 - any unreadable file
       raise ConfigError(f"sample.inpaint={s.inpaint!r} is not a readable image: use a PNG mask (white = fill)") from None
+  if s.inpaint and config.data.space != "latents":
+    try:  # a mask that leaves nothing to fill is found now, not after the samples were written
+      inpainting.masked_patch_count(config, inpainting.inpaint_mask(config, s.inpaint, 1, jax.random.PRNGKey(0)))
+    except inpainting.InpaintError as e:
+      raise ConfigError(str(e)) from None
   if s.fid:
     _inception_weights(config)
 
