@@ -77,8 +77,11 @@ def test_the_encoder_sees_only_clean_visible_patches_and_only_the_decoder_sees_t
   assert float(jnp.abs(model(x + 0.5 * (1 - hidden), xt, t, mask) - out).max()) > 1e-4
   # t reaches the prediction (decoder) but not what the encoder gives the decoder
   assert float(jnp.abs(model(x, xt, t[::-1], mask) - out).max()) > 1e-4
-  enc = jax.jit(lambda x: model.context(x, mask.keep_ids))(x)
-  assert set(enc) >= {"last", "rep"}  # context() takes no timestep at all
+  # one encoder pass, computed without any t, reproduces the full forward at every t
+  context = model.context(x, mask.keep_ids)
+  for tt in (t, t[::-1], jnp.array([1, 1, 1])):
+    np.testing.assert_allclose(np.asarray(model.decode(context, xt, mask.masked_ids, mask.keep_ids, tt)),
+                               np.asarray(model(x, xt, tt, mask)), rtol=1e-6, atol=1e-6)
 
 
 def test_loss_equals_the_hand_computation_and_visible_patches_are_never_noised():
