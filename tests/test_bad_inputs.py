@@ -47,6 +47,11 @@ CASES = [
     ("fid weights", [FINETUNE, "--mode=generate", "--config.sample.fid=True"], "sample.inception_weights='' is not"),
     ("busy workdir", [DEMO, "--workdir={tmp}/busy"], "is in use by pid"),
     ("vae weights", ["--config=configs/latent_umd_l.py:B/2", "--mode=probe"], "vae.weights='' is not a file"),
+    ("config missing", ["--config={tmp}/nope.py"], "no file '{tmp}/nope.py'"),
+    ("config syntax", ["--config={tmp}/syntax.py"], "syntax.py line 2: invalid syntax"),
+    ("config raises", ["--config={tmp}/raises.py"], "get_config raised RuntimeError: no such recipe"),
+    ("config dict", ["--config={tmp}/plain.py"], "get_config returned a dict, not an ml_collections.ConfigDict"),
+    ("empty workdir", [DEMO, "--workdir="], "--workdir is empty"),
     ("diffmae key on umd", [DEMO, "--config.diffmae.decoder=cross"], "diffmae.decoder='cross' is read only by DiffMAE"),
     ("umd key on diffmae", ["--config=configs/demo.py:diffmae", "--config.corruption.noised_mask_ratio=0.5"],
      "corruption.noised_mask_ratio=0.5 is read only by the UMD family"),
@@ -65,6 +70,9 @@ def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
     (tmp_path / "eleven" / f"c{c}").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "eleven" / f"c{c}" / "0.png")
   (tmp_path / "notes.txt").write_text("not an image")
+  (tmp_path / "syntax.py").write_text("def get_config(arg=None):\n  return = 1\n")
+  (tmp_path / "raises.py").write_text("def get_config(arg=None):\n  raise RuntimeError('no such recipe')\n")
+  (tmp_path / "plain.py").write_text("def get_config(arg=None):\n  return {'batch_size': 8}\n")
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")  # a mask with nothing to fill
   (tmp_path / "busy").mkdir()  # a workdir another run (this test's process) holds
   (tmp_path / "busy" / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")

@@ -200,7 +200,7 @@ def test_probe_mode_on_two_processes_equals_one_process(chain):
   _run_together(_main_py(12, "probe", multi, PRETRAIN + PROBE), root / "logs_probe")
   got = json.loads((multi / "probe" / "results.json").read_text())
   expected = json.loads(json.dumps(probe.run(_config("12", PRETRAIN + PROBE), str(copy))))
-  assert set(got) == {"feature", "step", "fewshot", "linear", "sweep", "baselines"} == set(expected)
+  assert set(got) == {"feature", "step", "config", "fewshot", "linear", "sweep", "baselines"} == set(expected)
 
   def close(a, b, path=""):
     if isinstance(a, dict):

@@ -193,3 +193,30 @@ def test_colab_notebook_runs_top_to_bottom(trained, monkeypatch):
   assert "1-shot:" in text and "linear probe:" in text and "best:" in text
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 2  # the sweep heatmap and the PCA / t-SNE scatter
+
+
+def test_probe_names_the_step_it_read_and_caches_by_every_setting(tmp_path):
+  """A damaged latest step: the probe falls back to the previous one and says so in results.json
+  and the cache's folder; features at t >= 0 are cached per noise seed (and other settings)."""
+  import shutil
+  workdir = tmp_path / "run"
+  config = probe_config(**{"total_steps": 4, "checkpoint_every": 2, "probe.linear": False, "probe.t": 100,
+                           "probe.block": 1, "probe.max_train_images": 200, "probe.max_eval_images": 100})
+  train.pretrain(config, workdir, devices=jax.devices()[:1])
+  for f in (workdir / "checkpoints" / "4").glob("state/**/*"):  # step 4's arrays: truncated garbage
+    if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  results = probe.run(config, workdir, devices=jax.devices()[:1])
+  assert results["step"] == 2 and json.loads((workdir / "probe" / "results.json").read_text())["step"] == 2
+  assert sorted(p.name for p in (workdir / "probe").iterdir() if p.is_dir()) == ["features_step2"]
+  assert results["config"]["probe"]["noise_seed"] == 0  # every setting it came from
+  other_seed = probe_config(**{**{"total_steps": 4, "checkpoint_every": 2, "probe.linear": False, "probe.t": 100,
+                                  "probe.block": 1, "probe.max_train_images": 200, "probe.max_eval_images": 100},
+                               "probe.noise_seed": 1})
+  again = probe.run(other_seed, workdir, devices=jax.devices()[:1])
+  cached = sorted(p.name for p in (workdir / "probe" / "features_step2").iterdir())
+  assert len(cached) == 4 and sum("_seed1_" in n for n in cached) == 2  # seed 1 computed, not seed 0's reused
+  assert again["fewshot"] != results["fewshot"]
+  shutil.rmtree(workdir / "probe" / "features_step2")
+  fresh = probe.run(other_seed, workdir, devices=jax.devices()[:1])
+  assert fresh["fewshot"] == again["fewshot"]

@@ -335,6 +335,12 @@ def load_config(workdir):
 def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""
+  return restore_params_and_step(workdir, abstract_params, prefer_ema, config)[0]
+
+
+def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, config=None):
+  """(parameters, the step they were read from): the latest step, or an earlier one when the
+  latest is damaged -- what a result computed from them must say it came from."""
   step = latest_step(workdir)
   if step is None:
     raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first "
@@ -362,7 +368,7 @@ def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=No
         restored = manager.restore(at, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
         _verify(_saved_checksums(manager, at), {key: restored.state[key]}, f"{str(workdir)!r} step {at}")
-        return restored.state[key]
+        return restored.state[key], at
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
         error = e if isinstance(e, CheckpointError) else CheckpointError(
             f"{str(workdir)!r} step {at} could not be read ({type(e).__name__}: "

@@ -13,9 +13,11 @@ import json
 import logging as std_logging
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow is only here for TensorBoard writers
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -77,13 +79,51 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
-def _parse_flags(argv):
-  """absl's parser, with a config typo (`--config.batch_sise=8`) reported on one line."""
+def _config_spec(argv):
+  """The value of --config (`--config=PATH[:ARG]` or `--config PATH[:ARG]`), or None."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _check_config_file(spec: str) -> None:
+  """The config file exists and is Python, before absl loads it (whose failures are tracebacks)."""
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    sys.exit(f"error: --config={spec}: no file {path!r} (from {os.getcwd()}): use a config file such as "
+             "configs/demo.py")
   try:
-    return flags.FLAGS(argv)
+    with open(path, encoding="utf-8") as f:
+      compile(f.read(), path, "exec")
+  except SyntaxError as e:
+    sys.exit(f"error: --config={spec}: {path} line {e.lineno}: {e.msg}: fix the file")
+
+
+def _parse_flags(argv):
+  """absl's parser, with a config typo (`--config.batch_sise=8`) and a broken config file
+  reported on one line."""
+  spec = _config_spec(argv)
+  if spec is not None:
+    _check_config_file(spec)
+  try:
+    parsed = flags.FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
     message = " ".join(str(e).replace("\\n", " ").split()).replace("\\'", "'")
     sys.exit(f"error: bad flag or config override: {message}")
+  except Exception as e:  # noqa: BLE001 - get_config itself failed: whatever it raised, one line
+    where = next((f"{fr.filename} line {fr.lineno}" for fr in reversed(traceback.extract_tb(e.__traceback__))
+                  if spec and fr.filename.endswith(spec.split(":", 1)[0].lstrip("./"))), spec)
+    sys.exit(f"error: --config={spec}: get_config raised {type(e).__name__}: {e} ({where}): fix the config file")
+  if spec is not None and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    sys.exit(f"error: --config={spec}: get_config returned a {type(_CONFIG.value).__name__}, not an "
+             "ml_collections.ConfigDict: build it on configs.common.base_config() and return common.finalize(c)")
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():
+    sys.exit("error: --workdir is empty: name the run's directory (e.g. --workdir=workdirs/run1); "
+             "an empty one would write into the current directory")
+  return parsed
 
 
 def run():

@@ -16,7 +16,7 @@ from flax import nnx
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from umd_jax import checkpoint, checks, data, diffusion, fid, files, images, inpainting, latent, methods, multihost, sharding, weights
+from umd_jax import checks, data, diffusion, fid, files, images, inpainting, latent, methods, multihost, sharding, weights
 from umd_jax.models import umd
 
 
@@ -82,15 +82,16 @@ def run(config, workdir, devices=None) -> dict:
   s = config.sample
   checks.check(config, "generate")  # settings and input files, before anything is sampled or written
   mesh = sharding.make_mesh(config.mesh, devices)
-  graphdef, params = weights.load(config, workdir, mesh, prefer_ema=s.use_ema)
+  graphdef, params, step = weights.load_with_step(config, workdir, mesh, prefer_ema=s.use_ema)  # the step read
   out_dir = epath.Path(workdir) / "samples"
-  result = {"method": config.method, "step": checkpoint.latest_step(workdir), "num_samples": int(s.num_samples),
+  result = {"method": config.method, "step": step, "num_samples": int(s.num_samples),
             "steps": s.steps, "sampler": s.sampler, "eta": s.eta, "cfg_scale": s.cfg_scale, "seed": s.seed,
             "prediction": s.prediction, "timesteps": s.timesteps, "clip": s.clip, "uint8": s.uint8}
   if methods.get(config).generates:
     result.update(_samples(config, graphdef, params, mesh, out_dir, workdir))
   if s.inpaint:
     result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, out_dir, workdir)
+  result["config"] = json.loads(config.to_json_best_effort())
   if multihost.is_main():
     files.write_text(out_dir / "result.json", json.dumps(result, indent=2))
   return result

@@ -12,6 +12,7 @@ scalar results come to the hosts, and features only to be written to the cache.
 """
 import dataclasses
 import functools
+import hashlib
 import json
 from typing import Sequence
 
@@ -25,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from umd_jax import checkpoint, checks, data, diffusion, files, images, latent, methods, multihost, sharding, weights
+from umd_jax import checks, data, diffusion, files, images, latent, methods, multihost, sharding, weights
 from umd_jax.methods import REP
 
 
@@ -51,6 +52,16 @@ def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
 def load_backbone(config, workdir, mesh):
   """(graphdef, params) of the latest checkpoint in `workdir`, EMA weights if present and wanted."""
   return weights.load(config, workdir, mesh, prefer_ema=config.probe.use_ema)
+
+
+def cache_key(config) -> str:
+  """A short hash of every setting besides the weights, split, t, blocks and image count that
+  features depend on: the data and its preprocessing, the VAE, the compute dtype, the noise seed."""
+  d = {k: v for k, v in config.data.to_dict().items() if k not in ("num_workers", "read_threads")}
+  settings = {"data": d, "vae": config.vae.weights if config.data.space == "latents" else "",
+              "dtype": config.model.dtype, "noise_seed": config.probe.noise_seed,
+              "schedule": config.diffusion.to_dict()}
+  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def random_backbone(config, mesh):
@@ -142,11 +153,12 @@ def _extract(config, split, fn, mesh, max_images, desc, progress, prep) -> Featu
 
 def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=None) -> Features:
   """`extractor(params, split)`, reusing features saved under `cache` (a directory; None: no
-  caching). File names carry the split, t, blocks and image count; the caller puts the checkpoint
-  step in `cache`. Process 0 writes the file; it is read only where every process can read it."""
+  caching). File names carry the split, t, blocks, image count, noise seed and a hash of the other
+  settings features depend on (`cache_key`); the caller puts the checkpoint step read in `cache`. Process 0 writes the file; it is read only where every process can read it."""
   path = None
   if cache is not None:
-    path = epath.Path(cache) / f"{split}_t{extractor.t}_blocks{'_'.join(map(str, extractor.blocks))}_n{max_images}.npz"
+    path = epath.Path(cache) / (f"{split}_t{extractor.t}_blocks{'_'.join(map(str, extractor.blocks))}_n{max_images}_"
+                                f"seed{extractor.config.probe.noise_seed}_{cache_key(extractor.config)}.npz")
     if multihost.all_processes(path.exists()):
       with path.open("rb") as f:
         saved = np.load(f)
@@ -414,10 +426,9 @@ def run(config, workdir, devices=None) -> dict:
   checks.check(config, "probe")
   mesh = sharding.make_mesh(config.mesh, devices)
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
-  graphdef, params = load_backbone(config, workdir, mesh)
+  graphdef, params, step = weights.load_with_step(config, workdir, mesh, prefer_ema=p.use_ema)  # the step read
   extractor = Extractor(config, graphdef, t=p.t, blocks=[p.block], mesh=mesh, vae=vae)
   out_dir = epath.Path(workdir) / "probe"
-  step = checkpoint.latest_step(workdir)
   cache = out_dir / f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}"
 
   def probe_backbone(params_, cache=None):
@@ -428,7 +439,8 @@ def run(config, workdir, devices=None) -> dict:
               if p.linear_augment else None)
     return _heads(config, tr, te, online)
 
-  results = {"feature": {"t": p.t, "block": p.block}, "step": step, **probe_backbone(params, cache)}
+  results = {"feature": {"t": p.t, "block": p.block}, "step": step, "config": json.loads(config.to_json_best_effort()),
+             **probe_backbone(params, cache)}
   if p.sweep:
     results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache, vae)
   if p.baselines:

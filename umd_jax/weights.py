@@ -17,11 +17,18 @@ def abstract_model(config):
 
 def load(config, workdir, mesh, prefer_ema: bool = True):
   """(graphdef, params) of a workdir's latest checkpoint, sharded for `mesh` (EMA if kept and wanted)."""
+  return load_with_step(config, workdir, mesh, prefer_ema)[:2]
+
+
+def load_with_step(config, workdir, mesh, prefer_ema: bool = True):
+  """(graphdef, params, step): `load` and the step the weights were read from (an earlier one
+  than the latest when that is damaged)."""
   graphdef, abstract = abstract_model(config)
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
-  return graphdef, checkpoint.restore_params(workdir, target, prefer_ema=prefer_ema, config=config)
+  params, step = checkpoint.restore_params_and_step(workdir, target, prefer_ema=prefer_ema, config=config)
+  return graphdef, params, step
 
 
 def fresh(config, mesh, seed: int):
