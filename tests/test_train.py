@@ -336,3 +336,21 @@ def test_gradient_accumulation_on_one_device_same_update_less_memory_and_checks(
     train_step.accumulation_order(64, 0.25, 32)
   order = train_step.accumulation_order(8, 0.25, 2)  # 2 clean rows then 6 noised
   np.testing.assert_array_equal(order, [[0, 2, 3, 4], [1, 5, 6, 7]])
+
+
+def test_resuming_with_another_objective_schedule_or_optimizer_is_refused(tmp_path, one_device, caplog):
+  """A changed objective is another run: refused with the keys named, before anything is written;
+  a longer run (total_steps) resumes with a warning that the LR schedule now spans the new length."""
+  train.pretrain(tiny_config(**{"total_steps": 2, "checkpoint_every": 2}), tmp_path / "run", devices=one_device)
+  for overrides, named in (({"diffusion.schedule": "linear"}, "diffusion.schedule: 'cosine' -> 'linear'"),
+                           ({"corruption.clean_fraction": 0.25}, "corruption.clean_fraction: 0.5 -> 0.25"),
+                           ({"optim.base_lr": 1e-3}, "optim.base_lr: 0.002 -> 0.001")):
+    with pytest.raises(checkpoint.CheckpointError, match="written with another objective, schedule or optimizer") as e:
+      train.pretrain(tiny_config(**{"total_steps": 4, **overrides}), tmp_path / "run", devices=one_device)
+    assert named in str(e.value) and "use a new --workdir" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+  with caplog.at_level("WARNING"):
+    result = train.pretrain(tiny_config(**{"total_steps": 4, "checkpoint_every": 2}), tmp_path / "run",
+                            devices=one_device)
+  assert result["start_step"] == 2 and result["step"] == 4
+  assert "total_steps 2 -> 4: the learning-rate schedule" in caplog.text

@@ -132,16 +132,39 @@ def _absolute(path) -> epath.Path:
   return path if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
-def _config_changes(manager, step: int, config) -> list:
-  """Values that shape the saved state (model.*, image geometry, EMA on/off) and differ between
-  the config saved at `step` and `config`, as 'key: saved -> now'."""
+def _flat_configs(manager, step: int, config):
+  """(saved, now) configs as flat {'a.b': value} dicts; (None, None) when the saved one is unreadable."""
   try:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   except Exception:  # noqa: BLE001 - no readable config: nothing to compare
-    return []
+    return None, None
   flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in
                           (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
-  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  return flat(saved), flat(json.loads(config.to_json_best_effort()))
+
+
+def _objective(key: str) -> bool:
+  """Keys that define what a run optimises and how: the method, its corruption, the diffusion
+  schedule, DiffMAE's settings and the optimizer. Resuming with any of them changed is another run."""
+  return key == "method" or key.startswith(("corruption.", "diffusion.", "diffmae.", "optim.")) and \
+      key != "corruption.loss_buckets"
+
+
+def _objective_changes(manager, step: int, config) -> list:
+  """'key: saved -> now' for each objective key (`_objective`) that differs from the saved config."""
+  old, new = _flat_configs(manager, step, config)
+  if old is None:
+    return []
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if _objective(k) and old.get(k) != new.get(k)]
+
+
+def _config_changes(manager, step: int, config) -> list:
+  """Values that shape the saved state (model.*, image geometry, EMA on/off) and differ between
+  the config saved at `step` and `config`, as 'key: saved -> now'."""
+  old, new = _flat_configs(manager, step, config)
+  if old is None:
+    return []
   shaping = lambda k: k.startswith("model.") or k in (
       "data.image_size", "data.channels", "data.space", "vae.latent_channels", "vae.downsample")
   changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
@@ -247,8 +270,18 @@ class Checkpointer:
       what = _mismatch_message(mismatches, changes) if mismatches else ema[0]
       raise CheckpointError(f"checkpoint step {steps[0]} in {self.directory} was written for a different "
                             f"model: {what}: run with the original values or use a new --workdir")
+    objective = _objective_changes(self.manager, steps[0], config) if config is not None and steps else []
+    if objective:
+      raise _DifferentRun(f"checkpoint step {steps[0]} in {self.directory} was written with another objective, "
+                          f"schedule or optimizer ({'; '.join(objective)}): resuming would not continue that run: run "
+                          "with the original values or use a new --workdir")
     if changes:  # e.g. model.dtype, model.remat, model.attention: same parameters, other compute
       logging.warning("resuming step %d with changed settings: %s", steps[0], "; ".join(changes))
+    old, new = _flat_configs(self.manager, steps[0], config) if config is not None and steps else (None, None)
+    if old is not None and old.get("total_steps") != new.get("total_steps"):
+      logging.warning("resuming step %d with total_steps %s -> %s: the learning-rate schedule (warm-up, cosine) "
+                      "now spans the new length, so the rate from here on differs from the original run's",
+                      steps[0], old.get("total_steps"), new.get("total_steps"))
     for i, step in enumerate(steps):
       try:
         return self.restore(step, abstract_state, position_at(step) if position_at else None), step
