@@ -333,3 +333,20 @@ def test_tfds_jpegs_reach_the_pipeline_encoded_and_decode_like_the_full_path(tmp
     c = augment.random_map({"image": decoded, "label": full[i]["label"]}, np.random.default_rng(i))
     np.testing.assert_array_equal(b["image"], c["image"])  # decode_reduced=False: exactly the old path
     assert _psnr((a["image"] + 1) * 127.5, (c["image"] + 1) * 127.5) > 30
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+  """A 16-bit grey PNG (PIL mode I;16) keeps its contrast: value / 257, as an 8-bit image of it."""
+  ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    Image.fromarray(ramp).save(tmp_path / c / "0.png")  # uint16: PIL mode I;16
+  assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I")  # PIL opens it as a 16-bit / int image
+  for channels in (1, 3):
+    config = tiny_config(**{"data.name": "folder", "data.data_dir": str(tmp_path), "data.channels": channels,
+                            "data.num_classes": 2})
+    image = data.make_source(config.data, "train")[0]["image"]
+    expected = np.round(ramp / 257).astype(np.uint8)
+    assert image.shape == (8, 8, channels)
+    np.testing.assert_array_equal(image[..., 0], expected)
+    assert (image == 255).mean() < 0.05  # not the near-white image a clipping convert gives

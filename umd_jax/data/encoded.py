@@ -37,8 +37,19 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   raise ValueError(f"images have {image.shape[-1]} channels; data.channels={channels} cannot be made from them")
 
 
-def _pixels(im: Image.Image, channels: int) -> np.ndarray:
+HIGH_DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def pixels(im: Image.Image, channels: int) -> np.ndarray:
+  """A PIL image -> (H, W, channels) uint8. 16-bit greys (PIL's "I;16*" and "I" modes: 16-bit PNGs)
+  are scaled to 8 bits, value / 257, not clipped (PIL's own convert("L") clips them to white), and
+  float images ("F") are taken as [0, 1]."""
+  if im.mode in HIGH_DEPTH or im.mode == "F":
+    values = np.asarray(im, np.float64)
+    scale = 255.0 if im.mode == "F" else 255.0 / HIGH_DEPTH[im.mode]
+    return to_channels(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), channels)
   return to_channels(np.asarray(im.convert("L" if channels == 1 else "RGB")), channels)
+
 
 
 class EncodedImage:
@@ -72,7 +83,7 @@ class EncodedImage:
   def full(self) -> np.ndarray:
     try:
       with self._open() as im:
-        return _pixels(im, self.channels)
+        return pixels(im, self.channels)
     except DecodeError:
       raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
@@ -85,7 +96,7 @@ class EncodedImage:
         width, height = im.size
         spare = min(right - left, bottom - top) / (size * MARGIN)  # how many times larger than needed
         if not self.reduced or spare < 2:  # no scale reduction possible: exactly the full-decode path
-          crop = _pixels(im, self.channels)[top:bottom, left:right]
+          crop = pixels(im, self.channels)[top:bottom, left:right]
           return _resize(crop, size)
         # The coarsest 1/2^k scale keeping the region >= MARGIN·size on each side (draft never goes below).
         im.draft("L" if self.channels == 1 else "RGB", (math.ceil(width / spare), math.ceil(height / spare)))

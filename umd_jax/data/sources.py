@@ -14,7 +14,7 @@ from absl import logging
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from umd_jax.data.encoded import EncodedImage, to_channels
+from umd_jax.data.encoded import EncodedImage, pixels, to_channels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -146,8 +146,7 @@ class ImageFolderSource:
                 "label": self.labels[i]}
       try:
         with Image.open(self.files[i]) as im:
-          image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-        return {"image": _to_channels(image, self.channels), "label": self.labels[i]}
+          return {"image": pixels(im, self.channels), "label": self.labels[i]}
       except DataError:
         raise
       except Exception as e:  # noqa: BLE001 - any decode failure is skipped the same way
@@ -191,8 +190,7 @@ class TfdsSource:
                                       fallback=functools.partial(self.__getitem__, (index + 1) % len(self))),
                 "label": label}
       with Image.open(io.BytesIO(image)) as im:  # PNG and others: decoded whole, as before
-        return {"image": _to_channels(np.asarray(im.convert("L" if self.channels == 1 else "RGB")), self.channels),
-                "label": label}
+        return {"image": pixels(im, self.channels), "label": label}
     return {"image": _to_channels(np.asarray(image), self.channels), "label": label}
 
 
