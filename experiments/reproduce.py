@@ -52,7 +52,7 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 import train_step as bench_train_step  # noqa: E402  (bench/train_step.py)
 from common import machine, time_rounds  # noqa: E402  (bench/common.py)
 from configs import common as config_common, demo  # noqa: E402
-from umd_jax import fid, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
+from umd_jax import fid, files, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
 
 METHODS = ("umd", "dit", "maskdit", "mae", "diffmae")
 INPAINT = (("center", 0.5), ("random", 0.5))  # (mask, share of patches for "random")
@@ -197,7 +197,9 @@ def inpaint(config, workdir, kind, ratio) -> dict:
   config.sample.inpaint, config.sample.inpaint_ratio = kind, ratio
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = weights.load(config, workdir, mesh, prefer_ema=config.sample.use_ema)
-  scores = inpainting.evaluate(config, graphdef, params, mesh, os.path.join(workdir, f"inpaint_{kind}"), workdir)
+  outputs = files.OutputSet(os.path.join(workdir, f"inpaint_{kind}"))
+  scores = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)
+  outputs.publish()
   with open(path, "w") as f:
     json.dump(scores, f, indent=2)
   return scores

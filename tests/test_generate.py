@@ -170,3 +170,27 @@ def test_classifier_score_rates_real_digits_high_and_noise_at_chance():
   assert good["classifier_accuracy"] > 0.9
   noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
   assert generate.classifier_score(config, noise, labels)["classifier_accuracy"] < 0.3
+
+
+def test_a_failed_run_leaves_the_previous_outputs_whole(workdirs, monkeypatch):
+  """The outputs are published as one set at the end: a run that fails after its samples were
+  made (here: in the inpainting that follows) leaves the previous grid, .npz and result.json."""
+  _, fine = workdirs
+  config = finetune_config("", **{"sample.num_samples": 8, "sample.seed": 1})
+  first = generate.run(config, fine, devices=jax.devices()[:1])
+  samples = fine / "samples"
+  before = {p.name: p.read_bytes() for p in samples.iterdir()}
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("interrupted")
+  monkeypatch.setattr(inpainting, "evaluate", broken)
+  with pytest.raises(RuntimeError, match="interrupted"):
+    generate.run(finetune_config("", **{"sample.num_samples": 12, "sample.seed": 2, "sample.inpaint": "center"}),
+                 fine, devices=jax.devices()[:1])
+  assert {p.name: p.read_bytes() for p in samples.iterdir()} == before  # the last good set, untouched
+  monkeypatch.undo()
+  again = generate.run(finetune_config("", **{"sample.num_samples": 12, "sample.seed": 2}), fine,
+                       devices=jax.devices()[:1])
+  names = sorted(p.name for p in fine.iterdir() if p.name.startswith(".samples"))
+  assert names == [] and again["npz"].endswith("samples_12x8x8x1.npz") and first["npz"] != again["npz"]
+  assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "result.json", "samples_12x8x8x1.npz"]

@@ -1,11 +1,14 @@
 """Output files written whole: to a temporary name beside the target, then renamed over it, so a
 failed or interrupted run never leaves a half-written file and never destroys the last good one
-before the new one is complete. Paths may be local or remote (etils epath)."""
+before the new one is complete; a mode's outputs as one set (`OutputSet`). Paths may be local or
+remote (etils epath)."""
 import io
 import os
 
+import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 def write_bytes(path, data: bytes) -> None:
@@ -24,3 +27,51 @@ def write_npz(path, **arrays) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   write_bytes(path, buffer.getvalue())
+
+
+class OutputSet:
+  """The outputs of one run of a mode, published together: written into a staging folder beside
+  `target` (`path(name)`), then moved into place by `publish()` (process 0; call it on every
+  process). A failed or interrupted run leaves the previous set whole (and its staging folder,
+  removed by the next run). Entries of the previous set matching `keep` (caches) carry over."""
+
+  def __init__(self, target, keep=()):
+    self.target, self.keep = epath.Path(target), tuple(keep)
+    self.staging = self.target.parent / f".{self.target.name}.staging"
+    if jax.process_index() == 0 and self.target.parent.exists():
+      previous = self.target.parent / f".{self.target.name}.previous"
+      if previous.exists() and not self.target.exists():  # cut short between publish's two renames
+        previous.rename(self.target)
+      _remove(self.staging)  # a previous run's, cut short
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"staging {self.target} cleared")
+
+  def path(self, name: str) -> epath.Path:
+    """Where to write output `name` now (process 0)."""
+    return self.staging / name
+
+  def final(self, name: str) -> epath.Path:
+    """Where output `name` will be once published (what results should name)."""
+    return self.target / name
+
+  def publish(self) -> None:
+    if jax.process_index() == 0:
+      self.staging.mkdir(parents=True, exist_ok=True)
+      old = self.target.parent / f".{self.target.name}.previous"
+      if self.target.exists():
+        for pattern in self.keep:
+          for entry in self.target.glob(pattern):
+            entry.rename(self.staging / entry.name)
+        _remove(old)
+        self.target.rename(old)
+      self.staging.rename(self.target)  # the new set appears in one rename
+      _remove(old)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"{self.target} published")
+
+
+def _remove(path: epath.Path) -> None:
+  if path.is_dir():
+    path.rmtree()
+  elif path.exists():
+    path.unlink()

@@ -83,21 +83,22 @@ def run(config, workdir, devices=None) -> dict:
   checks.check(config, "generate")  # settings and input files, before anything is sampled or written
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params, step = weights.load_with_step(config, workdir, mesh, prefer_ema=s.use_ema)  # the step read
-  out_dir = epath.Path(workdir) / "samples"
+  outputs = files.OutputSet(epath.Path(workdir) / "samples")  # published together, at the end
   result = {"method": config.method, "step": step, "num_samples": int(s.num_samples),
             "steps": s.steps, "sampler": s.sampler, "eta": s.eta, "cfg_scale": s.cfg_scale, "seed": s.seed,
             "prediction": s.prediction, "timesteps": s.timesteps, "clip": s.clip, "uint8": s.uint8}
   if methods.get(config).generates:
-    result.update(_samples(config, graphdef, params, mesh, out_dir, workdir))
+    result.update(_samples(config, graphdef, params, mesh, outputs, workdir))
   if s.inpaint:
-    result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, out_dir, workdir)
+    result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)
   result["config"] = json.loads(config.to_json_best_effort())
   if multihost.is_main():
-    files.write_text(out_dir / "result.json", json.dumps(result, indent=2))
+    files.write_text(outputs.path("result.json"), json.dumps(result, indent=2))
+  outputs.publish()
   return result
 
 
-def _samples(config, graphdef, params, mesh, out_dir, workdir) -> dict:
+def _samples(config, graphdef, params, mesh, outputs, workdir) -> dict:
   """Class-conditional samples: the grid, the .npz, the classifier score and FID / IS."""
   s = config.sample
   classes = classes_to_sample(config)
@@ -114,14 +115,13 @@ def _samples(config, graphdef, params, mesh, out_dir, workdir) -> dict:
   samples = sample_many(config, sampler, params, mesh, labels, s.seed, vae=vae) if s.num_samples else None
   # gathered for the .npz and the host-side classifier (collective: every process takes part)
   host_samples = multihost.to_host(samples)[:len(labels)] if samples is not None else None
+  if samples is not None:
+    result["npz"] = str(outputs.final("samples_{}x{}x{}x{}.npz".format(*host_samples.shape)))
   if is_main:
-    out_dir.mkdir(parents=True, exist_ok=True)
     picture = images.grid(rows)
-    images.save_png(out_dir / "grid.png", picture, upscale=max(1, 512 // picture.shape[1]))
+    images.save_png(outputs.path("grid.png"), picture, upscale=max(1, 512 // picture.shape[1]))
     if samples is not None:
-      name = "samples_{}x{}x{}x{}.npz".format(*host_samples.shape)
-      files.write_npz(out_dir / name, arr_0=host_samples, arr_1=labels)
-      result["npz"] = str(out_dir / name)
+      files.write_npz(outputs.path(epath.Path(result["npz"]).name), arr_0=host_samples, arr_1=labels)
   if s.classifier_score and samples is not None:
     result.update(classifier_score(config, host_samples, labels))
   if s.fid:

@@ -108,9 +108,10 @@ def _score_sums(filled, original, known, index, n):
   return {"psnr": jnp.sum(psnr * real), "ssim": jnp.sum(ssim * real)}
 
 
-def evaluate(config, graphdef, params, mesh, out_dir, workdir) -> dict:
-  """Inpaint the eval images, score the filled region, write `out_dir/inpaint.png`; returns the
-  scores and the settings they came from (the caller writes them with the mode's other results)."""
+def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
+  """Inpaint the eval images, score the filled region, write `inpaint.png` into `outputs` (a
+  files.OutputSet the caller publishes); returns the scores and the settings they came from (the
+  caller writes them with the mode's other results)."""
   s = config.sample
   source = data.make_source(config.data, config.data.eval_split)
   n = len(source) if not s.inpaint_images else min(s.inpaint_images, len(source))
@@ -139,12 +140,11 @@ def evaluate(config, graphdef, params, mesh, out_dir, workdir) -> dict:
       filled_all.append(images.to_uint8_device(jnp.clip(filled, -1, 1), s.uint8))
   x, k, f = grid_rows
   picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, np.clip(f, -1, 1), x])
-  grid_path = epath.Path(out_dir) / "inpaint.png"
   if multihost.is_main():
-    images.save_png(grid_path, picture, upscale=max(1, 256 // picture.shape[1]))
+    images.save_png(outputs.path("inpaint.png"), picture, upscale=max(1, 256 // picture.shape[1]))
   scores = {"mask": s.inpaint, "images": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n,
             "inpainter": methods.get(config).name, "steps": methods.get(config).inpaint_steps(config),
-            "sampler": s.sampler, "grid": str(grid_path)}
+            "sampler": s.sampler, "grid": str(outputs.final("inpaint.png"))}
   if s.inpaint == "random":
     scores["ratio"] = s.inpaint_ratio
   if s.fid:

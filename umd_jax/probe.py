@@ -428,8 +428,10 @@ def run(config, workdir, devices=None) -> dict:
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
   graphdef, params, step = weights.load_with_step(config, workdir, mesh, prefer_ema=p.use_ema)  # the step read
   extractor = Extractor(config, graphdef, t=p.t, blocks=[p.block], mesh=mesh, vae=vae)
-  out_dir = epath.Path(workdir) / "probe"
-  cache = out_dir / f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}"
+  # results.json and sweep.png are published together at the end; the feature cache (features_step*)
+  # lives in the published folder and carries over
+  outputs = files.OutputSet(epath.Path(workdir) / "probe", keep=("features_step*",))
+  cache = outputs.final(f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}")
 
   def probe_backbone(params_, cache=None):
     tr = extract_cached(extractor, params_, p.train_split, max_images=p.max_train_images, cache=cache)
@@ -442,7 +444,7 @@ def run(config, workdir, devices=None) -> dict:
   results = {"feature": {"t": p.t, "block": p.block}, "step": step, "config": json.loads(config.to_json_best_effort()),
              **probe_backbone(params, cache)}
   if p.sweep:
-    results["sweep"] = sweep(config, graphdef, params, mesh, out_dir, cache, vae)
+    results["sweep"] = sweep(config, graphdef, params, mesh, outputs, cache, vae)
   if p.baselines:
     tr = pixel_features(config, p.train_split, mesh, p.max_train_images, vae)
     te = pixel_features(config, p.eval_split, mesh, p.max_eval_images, vae)
@@ -450,13 +452,13 @@ def run(config, workdir, devices=None) -> dict:
     results["baselines"] = {raw: _heads(config, tr, te),
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
   if multihost.is_main():
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    files.write_text(outputs.path("results.json"), json.dumps(results, indent=2))
+  outputs.publish()
   print(format_table(results))
   return results
 
 
-def sweep(config, graphdef, params, mesh, out_dir, cache=None, vae=None):
+def sweep(config, graphdef, params, mesh, outputs, cache=None, vae=None):
   """DDAE grid: few-shot accuracy for every (block, t); heatmap PNG, table, best cell."""
   p = config.probe
   blocks = [REP] + list(range(num_blocks(config)))
@@ -471,7 +473,7 @@ def sweep(config, graphdef, params, mesh, out_dir, cache=None, vae=None):
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]
   names = ["rep"] + [f"block {b}" for b in blocks[1:]]
   if multihost.is_main():
-    heatmap_png(grid, names, list(p.sweep_ts), out_dir / "sweep.png")
+    heatmap_png(grid, names, list(p.sweep_ts), outputs.path("sweep.png"))
   i, j = np.unravel_index(np.argmax(grid), grid.shape)
   return {"ts": list(p.sweep_ts), "blocks": blocks, "shots": p.sweep_shots, "accuracy": grid.tolist(),
           "best": {"block": blocks[i], "t": p.sweep_ts[j], "accuracy": float(grid[i, j])}}
