@@ -136,7 +136,8 @@ def test_probe_mode_writes_results_with_sweep_and_baselines(trained):
   assert saved["baselines"]["pixels"]["linear"]["top1"] > 0.8  # digits are nearly linear in pixels
   assert set(saved["baselines"]) == {"pixels", "random_init"}
   cached = sorted(f.name for f in (workdir / "probe" / "features_step6").iterdir())
-  assert "test_t-1_blocks-1_n0.npz" in cached and "train_t200_blocks-1_0_1_2_n0.npz" in cached
+  key = probe.cache_key(config)  # the noise seed and a hash of the other settings name each file too
+  assert f"test_t-1_blocks-1_n0_seed0_{key}.npz" in cached and f"train_t200_blocks-1_0_1_2_n0_seed0_{key}.npz" in cached
   again = probe.run(config, workdir, devices=jax.devices()[:1])  # from the cached features
   assert again["fewshot"][5]["per_seed"] == results["fewshot"][5]["per_seed"]
 
