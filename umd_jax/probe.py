@@ -444,7 +444,7 @@ def run(config, workdir, devices=None) -> dict:
   results = {"feature": {"t": p.t, "block": p.block}, "step": step, "config": json.loads(config.to_json_best_effort()),
              **probe_backbone(params, cache)}
   if p.sweep:
-    results["sweep"] = sweep(config, graphdef, params, mesh, outputs, cache, vae)
+    results["sweep"] = sweep(config, graphdef, params, mesh, outputs.path("sweep.png"), cache, vae)
   if p.baselines:
     tr = pixel_features(config, p.train_split, mesh, p.max_train_images, vae)
     te = pixel_features(config, p.eval_split, mesh, p.max_eval_images, vae)
@@ -458,8 +458,9 @@ def run(config, workdir, devices=None) -> dict:
   return results
 
 
-def sweep(config, graphdef, params, mesh, outputs, cache=None, vae=None):
-  """DDAE grid: few-shot accuracy for every (block, t); heatmap PNG, table, best cell."""
+def sweep(config, graphdef, params, mesh, heatmap=None, cache=None, vae=None):
+  """DDAE grid: few-shot accuracy for every (block, t); table and best cell, and a PNG heatmap
+  written to the path `heatmap` (process 0) when given."""
   p = config.probe
   blocks = [REP] + list(range(num_blocks(config)))
   check_request(config, blocks, p.sweep_ts)
@@ -472,8 +473,8 @@ def sweep(config, graphdef, params, mesh, outputs, cache=None, vae=None):
       grid[i, j] = fewshot(tr.block(i), tr.y, te.block(i), te.y, shots=[p.sweep_shots], seeds=p.fewshot_seeds,
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]
   names = ["rep"] + [f"block {b}" for b in blocks[1:]]
-  if multihost.is_main():
-    heatmap_png(grid, names, list(p.sweep_ts), outputs.path("sweep.png"))
+  if heatmap is not None and multihost.is_main():
+    heatmap_png(grid, names, list(p.sweep_ts), heatmap)
   i, j = np.unravel_index(np.argmax(grid), grid.shape)
   return {"ts": list(p.sweep_ts), "blocks": blocks, "shots": p.sweep_shots, "accuracy": grid.tolist(),
           "best": {"block": blocks[i], "t": p.sweep_ts[j], "accuracy": float(grid[i, j])}}
