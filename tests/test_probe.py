@@ -221,3 +221,15 @@ def test_probe_names_the_step_it_read_and_caches_by_every_setting(tmp_path):
   shutil.rmtree(workdir / "probe" / "features_step2")
   fresh = probe.run(other_seed, workdir, devices=jax.devices()[:1])
   assert fresh["fewshot"] == again["fewshot"]
+
+
+def test_too_few_training_images_for_the_shots_names_the_cap_and_writes_nothing(trained):
+  _, workdir = trained
+  probe_dir = workdir / "probe"
+  before = sorted(str(p) for p in probe_dir.rglob("*")) if probe_dir.exists() else []
+  config = probe_config(**{"probe.max_train_images": 30, "probe.fewshot_shots": (1, 5), "probe.t": 300,
+                           "probe.block": 0})
+  with pytest.raises(probe.ProbeError, match=r"probe.max_train_images=30 leaves \d images of class \d+, fewer than "
+                                             r"the 5 shots asked"):
+    probe.run(config, workdir, devices=jax.devices()[:1])
+  assert (sorted(str(p) for p in probe_dir.rglob("*")) if probe_dir.exists() else []) == before

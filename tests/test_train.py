@@ -354,3 +354,15 @@ def test_resuming_with_another_objective_schedule_or_optimizer_is_refused(tmp_pa
                             devices=one_device)
   assert result["start_step"] == 2 and result["step"] == 4
   assert "total_steps 2 -> 4: the learning-rate schedule" in caplog.text
+
+
+def test_micro_batch_and_init_from_are_checked_before_the_workdir_exists(tmp_path, one_device):
+  with pytest.raises(sharding.ShardingError, match="micro-batch"):  # 16 / 4 = 4 rows on 8 devices
+    train.pretrain(tiny_config(**{"grad_accum_steps": 4}), tmp_path / "accum")
+  assert not (tmp_path / "accum").exists()
+  train.pretrain(tiny_config(**{"total_steps": 2, "checkpoint_every": 2}), tmp_path / "source", devices=one_device)
+  other = tiny_config(**{"init_from": str(tmp_path / "source"), "model.variant": "Ti/2"})
+  with pytest.raises(checkpoint.CheckpointError, match=r"parameters do not match .*changed config: .*model.variant: "
+                     r"'Mu/2' -> 'Ti/2'"):
+    train.pretrain(other, tmp_path / "finetuned", devices=one_device)
+  assert not (tmp_path / "finetuned").exists()

@@ -365,6 +365,24 @@ def load_config(workdir):
   return config
 
 
+def check_params(workdir, abstract_params, config=None) -> None:
+  """Raise CheckpointError, naming the parameters and the changed config keys, unless the latest
+  checkpoint of `workdir` has every parameter of `abstract_params` with its shape and dtype.
+  Reads metadata only (before a run creates anything)."""
+  step = latest_step(workdir)
+  if step is None:
+    raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first")
+  manager = _reader(workdir)
+  try:
+    mismatches = _param_mismatches(manager.directory / str(step), abstract_params, "params", extra_ok=True)
+    if mismatches:
+      changes = _config_changes(manager, step, config) if config is not None else []
+      raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
+                            "use the config the run was trained with")
+  finally:
+    manager.close()
+
+
 def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""

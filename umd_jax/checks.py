@@ -8,7 +8,7 @@ import jax
 from etils import epath
 from PIL import Image
 
-from umd_jax import diffusion, images, inpainting, latent, methods, rules
+from umd_jax import diffusion, fid, images, inpainting, latent, methods, rules
 from umd_jax.models import layers, umd
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
@@ -122,9 +122,14 @@ def _probe(config, mode_probe: bool) -> None:
 
 
 def _inception_weights(config) -> None:
+  """The file exists and holds every Inception weight with its shape (opened, not only found)."""
   path = config.sample.inception_weights
   _require(bool(path) and epath.Path(path).is_file(), "sample.inception_weights", path,
            "is not a file: convert pytorch-fid's weights once with tools/convert_inception_weights.py and pass the .npz")
+  try:
+    fid.load_inception(path)
+  except fid.FidError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _generate(config) -> None:
@@ -161,6 +166,9 @@ def _generate(config) -> None:
     except inpainting.InpaintError as e:
       raise ConfigError(str(e)) from None
   if s.fid:
+    _require(s.num_samples >= 2 or s.num_samples == 0 and bool(s.inpaint), "sample.fid", s.fid,
+             f"needs samples to score: sample.num_samples={s.num_samples} (use >= 2), or sample.inpaint for the "
+             "FID of inpainted images")
     _inception_weights(config)
 
 

@@ -31,8 +31,12 @@ WEIGHTS_HELP = ("convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth once
 def load_inception(path: str) -> Inception:
   if not path or not epath.Path(path).exists():
     raise FidError(f"sample.inception_weights={path!r} is not a file: {WEIGHTS_HELP}")
-  with epath.Path(path).open("rb") as f:
-    weights = dict(np.load(f))
+  try:
+    with epath.Path(path).open("rb") as f:
+      weights = dict(np.load(f, allow_pickle=False))  # a .pth or any pickle is refused, never run
+  except Exception as e:  # noqa: BLE001 - not an .npz: numpy's own message would suggest allow_pickle
+    raise FidError(f"sample.inception_weights={path!r} is not an .npz of arrays ({type(e).__name__}): "
+                   f"{WEIGHTS_HELP}") from None
   net = Inception(weights)
   try:  # every weight present, with the right shape
     jax.eval_shape(net, jax.ShapeDtypeStruct((1, 64, 64, 3), np.uint8))

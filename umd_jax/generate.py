@@ -124,7 +124,7 @@ def _samples(config, graphdef, params, mesh, outputs, workdir) -> dict:
       files.write_npz(outputs.path(epath.Path(result["npz"]).name), arr_0=host_samples, arr_1=labels)
   if s.classifier_score and samples is not None:
     result.update(classifier_score(config, host_samples, labels))
-  if s.fid:
+  if s.fid and samples is not None:  # else (checked) only the inpainted images are scored
     result.update(fid.evaluate(config, samples, len(labels), mesh, workdir))
   return result
 

@@ -151,10 +151,12 @@ def _extract(config, split, fn, mesh, max_images, desc, progress, prep) -> Featu
   return Features(x, np.concatenate(multihost.to_host(labels))[:n])
 
 
-def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=None) -> Features:
+def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=None, check=None) -> Features:
   """`extractor(params, split)`, reusing features saved under `cache` (a directory; None: no
   caching). File names carry the split, t, blocks, image count, noise seed and a hash of the other
-  settings features depend on (`cache_key`); the caller puts the checkpoint step read in `cache`. Process 0 writes the file; it is read only where every process can read it."""
+  settings features depend on (`cache_key`); the caller puts the checkpoint step read in `cache`.
+  `check(labels)` runs before anything is written. Process 0 writes the file; it is read only where
+  every process can read it."""
   path = None
   if cache is not None:
     path = epath.Path(cache) / (f"{split}_t{extractor.t}_blocks{'_'.join(map(str, extractor.blocks))}_n{max_images}_"
@@ -164,6 +166,8 @@ def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=N
         saved = np.load(f)
         return _placed(saved["features"], saved["labels"], extractor.mesh)
   feats = extractor(params, split, max_images)
+  if check is not None:
+    check(feats.y)
   if path is not None:
     x = multihost.to_host(feats.x)[:, :feats.n]  # collective: every process takes part
     if multihost.is_main():
@@ -433,8 +437,18 @@ def run(config, workdir, devices=None) -> dict:
   outputs = files.OutputSet(epath.Path(workdir) / "probe", keep=("features_step*",))
   cache = outputs.final(f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}")
 
+  def enough_shots(labels):  # before any features are cached: the shots must exist in the pool
+    counts = np.bincount(labels, minlength=config.data.num_classes)
+    shots = max(list(p.fewshot_shots) + ([p.sweep_shots] if p.sweep else []))
+    if counts.min() < shots:
+      key = (f"probe.max_train_images={p.max_train_images} leaves" if p.max_train_images else
+             f"probe.train_split={p.train_split!r} has")
+      raise ProbeError(f"{key} {int(counts.min())} images of class {int(counts.argmin())}, fewer than the {shots} "
+                       f"shots asked (probe.fewshot_shots / probe.sweep_shots): raise it or ask fewer shots")
+
   def probe_backbone(params_, cache=None):
-    tr = extract_cached(extractor, params_, p.train_split, max_images=p.max_train_images, cache=cache)
+    tr = extract_cached(extractor, params_, p.train_split, max_images=p.max_train_images, cache=cache,
+                        check=enough_shots)
     te = extract_cached(extractor, params_, p.eval_split, max_images=p.max_eval_images, cache=cache)
     online = (functools.partial(linear_probe_online, config, extractor, params_, test_x=te.block(0), test_y=te.y,
                                 num_classes=config.data.num_classes)

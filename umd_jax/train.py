@@ -75,8 +75,12 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
   sharding.check_batch(config.batch_size, mesh)
   source = training_source(config)  # also checks its class count (and latents their encoding)
   resuming = checkpoint.latest_step(workdir) is not None
-  if config.init_from and not resuming:
-    checkpoint.load_config(config.init_from)  # read-only: a mistyped path creates nothing there
+  # the micro-batch of gradient accumulation must split over the devices too
+  sharding.check_batch(config.batch_size // config.grad_accum_steps, mesh,
+                       what="the micro-batch batch_size/grad_accum_steps")
+  if config.init_from and not resuming:  # read-only: a mistyped path creates nothing there
+    source_config = checkpoint.load_config(config.init_from)
+    checkpoint.check_params(config.init_from, _init_target(config, source_config), config)
   if mode == "finetune" and not config.init_from and not resuming:
     raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)  # takes the workdir's lock
@@ -227,11 +231,21 @@ def data_position(config, source, step: int) -> dict:
           **({"space": "latents"} if d.space == "latents" else {})}
 
 
+def _fresh_keys(source_config) -> set:
+  """Parameters a fine-tuning run makes anew: a label embedding its source did not have."""
+  return {"label_embed"} if source_config.model.num_classes == 0 else set()
+
+
+def _init_target(config, source_config) -> dict:
+  """The abstract parameters `init_from` must provide (all but the fresh ones)."""
+  params = nnx.to_pure_dict(weights.abstract_model(config)[1])
+  return {k: v for k, v in params.items() if k not in _fresh_keys(source_config)}
+
+
 def _init_from(config, state, shardings) -> dict:
   """Weights of `config.init_from`'s latest checkpoint. A label embedding the source did not
   have (fine-tuning a self-supervised model) stays freshly initialised, as does the optimizer."""
-  source = checkpoint.load_config(config.init_from)
-  fresh = {"label_embed"} if source.model.num_classes == 0 else set()
+  fresh = _fresh_keys(checkpoint.load_config(config.init_from))
   target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings.params[k])
             for k, v in state.params.items() if k not in fresh}
   params = {**state.params, **checkpoint.restore_params(config.init_from, target)}
