@@ -1,4 +1,10 @@
 """Sources (digits, TFDS via mock_data, image folder, synthetic) and the grain pipeline."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -350,3 +356,59 @@ def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert image.shape == (8, 8, channels)
     np.testing.assert_array_equal(image[..., 0], expected)
     assert (image == 255).mean() < 0.05  # not the near-white image a clipping convert gives
+
+
+WORKER_SCRIPT = '''
+import sys, time
+from absl import flags
+from configs import demo
+from umd_jax import data, sharding
+
+
+def main():
+  flags.FLAGS(["workers"])  # grain reads its own absl flags
+  config = demo.get_config()
+  config.unlock()
+  config.data.num_workers = 2
+  mesh = sharding.make_mesh(config.mesh)
+  batches = data.make_batches(config.data, data.make_source(config.data, "train"), global_batch=16,
+                              sharding=sharding.batch_sharding(mesh), seed=0, train=True)
+  next(batches)
+  print("ready", flush=True)
+  time.sleep(300)
+
+
+if __name__ == "__main__":
+  main()
+'''
+
+
+def test_grain_workers_die_with_a_killed_run(tmp_path):
+  """kill -9 of a run with data.num_workers=2: its decoding workers (and multiprocessing's
+  resource tracker) do not outlive it."""
+  script = tmp_path / "workers.py"
+  script.write_text(WORKER_SCRIPT)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                          text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert len(children) >= 2, children  # the two workers (and the resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid):  # a process that exists and is not a zombie
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          return f.read().split()[2] != "Z"
+      except OSError:
+        return False
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "workers outlived the killed run"
+  finally:
+    if proc.poll() is None:
+      proc.kill()

@@ -126,7 +126,8 @@ def _encode_shard(config, source, s, shards, fn, vae, mesh, batch, workdir):
   ds = grain.MapDataset.source(source)[start:stop].map(AdmCrop(d.image_size)).batch(batch, drop_remainder=False)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=pipeline.read_threads(d, source)))
   if d.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers),
+                        worker_init_fn=pipeline.worker_init())
   name = latent_data.shard_name(d.train_split, s, shards)
   final = workdir / name
   final.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,12 @@ length), so every process reads the same number of batches. The iterator
 position (global batches taken) is checkpointed with the model; a resumed run starts the stream
 there (`start`), on any number of processes.
 """
+import ctypes
+import functools
 import math
+import os
+import signal
+import sys
 
 import grain
 import jax
@@ -149,6 +154,23 @@ class _Indexed(grain.transforms.MapWithIndex):
     return {**record, "index": np.int32(index)}
 
 
+def die_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) -> None:
+  """grain worker init (bind `parent`, the pid of the process that starts the workers): the
+  worker is killed when that process dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG), so no
+  decoding worker outlives a killed run."""
+  del worker_index, worker_count
+  if not sys.platform.startswith("linux"):
+    return
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+  if os.getppid() != parent:  # it was already gone before the request took effect
+    os._exit(0)
+
+
+def worker_init():
+  """`die_with_parent` bound to this process, for grain's mp_prefetch."""
+  return functools.partial(die_with_parent, os.getpid())
+
+
 def read_threads(data_config, source) -> int:
   """grain reader threads: `data.read_threads`, or with -1 none for in-memory sources (grain's
   advice: reader threads then only contend for the GIL with the thread that feeds the devices;
@@ -190,5 +212,5 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
     ds = ds[start:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(d, source)))
   if d.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers), worker_init_fn=worker_init())
   return Batches(iter(ds), sharding)
