@@ -4,12 +4,14 @@ workdir lock; keep_checkpoints; read-only uses create nothing."""
 import json
 import os
 import socket
+import subprocess
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import tiny_config
+from test_main import run_main
 from umd_jax import checkpoint, sharding, train, train_step, weights
 
 
@@ -125,3 +127,44 @@ def test_read_only_uses_create_nothing(tmp_path):
 def test_keep_checkpoints_below_one_is_refused(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="keep_checkpoints=0"):
     checkpoint.Checkpointer(tmp_path / "run", max_to_keep=0)
+
+
+def test_a_full_disk_is_one_error_that_says_what_to_free_and_the_lock_is_released(tmp_path, monkeypatch):
+  """The OS's "no space left" from orbax (wrapped as it wraps it) becomes one CheckpointError naming
+  the folder, the space one checkpoint needs and the step a rerun resumes from; close() still
+  releases the workdir's lock when the manager's own close fails."""
+  ckpt = checkpoint.Checkpointer(tmp_path / "run")
+  state = {"w": np.zeros((256, 1024), np.float32)}  # 1 MiB
+  config = tiny_config()
+
+  def full(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing ... Failed to write 4096 bytes to file 5: No space left on "
+                     "device [os_error_code='28']")
+  monkeypatch.setattr(ckpt.manager, "save", full)
+  with pytest.raises(checkpoint.CheckpointError, match=r"no space left on device writing a checkpoint to .*checkpoints: "
+                     r"free at least 1.0 MiB there .* resumes from the start"):
+    ckpt.save(2, state, {"global_batches": 2}, config)
+  monkeypatch.setattr(ckpt.manager, "close", lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+  assert (tmp_path / "run" / ".lock").exists()
+  with pytest.raises(checkpoint.CheckpointError, match="no space left on device"):
+    ckpt.close()
+  assert not (tmp_path / "run" / ".lock").exists()
+  assert not checkpoint._disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_a_full_disk_ends_a_run_with_the_error_as_its_last_line(tmp_path):
+  """A real full disk (a 3 MiB tmpfs; skipped where mounting is not allowed): the run ends with
+  one `error:` line, last, no traceback, the lock released."""
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here")
+  try:
+    proc = run_main("--config=configs/demo.py", f"--workdir={small / 'run'}", "--config.total_steps=20",
+                    "--config.checkpoint_every=10", "--config.probe_every=0", "--config.image_every=1000")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("error: no space left on device"), proc.stderr[-2000:]
+    assert "free at least" in lines[-1] and "Traceback" not in proc.stderr
+    assert not (small / "run" / ".lock").exists()
+  finally:
+    subprocess.run(["umount", str(small)], check=False)

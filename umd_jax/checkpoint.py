@@ -9,7 +9,9 @@ so flipped bytes are found and the step is treated as damaged). Orbax writes to 
 directory and renames it when complete, so a crash mid-write never leaves a partial step. A
 training workdir is locked (`WORKDIR/.lock`, naming host and pid) while a run writes to it.
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -225,12 +227,30 @@ class Checkpointer:
 
   def save(self, step: int, state, position: dict, config) -> None:
     """Asynchronous save; call `wait()` before the process exits. `position`: JSON describing
-    the data stream's global position (see `data_position`)."""
+    the data stream's global position (see `data_position`). A full disk (here, or found from the
+    previous asynchronous save) is a CheckpointError that says how much to free."""
+    self._state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
                  checksums=ocp.args.JsonSave(fingerprints(state)),
                  position=ocp.args.JsonSave(position))
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._disk_full_explained():
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _disk_full_explained(self):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax / tensorstore wrap the OS error in several types
+      if not _disk_full(e):
+        raise
+      self.manager.reload()
+      need, last = getattr(self, "_state_bytes", 0), self.manager.latest_step()
+      raise CheckpointError(
+          f"no space left on device writing a checkpoint to {self.directory}: free at least "
+          f"{need / 2 ** 20:.1f} MiB there (one checkpoint of this run) and run the same command: it resumes "
+          + (f"from the last complete step, {last}" if last is not None else "from the start (no step was complete)")
+          ) from None
 
   def restore(self, step: int, abstract_state, position: dict | None = None):
     """State at `step`, placed with the shardings of `abstract_state` (any mesh, any number of
@@ -301,17 +321,34 @@ class Checkpointer:
     return None, None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_explained():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
-    if self._lock is not None and self._lock.exists():
-      self._lock.unlink()
-      self._lock = None
+    """Finish any save and release the workdir's lock, whatever the save's outcome."""
+    try:
+      with self._disk_full_explained():
+        self.manager.close()
+    finally:
+      if self._lock is not None and self._lock.exists():
+        self._lock.unlink()
+        self._lock = None
 
 
 class _DifferentRun(CheckpointError):
   """Not damage: the checkpoint belongs to another configuration (never moved aside)."""
+
+
+def _disk_full(e: BaseException) -> bool:
+  """Whether an error (or one it wraps) is the OS's "no space left on device" (errno 28)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) \
+        or "os_error_code='28'" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _describe(e: Exception) -> str:

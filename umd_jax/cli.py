@@ -33,13 +33,40 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keep orbax's and JAX's per-save INFO chatter out of the training log (warnings still show)."""
+  """Keep orbax's and JAX's per-save INFO chatter out of the training log (warnings still show).
+  A failed asynchronous save is logged by each of orbax's worker threads and by asyncio with a
+  traceback; the error also reaches the main thread, which reports it on one line: orbax's records
+  keep their one line without the traceback, asyncio's unretrieved-exception copies are dropped."""
 
   def filter(self, record):
-    if "Given directory is read only" in str(record.msg):  # our read-only loaders, by design
+    message = str(record.msg)
+    if "Given directory is read only" in message:  # our read-only loaders, by design
       return False
+    if record.name == "asyncio" and "exception was never retrieved" in message:
+      return False
+    if "orbax" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not any(
         name in record.pathname for name in ("orbax", "xla_bridge", "grain"))
+
+
+def _fail(message: str) -> None:
+  """The run's last words: one `error:` line, then exit at once -- without the interpreter's
+  shutdown, in which orbax's and asyncio's leftover threads and futures print tracebacks after it.
+  Checkpoints and the workdir lock were settled by the modes' own `finally` blocks before this."""
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def _quiet_unraisable(hook):
+  """sys.unraisablehook without the "Event loop is closed" reports of orbax's event loops being
+  collected after a damaged checkpoint was read (the read's own error is reported on its own)."""
+  def quiet(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    hook(unraisable)
+  return quiet
 
 
 def main(argv):
@@ -48,6 +75,7 @@ def main(argv):
   # would make `--help` and a mistyped flag take seconds instead of a moment.
   from umd_jax import checkpoint, data, encode, generate, latent, multihost, probe, sharding, train
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
@@ -76,7 +104,7 @@ def main(argv):
       print(f"workdir: {result['workdir']}  (checkpoints/, images/, TensorBoard events: "
             f"tensorboard --logdir {result['workdir']})")
   except user_errors as e:
-    sys.exit(f"error: {e}")
+    _fail(str(e))
 
 
 def _config_spec(argv):
