@@ -22,6 +22,7 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
   def recording_open(original, path, mode="r", *args, **kwargs):
     if any(m in mode for m in "wax"):  # orbax writes into a temporary folder, renamed when complete;
       name = re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", os.path.abspath(os.fspath(path)))
+      name = re.sub(r"/\.([^/]+)\.staging/", r"/\1/", name)  # files.OutputSet: .DIR.staging, renamed to DIR
       written.add(re.sub(r"/\.([^/]+)\.tmp-\d+$", r"/\1", name))  # files.py: .NAME.tmp-PID, renamed to NAME
     return original(path, mode, *args, **kwargs)
 
