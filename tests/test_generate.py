@@ -1,5 +1,9 @@
 """Fine-tuning from a pre-trained workdir, sampling to PNG/.npz, inpainting, bad requests."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from test_main import ROOT, main_env, run_main
 from umd_jax import checkpoint, diffusion, fid, generate, inpainting, sharding, train, train_step, weights
 
 
@@ -194,3 +199,34 @@ def test_a_failed_run_leaves_the_previous_outputs_whole(workdirs, monkeypatch):
   names = sorted(p.name for p in fine.iterdir() if p.name.startswith(".samples"))
   assert names == [] and again["npz"].endswith("samples_12x8x8x1.npz") and first["npz"] != again["npz"]
   assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "result.json", "samples_12x8x8x1.npz"]
+
+
+def test_sigterm_during_generate_leaves_the_previous_set_whole(tmp_path):
+  """A real SIGTERM while `--mode=generate` samples (its grid already written aside): samples/
+  keeps the previous run's grid, .npz and result.json, byte for byte; the next run publishes."""
+  common = ["--config=configs/demo.py", f"--workdir={tmp_path}", "--config.model.variant=Mu/2",
+            "--config.sample.cfg_scale=1.0", "--config.sample.classifier_score=False", "--config.sample.steps=20"]
+  assert run_main(*common, "--config.total_steps=2", "--config.checkpoint_every=2", "--config.probe_every=0",
+                  "--config.image_every=2").returncode == 0
+  assert run_main(*common, "--mode=generate", "--config.sample.num_samples=8").returncode == 0
+  samples = tmp_path / "samples"
+  before = {p.name: p.read_bytes() for p in samples.iterdir()}
+  # new samples (another seed), then a long inpainting during which the signal comes
+  proc = subprocess.Popen([sys.executable, "main.py", *common, "--mode=generate", "--config.sample.num_samples=8",
+                           "--config.sample.seed=5", "--config.sample.inpaint=center", "--config.sample.inpaint_images=0",
+                           "--config.sample.inpaint_resample=20", "--config.sample.batch_size=16"],
+                          cwd=ROOT, env=main_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while not (tmp_path / ".samples.staging" / "samples_8x8x8x1.npz").exists():  # the new .npz, written aside
+      assert proc.poll() is None and time.monotonic() < deadline
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert {p.name: p.read_bytes() for p in samples.iterdir()} == before
+  assert run_main(*common, "--mode=generate", "--config.sample.num_samples=4").returncode == 0
+  assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "result.json", "samples_4x8x8x1.npz"]
+  assert not (tmp_path / ".samples.staging").exists()
