@@ -168,3 +168,17 @@ def test_a_full_disk_ends_a_run_with_the_error_as_its_last_line(tmp_path):
     assert not (small / "run" / ".lock").exists()
   finally:
     subprocess.run(["umount", str(small)], check=False)
+
+
+def test_resuming_past_a_damaged_step_from_the_command_line_is_quiet(tmp_path):
+  """The damaged step is named once and set aside; no traceback, no 'Event loop is closed' noise."""
+  common = ["--config=configs/demo.py", f"--workdir={tmp_path}", "--config.model.variant=Mu/2",
+            "--config.checkpoint_every=2", "--config.probe_every=0", "--config.image_every=1000"]
+  assert run_main(*common, "--config.total_steps=4").returncode == 0
+  for f in (tmp_path / "checkpoints" / "4").glob("state/**/*"):
+    if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  proc = run_main(*common, "--config.total_steps=6")
+  assert proc.returncode == 0 and "trained steps 2 -> 6" in proc.stdout, proc.stderr[-2000:]
+  assert "checkpoint step 4" in proc.stderr and "falling back to step 2" in proc.stderr
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
