@@ -113,7 +113,8 @@ class Batches:
 
 
 class Head:
-  """The first n records of a source (an evaluation on part of a split)."""
+  """A source cut or padded to n records: its first n, or past its end record 0 again (padding
+  with a real record's shapes and decoding, told apart by its index >= the source's length)."""
 
   def __init__(self, source, n):
     self.source, self.n = source, n
@@ -123,28 +124,10 @@ class Head:
     return self.n
 
   def __getitem__(self, i):
-    return self.source[i]
-
-  def __repr__(self):
-    return f"Head({self.source!r}, {self.n})"
-
-
-class _PaddedSplit:
-  """A split padded to `total` records: the padding repeats record 0, so its shapes and decoding
-  are those of a real record; its index (>= the split's length) tells it apart."""
-
-  def __init__(self, source, total):
-    self.source, self.total = source, total
-    self.in_memory = getattr(source, "in_memory", False)
-
-  def __len__(self):
-    return self.total
-
-  def __getitem__(self, i):
     return self.source[i if i < len(self.source) else 0]
 
   def __repr__(self):
-    return f"Padded({self.source!r}, {self.total})"
+    return f"Head({self.source!r}, {self.n})"
 
 
 class _Indexed(grain.transforms.MapWithIndex):
@@ -205,7 +188,7 @@ def make_batches(data_config, source, *, global_batch: int, sharding, seed: int,
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().random_map(augment, seed=seed)
   else:  # whole global batches, padded: every process reads the same number of batches
     total = -(-len(source) // global_batch) * global_batch
-    ds = grain.MapDataset.source(_PaddedSplit(source, total)).map(augment)
+    ds = grain.MapDataset.source(Head(source, total)).map(augment)
     ds = ds.map_with_index(_Indexed())
   ds = ds.batch(local_batch, drop_remainder=True)[jax.process_index()::processes]  # its B/n rows of each
   if start:
