@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from umd_jax import diffusion
+from umd_jax.models import layers
 
 
 class Mask(NamedTuple):
@@ -47,6 +48,12 @@ def mask_from_patches(masked: jax.Array, num_masked: int) -> Mask:
   keep = masked.shape[1] - num_masked
   return Mask(ids_shuffle[:, :keep], jnp.argsort(ids_shuffle, axis=1), masked.astype(jnp.float32),
               ids_shuffle[:, keep:])
+
+
+def known_patches(known, patch: int):
+  """(B, H, W, 1) pixel mask (1 = known pixel) -> (B, L) patch mask, 1 where any pixel of the patch
+  is unknown (numpy or JAX arrays)."""
+  return 1.0 - layers.patchify(known, patch).min(axis=-1)
 
 
 def pixel_mask(mask: jax.Array, height: int, width: int) -> jax.Array:

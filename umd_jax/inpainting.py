@@ -48,9 +48,7 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
 def masked_patch_count(config, known: np.ndarray) -> int:
   """Patches with an unknown pixel, the same in every image of `known` (B, H, W, 1)."""
   patch = umd.parse_variant(config.model.variant)["patch"]
-  b, h, w, _ = known.shape
-  per_patch = known[..., 0].reshape(b, h // patch, patch, w // patch, patch).min(axis=(2, 4))
-  counts = (per_patch < 1).reshape(b, -1).sum(axis=1)
+  counts = corruption.known_patches(known, patch).sum(axis=1).round().astype(int)
   if counts.min() != counts.max():
     raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} masks {counts.min()}..{counts.max()} patches per "
                        "image: every image of a batch must mask as many")

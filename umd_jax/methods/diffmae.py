@@ -7,7 +7,6 @@ default, or eps) over the masked patches. Inpainting: the encoder runs once per 
 the masked patches are denoised step by step (ancestral DDPM over all T steps, or DDIM); the
 visible pixels are copied. It is not a class-conditional generator.
 """
-import einops
 import jax
 import jax.numpy as jnp
 
@@ -15,20 +14,13 @@ from configs import common
 from umd_jax import corruption, diffusion, flops, rules
 from umd_jax.methods.common import REP, pick
 from umd_jax.models import diffmae as model_lib
+from umd_jax.models import layers
 from umd_jax.models.umd import input_shape, parse_variant
 
 TARGETS = ("x0", "eps")
 # Keys only the UMD family reads; the checks refuse them set on a DiffMAE config.
 FOREIGN = ("corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
            "corruption.label_dropout", "model.conditioning", "model.num_classes")
-
-
-def patchify(x, patch: int):  # (B, H, W, C) -> (B, L, p*p*C), the model's patch order
-  return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
-
-
-def unpatchify(x, patch: int, grid: int):  # (B, L, p*p*C) -> (B, H, W, C)
-  return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=grid, p=patch, q=patch)
 
 
 def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, mask_ratio: float, target: str = "x0",
@@ -42,7 +34,7 @@ def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, ma
   ids = jnp.arange(batch) if sample_ids is None else sample_ids
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
   per_sample = lambda purpose, draw: jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(keys)
-  patches = patchify(x0, patch)                                                   # (B, L, P)
+  patches = layers.patchify(x0, patch)                                            # (B, L, P)
   mask = corruption.sample_mask(per_sample(0, lambda k: k), patches.shape[1], mask_ratio)
   clean = jnp.take_along_axis(patches, mask.masked_ids[..., None], axis=1)        # (B, M, P)
   t = per_sample(1, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))
@@ -52,11 +44,6 @@ def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, ma
   loss = per_image.mean()
   onehot = jax.nn.one_hot(t * num_buckets // schedule.num_timesteps, num_buckets)
   return loss, dict(loss_masked=loss, bucket_sum=onehot.T @ per_image, bucket_count=onehot.sum(axis=0))
-
-
-def known_patches(known, patch: int):
-  """(B, H, W, 1) pixel mask (1 = known) -> (B, L) patch mask, 1 where any pixel is unknown."""
-  return 1.0 - patchify(known, patch).min(axis=-1)
 
 
 class DiffMAEMethod:
@@ -99,7 +86,7 @@ class DiffMAEMethod:
     noise = jax.random.normal(k_eps, (b, m, patch * patch * model.channels))
     t = jnp.full((b,), schedule.num_timesteps - 1, jnp.int32)
     pred = model(x0, noise, diffusion.network_timestep(t), mask)
-    x0_pred, _ = _heads(config, schedule, noise, t, pred)
+    x0_pred = diffusion.parameterise(schedule, noise, t, pred, pred, prediction=config.diffmae.target)[0]
     visible = 1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3])
     filled = _fill(x0, x0_pred, mask, patch, model.grid)
     return x0 * visible, filled
@@ -113,7 +100,7 @@ class DiffMAEMethod:
     all T steps (sample.sampler="ddpm") or DDIM over sample.steps; known pixels are copied."""
     del labels
     patch = parse_variant(config.model.variant)["patch"]
-    mask = corruption.mask_from_patches(known_patches(known, patch), num_masked)
+    mask = corruption.mask_from_patches(corruption.known_patches(known, patch), num_masked)
     context = make_model().context(images, mask.keep_ids)  # the encoder, once
     return self._sample(config, schedule, make_model, images, known, mask, context, key, patch,
                         images.shape[1] // patch)
@@ -172,16 +159,11 @@ class DiffMAEMethod:
                     "is what --mode=generate does with DiffMAE: use 'random', 'center' or a PNG mask")
 
 
-def _heads(config, schedule, x, t, pred):
-  """(x0, eps) from the decoder's one head, as a sampler step reads them."""
-  return diffusion.parameterise(schedule, x, t, pred, pred, prediction=config.diffmae.target, clip=False)
-
-
 def _fill(images, masked_patches, mask, patch, grid):
   """`images` with the patches of `mask.masked_ids` replaced by `masked_patches` (B, M, P)."""
-  patches = patchify(images, patch)
+  patches = layers.patchify(images, patch)
   kept = jnp.take_along_axis(patches, mask.keep_ids[..., None], axis=1)
-  return unpatchify(jnp.take_along_axis(jnp.concatenate([kept, masked_patches.astype(patches.dtype)], axis=1),
+  return layers.unpatchify(jnp.take_along_axis(jnp.concatenate([kept, masked_patches.astype(patches.dtype)], axis=1),
                                         mask.restore_ids[..., None], axis=1), patch, grid)
 
 

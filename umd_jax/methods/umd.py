@@ -1,7 +1,6 @@
 """The UMD method (SPEC §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
 mask-then-noise corruption and the UMD loss, sampled by DDIM / DDPM over the whole image and
 inpainted RePaint-style. The presets differ only in `config.corruption` and the conditioning."""
-import einops
 import jax
 import jax.numpy as jnp
 
@@ -86,9 +85,7 @@ class UMDFamily:
 
   @staticmethod
   def _one_shot_fill(model, images, known, num_masked):
-    patch = model.patch
-    masked = 1.0 - einops.rearrange(known, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch).min(axis=-1)
-    mask = corruption.mask_from_patches(masked, num_masked)
+    mask = corruption.mask_from_patches(corruption.known_patches(known, model.patch), num_masked)
     t_index = jnp.full((images.shape[0],), diffusion.CLEAN_INDEX, jnp.int32)
     x0 = model(images, t_index, None, mask)["x0"]  # the clean step: the null label, as in training
     return known * images + (1 - known) * x0

@@ -10,7 +10,6 @@ encoder's last (normalised) output. The encoder never sees t; the decoder's bloc
 adaLN-Zero. Positions are MAE's fixed 2-D sin-cos tables.
 """
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,11 +147,7 @@ class DiffMAE(nnx.Module):
     return jnp.asarray(sincos_2d(width, self.grid), self.dtype)[None]
 
   def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
-    return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=self.patch, q=self.patch)
-
-  def unpatchify(self, x):  # (B, L, p*p*C) -> (B, H, W, C)
-    return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=self.patch, q=self.patch,
-                            c=self.channels)
+    return layers.patchify(x, self.patch)
 
   def encode(self, x, keep_ids=None, collect: bool = False, pooled=None):
     """Clean images (B, H, W, C), their kept patches (B, K) (None: all) -> dict(last (B, R+K, D)

@@ -4,12 +4,21 @@ Kernels carry logical axis names ("embed", "mlp", ...) that `sharding.py` maps t
 """
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
+
+
+def patchify(x, patch: int):  # (B, H, W, C) -> (B, L, p*p*C), patches in row-major order
+  return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
+
+
+def unpatchify(x, patch: int, grid: int):  # (B, L, p*p*C) -> (B, H, W, C)
+  return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=grid, p=patch, q=patch)
 
 
 def logical(init, *names):

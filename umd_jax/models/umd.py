@@ -5,7 +5,6 @@ labels and optional kept/restore token indices (made by `corruption.py`).
 """
 import math
 
-import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -95,11 +94,7 @@ class UMD(nnx.Module):
   # --- pieces -------------------------------------------------------------------------------
 
   def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
-    return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=self.patch, q=self.patch)
-
-  def unpatchify(self, x, channels):  # (B, L, p*p*C) -> (B, H, W, C)
-    return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=self.grid, p=self.patch,
-                            q=self.patch, c=channels)
+    return layers.patchify(x, self.patch)
 
   def condition(self, t_index, labels=None):
     """(B,) timestep indices (0 = clean step) and optional labels -> (B, width) condition."""
@@ -145,7 +140,7 @@ class UMD(nnx.Module):
     if self.adaln:
       shift, scale = jnp.split(self.final_modulation(cond), 2, axis=-1)
       h = layers.modulate(h, shift, scale)
-    out = self.unpatchify(self.head(h).astype(jnp.float32), 2 * self.channels)
+    out = layers.unpatchify(self.head(h).astype(jnp.float32), self.patch, self.grid)
     return out[..., :self.channels], out[..., self.channels:]
 
   def __call__(self, x, t_index, labels=None, mask=None):
