@@ -14,8 +14,8 @@ For each method and seed: pre-train (same model, batch, steps, data, seed); prob
 network (linear probe and few-shot ridge on `rep`, and the DDAE (block, t) sweep, whose best cell is
 the fair feature for DiT and MaskDiT); inpaint the test images with the pre-trained network and
 the method's own inpainter (centre box and 50% random patches; RePaint with the same DDIM sampler
-for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over all T steps) and
-score the filled region (PSNR, SSIM); fine-tune class-conditionally with the SPEC §5 recipe (same
+and the eps head for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over
+all T steps) and score the filled region (PSNR, SSIM); fine-tune class-conditionally with the SPEC §5 recipe (same
 steps for all); sample with the same sampler, steps and guidance; score the samples. On the digits
 the scores are the demo's classifier accuracy (a logistic regression on real training digits) and a
 Fréchet distance, precision and recall in the hidden layer of a small MLP classifier trained once on
@@ -195,6 +195,10 @@ def inpaint(config, workdir, kind, ratio) -> dict:
   config = config.copy_and_resolve_references()
   config.unlock()
   config.sample.inpaint, config.sample.inpaint_ratio = kind, ratio
+  # The eps head drives RePaint here: in pre-training, UMD's and MaskDiT's noised step trains the
+  # eps head on the visible tokens and the x0 head only on the masked ones, and RePaint shows the
+  # network every token (the demo's x0 sampler is for fine-tuned networks, trained unmasked).
+  config.sample.prediction = "eps"
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = weights.load(config, workdir, mesh, prefer_ema=config.sample.use_ema)
   outputs = files.OutputSet(os.path.join(workdir, f"inpaint_{kind}"))
