@@ -1,6 +1,8 @@
 """DiffMAE (umd_jax/models/diffmae.py, umd_jax/methods/diffmae.py): the model's structure, the
 loss against a hand computation, what the encoder may see, the top-down links, sharded ==
 unsharded, inpainting, FLOPs against XLA, and the keys each method refuses."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ from flax import nnx
 
 from configs import common, demo, diffmae_b, umd_b
 from conftest import tiny_config
-from umd_jax import checks, corruption, diffusion, flops, methods, sharding, train_step
+from umd_jax import (checks, corruption, diffusion, flops, generate, inpainting, methods, probe, sharding, train,
+                     train_step)
 from umd_jax.methods import diffmae as method_lib
 from umd_jax.models import diffmae as model_lib
 
@@ -112,7 +115,7 @@ def test_loss_equals_the_hand_computation_and_visible_patches_are_never_noised()
     buckets = t * 4 // 1000
     np.testing.assert_allclose(np.asarray(metrics["bucket_sum"]), [per_image[buckets == b].sum() for b in range(4)],
                                rtol=1e-4, atol=1e-6)
-    assert set(np.asarray(mask.masked_ids).ravel()).isdisjoint(set())  # ids are patch indices
+    assert np.asarray(mask.masked_ids).min() >= 0 and np.asarray(mask.masked_ids).max() < 16  # patch indices
     for row in range(4):  # kept and masked ids partition the patches
       assert sorted(np.concatenate([np.asarray(mask.keep_ids[row]), np.asarray(mask.masked_ids[row])])) == list(range(16))
 
@@ -158,7 +161,6 @@ def test_inpainting_copies_known_pixels_and_fills_only_masked_patches():
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1), minval=-1, maxval=1)
   known = np.ones((4, 8, 8, 1), np.float32)
   known[:, 2:6, 2:6] = 0  # the centre: 4 patches of 2x2
-  from umd_jax import inpainting
   assert inpainting.masked_patch_count(config, known) == 4
   fill = inpainting.make_inpainter(config, graphdef, 4)
   out = fill(params, x, jnp.asarray(known), jnp.zeros(4, jnp.int32), jax.random.PRNGKey(2))
@@ -246,9 +248,6 @@ def test_configs_follow_the_paper_and_the_comparable_setting():
 def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
   """The loop (preview grid, few-shot probe), --mode=probe with the sweep and --mode=generate's
   inpainting, each from the previous one's checkpoint, through the method interface."""
-  import json
-
-  from umd_jax import generate, probe, train
   config = tiny_config("diffmae", **{"total_steps": 4, "image_every": 4, "probe_every": 4, "probe.max_train_images": 200,
                                      "probe.fewshot_shots": (1, 5), "probe.sweep": True, "probe.sweep_ts": (-1, 100),
                                      "probe.linear_epochs": 2, "probe.linear_warmup_epochs": 1,
@@ -274,7 +273,6 @@ def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
 
 def test_summary_counts_the_parameters_of_the_architecture(tmp_path):
   """--mode=summary's count against the architecture, block by block (cross-self decoder)."""
-  from umd_jax import train
   config = tiny_config("diffmae")  # Mu/2 encoder: width 32, 2 blocks; decoder 32 wide, 2 blocks
   w, dw, p_dim, e, d, r = 32, 32, 4, 2, 2, 1
   vit_block = 12 * w * w + 13 * w                                      # qkv, proj, mlp, 2 LayerNorms
