@@ -181,6 +181,36 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
     c.sample.inpaint = "center"
     c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps, as the paper samples
 
+  # Recognition fine-tuning (--mode=classify, SPEC §10: MAE's recipe for B; `classify_recipe` sets L's).
+  # Global keys it reads too: batch_size (1024), seed, init_from, log/checkpoint cadence, data.crop_area_*.
+  c.classify = ml_collections.ConfigDict()
+  c.classify.block = -1                    # -1: after the encoder's last block (MAE); k: DDAE's cut after block k
+                                           # (numbered as probe.block: encoder, then decoder blocks)
+  c.classify.t = 0 if method in ("dit", "maskdit") else -1   # -1: the clean image (timestep index 0); t >= 0:
+                                           # noised to t, told t + 1 (DDAE; DiT and MaskDiT never saw index 0)
+  c.classify.init_ema = True               # start from init_from's EMA weights when it kept them
+  c.classify.epochs = 100
+  c.classify.warmup_epochs = 5
+  c.classify.base_lr = 5e-4                # peak LR = base_lr * batch_size / 256
+  c.classify.layer_decay = 0.65            # block i of N: LR × decay^(N-i); embeddings decay^(N+1); head 1
+  c.classify.weight_decay = 0.05           # not on norms, biases, position tables, tokens
+  c.classify.b1 = 0.9
+  c.classify.b2 = 0.999
+  c.classify.grad_clip = 0.0               # 0: none (MAE's fine-tuning does not clip)
+  c.classify.drop_path = 0.1               # stochastic depth of the last block (linear from 0 at the first)
+  c.classify.label_smoothing = 0.1
+  c.classify.mixup_alpha = 0.8             # 0: no mixup
+  c.classify.cutmix_alpha = 1.0            # 0: no cutmix
+  c.classify.mix_switch_prob = 0.5         # with both: P(cutmix) per batch
+  c.classify.randaugment_ops = 2           # RandAugment (timm's rand-m9-mstd0.5-inc1); 0: off
+  c.classify.randaugment_magnitude = 9.0
+  c.classify.randaugment_magnitude_std = 0.5
+  c.classify.erase_prob = 0.25             # random erasing (per-pixel noise box); 0: off
+  c.classify.ema_rate = 0.0                # EMA step of the weights (also evaluated); 0: none
+  c.classify.eval_every_epochs = 5         # top-1 / top-5 on data.eval_split (and at the end)
+  c.classify.eval_batch_size = 1024
+  c.classify.noise_seed = 0                # classify.t >= 0: the fixed per-image noise of evaluation
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                         # -1: all devices not used by fsdp
   c.mesh.fsdp = 1
@@ -191,11 +221,33 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg, default_variant: str):
-  """Config argument: a variant ("B/8"), "finetune", or both ("B/8,finetune")."""
+  """Config argument: a variant ("B/8"), "finetune", or both ("B/8,finetune"); "classify" is
+  read by `wants_classify`."""
   parts = [p for p in (arg or "").split(",") if p]
   finetune = "finetune" in parts
-  variants = [p for p in parts if p != "finetune"]
+  variants = [p for p in parts if p not in ("finetune", "classify")]
   return (variants[0] if variants else default_variant), finetune
+
+
+def wants_classify(arg) -> bool:
+  return "classify" in (arg or "").split(",")
+
+
+def classify_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SPEC §10 recognition fine-tuning of model.variant: MAE's recipe (B: base LR 5e-4, layer decay
+  0.65, drop path 0.1, 100 epochs; L: 1e-3, 0.75, 0.2, 50 epochs), batch 1024, Inception crop
+  8-100% + flip; the rest are the `classify.*` defaults. Run with --mode=classify."""
+  large = c.model.variant.split("/")[0] == "L"
+  c.batch_size = 1024
+  c.classify.base_lr = 1e-3 if large else 5e-4
+  c.classify.layer_decay = 0.75 if large else 0.65
+  c.classify.drop_path = 0.2 if large else 0.1
+  c.classify.epochs = 50 if large else 100
+  c.data.crop_area_min = 0.08
+  c.data.crop_area_max = 1.0
+  c.data.flip = True
+  c.checkpoint_every = 1000
+  return c
 
 
 def finetune_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

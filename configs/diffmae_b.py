@@ -11,7 +11,11 @@ patches' statistics are unknown while sampling).
 
 Argument: a variant (`configs/diffmae_b.py:L/16`) and/or `umd64`: the setting comparable with
 configs/umd_b.py -- ImageNet 64 px, B/4, batch 1024, 800 epochs, 5% warm-up, crop 80-100% --
-so only the method differs (`configs/diffmae_b.py:umd64`).
+so only the method differs (`configs/diffmae_b.py:umd64`); and/or `classify`: MAE's recognition
+fine-tuning recipe (SPEC §10) for --mode=classify from a pre-training workdir:
+
+  python main.py --config=configs/diffmae_b.py:classify --mode=classify --workdir=/path/to/classify \
+      --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
 
 From the paper: 75% of the patches masked; only they are noised, per image to t ~ U{0..999};
 the encoder sees the clean visible patches and no t; a cross-self decoder (self-attention among
@@ -29,7 +33,7 @@ def get_config(arg=None):
   c = common.base_config("diffmae")
   parts = [p for p in (arg or "").split(",") if p]
   comparable = "umd64" in parts
-  variants = [p for p in parts if p != "umd64"]
+  variants = [p for p in parts if p not in ("umd64", "classify")]
   c.model.variant = variants[0] if variants else ("B/4" if comparable else "B/16")
   if not comparable:  # the paper's setting: MAE's ImageNet recipe at 224 px
     c.data.image_size = 224
@@ -37,4 +41,6 @@ def get_config(arg=None):
     c.total_steps = 1600 * common.IMAGENET_TRAIN_IMAGES // 4096
     c.optim.warmup_fraction = 40 / 1600
     c.data.crop_area_min = 0.2
+  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning (the paper's ImageNet top-1)
+    common.classify_recipe(c)
   return common.finalize(c)

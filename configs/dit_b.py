@@ -21,4 +21,6 @@ def get_config(arg=None):
   c.model.variant, finetune = common.parse_arg(arg, "B/4")
   if finetune:
     common.finetune_recipe(c)
+  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+    common.classify_recipe(c)
   return common.finalize(c)

@@ -24,4 +24,6 @@ def get_config(arg=None):
   c.model.scan_layers = True  # 24+ blocks: scanned layers keep the compile under a minute
   if finetune:
     common.finetune_recipe(c)
+  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+    common.classify_recipe(c)
   return common.finalize(c)

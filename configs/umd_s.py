@@ -22,4 +22,6 @@ def get_config(arg=None):
   c.model.variant, finetune = common.parse_arg(arg, "S/4")
   if finetune:
     common.finetune_recipe(c)
+  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+    common.classify_recipe(c)
   return common.finalize(c)

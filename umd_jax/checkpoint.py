@@ -147,8 +147,8 @@ def _flat_configs(manager, step: int, config):
 
 def _objective(key: str) -> bool:
   """Keys that define what a run optimises and how: the method, its corruption, the diffusion
-  schedule, DiffMAE's settings and the optimizer. Resuming with any of them changed is another run."""
-  return key == "method" or key.startswith(("corruption.", "diffusion.", "diffmae.", "optim.")) and \
+  schedule, DiffMAE's settings, the optimizer and recognition fine-tuning's recipe. Resuming with any of them changed is another run."""
+  return key == "method" or key.startswith(("corruption.", "diffusion.", "diffmae.", "optim.", "classify.")) and \
       key != "corruption.loss_buckets"
 
 

@@ -12,7 +12,7 @@ from umd_jax import diffusion, fid, images, inpainting, latent, methods, rules
 from umd_jax.models import layers, umd
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
-MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode")
+MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode", "classify")
 _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 
 
@@ -121,6 +121,46 @@ def _probe(config, mode_probe: bool) -> None:
     _int(config, "probe.sweep_shots", 1)
 
 
+def _classify(config) -> None:
+  """--mode=classify (SPEC §10): the loop's keys and every classify.* setting."""
+  c, T = config.classify, config.diffusion.num_timesteps
+  for key in ("batch_size", "log_every", "checkpoint_every", "classify.epochs", "classify.eval_every_epochs",
+              "classify.eval_batch_size"):
+    _int(config, key, 1)
+  _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
+  _int(config, "max_skips", 0)
+  _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
+           "use 'stop' or 'skip'")
+  _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
+           "classification needs labels: set the dataset's class count")
+  blocks = methods.get(config).num_blocks(config)
+  _require(c.block == -1 or isinstance(c.block, int) and 0 <= c.block < blocks, "classify.block", c.block,
+           f"is not a block of this network: use -1 (after the encoder's last block) or 0..{blocks - 1}")
+  _require(c.t == -1 or 0 <= c.t < T, "classify.t", c.t, f"use -1 (the clean image) or a timestep in [0, {T})")
+  _require(0 < c.layer_decay <= 1, "classify.layer_decay", c.layer_decay, "must be in (0, 1] (1: no decay)")
+  _require(isinstance(c.warmup_epochs, (int, float)) and 0 <= c.warmup_epochs < c.epochs, "classify.warmup_epochs",
+           c.warmup_epochs, f"must be in [0, classify.epochs={c.epochs})")
+  _require(c.base_lr > 0, "classify.base_lr", c.base_lr, "must be > 0")
+  _require(c.weight_decay >= 0, "classify.weight_decay", c.weight_decay, "must be >= 0")
+  _require(c.grad_clip >= 0, "classify.grad_clip", c.grad_clip, "must be >= 0 (0: no clipping)")
+  for key in ("b1", "b2", "drop_path", "label_smoothing"):
+    _fraction(c[key], f"classify.{key}", high_open=True)
+  for key in ("mix_switch_prob", "erase_prob", "ema_rate"):
+    _fraction(c[key], f"classify.{key}")
+  for key in ("mixup_alpha", "cutmix_alpha", "randaugment_magnitude_std"):
+    _require(c[key] >= 0, f"classify.{key}", c[key], "must be >= 0 (0: off)")
+  _int(config, "classify.randaugment_ops", 0, "must be an integer >= 0 (0: no RandAugment)")
+  _require(0 <= c.randaugment_magnitude <= 10, "classify.randaugment_magnitude", c.randaugment_magnitude,
+           "must be in [0, 10] (RandAugment's magnitude scale)")
+  if config.data.space == "latents":
+    for key in ("randaugment_ops", "erase_prob"):
+      _require(c[key] == 0, f"classify.{key}", c[key], "is pixel-space augmentation: set it to 0 for "
+               "data.space='latents' (the training records are pre-encoded latents)")
+  elif c.randaugment_ops:
+    _require(config.data.channels in (1, 3), "data.channels", config.data.channels,
+             "RandAugment takes grey or RGB images: set classify.randaugment_ops=0")
+
+
 def _inception_weights(config) -> None:
   """The file exists and holds every Inception weight with its shape (opened, not only found)."""
   path = config.sample.inception_weights
@@ -188,7 +228,7 @@ def _vae(config, mode: str) -> None:
     latent.check_file(config)
   except latent.LatentError as e:
     raise ConfigError(str(e)) from None
-  if mode in ("pretrain", "finetune"):
+  if mode in ("pretrain", "finetune", "classify"):
     _require(bool(d.latents), "data.latents", d.latents, "is not set: latent runs train on the latents that "
              "--mode=encode writes (see README, Latent diffusion); pass --config.data.latents=DIR")
     _require("://" not in d.latents, "data.latents", d.latents,
@@ -215,5 +255,7 @@ def check(config, mode: str) -> None:
              "fine-tuning is class-conditional: set it (the ':finetune' configs do)")
   if mode == "probe":
     _probe(config, mode_probe=True)
+  if mode == "classify":
+    _classify(config)
   if mode == "generate" or mode == "finetune" and config.fid_every:
     _generate(config)

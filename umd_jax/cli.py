@@ -2,6 +2,8 @@
 
   umd-jax --config=configs/umd_b.py --mode=pretrain --workdir=/path/to/workdir
   umd-jax --config=configs/umd_b.py --mode=probe --workdir=/path/to/workdir
+  umd-jax --config=configs/umd_b.py:classify --mode=classify --workdir=/path/to/classify \
+      --config.init_from=/path/to/workdir
   umd-jax --config=configs/umd_b.py --mode=summary --workdir=/tmp/summary
   umd-jax --config=configs/latent_umd_l.py --mode=encode --workdir=/path/to/latents \
       --config.vae.weights=vae.npz --config.data.data_dir=/path/to/tensorflow_datasets
@@ -23,7 +25,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary", "encode"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary", "encode", "classify"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
                                    "that JAX does not detect by itself (TPU slices, SLURM, Open MPI and "
                                    "Kubernetes jobs are detected).")
@@ -73,7 +75,7 @@ def main(argv):
   del argv
   # Imported once the flags parsed: the package pulls in TensorFlow (clu's writers) and JAX, which
   # would make `--help` and a mistyped flag take seconds instead of a moment.
-  from umd_jax import checkpoint, data, encode, generate, latent, multihost, probe, sharding, train
+  from umd_jax import checkpoint, classify, data, encode, generate, latent, multihost, probe, sharding, train
   logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -91,6 +93,13 @@ def main(argv):
     elif _MODE.value == "generate":
       result = generate.run(config, _WORKDIR.value)
       print(json.dumps(result, indent=2))
+    elif _MODE.value == "classify":
+      result = classify.run(config, _WORKDIR.value)
+      if "top1" in result:
+        k = [key for key in result if key.startswith("top") and key[3:].isdigit() and key != "top1"]
+        print(f"step {result['step']} (epoch {result['epoch']:.1f}): top-1 {100 * result['top1']:.2f}%"
+              + "".join(f", {key[:3]}-{key[3:]} {100 * result[key]:.2f}%" for key in k))
+      print(f"results: {_WORKDIR.value}/classify/results.json")
     elif _MODE.value == "probe":
       probe.run(config, _WORKDIR.value)
       print(f"results: {_WORKDIR.value}/probe/results.json")

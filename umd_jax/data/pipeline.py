@@ -23,6 +23,7 @@ import grain
 import jax
 import numpy as np
 
+from umd_jax.data import augment
 from umd_jax.data.encoded import DecodeError, crop_resize
 from umd_jax.data.latents import ChooseView, FirstView, LatentSource
 from umd_jax.data.sources import DataError, skipped_at_decode
@@ -84,6 +85,26 @@ class TrainAugment(grain.transforms.RandomMap):
     if self.flip and rng.uniform() < 0.5:
       image = image[:, ::-1]
     return {"image": _to_float(image), "label": np.int32(record["label"])}
+
+
+class ClassifyAugment(TrainAugment):
+  """Recognition fine-tuning's training view (SPEC §10): the Inception crop and flip, then
+  RandAugment on the pixels and random erasing on the [-1, 1] image (data/augment.py)."""
+
+  def __init__(self, size, area_range, flip, randaugment=None, erase_prob: float = 0.0):
+    super().__init__(size, area_range, flip)
+    self.randaugment, self.erase_prob = randaugment, erase_prob
+
+  def random_map(self, record, rng):
+    image, record = decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
+    if self.flip and rng.uniform() < 0.5:
+      image = image[:, ::-1]
+    if self.randaugment is not None:
+      image = self.randaugment(np.ascontiguousarray(image), rng)
+    image = _to_float(image)
+    if self.erase_prob > 0:
+      image = augment.random_erase(image, rng, self.erase_prob)
+    return {"image": image, "label": np.int32(record["label"])}
 
 
 class EvalPreprocess(grain.transforms.Map):

@@ -24,6 +24,13 @@ A method is an object with:
   train_flops_per_image(config)
                              analytic forward + backward FLOPs of one training image
   check(config, mode)        the method's own settings (raises checks.ConfigError)
+  encoder_depth(config)      blocks of its encoder (the classifier's default cut: after the last)
+  classify_tokens(model, x, t_index, block, drop)
+                             (B, L, D) patch tokens after `block` of the unmasked forward (numbered
+                             as `features` numbers them); drop (block + 1, 2, B) stochastic depth
+  classify_layers(config, block)
+                             {top-level parameter: layer id, or ("stack", id of its block 0)} of
+                             what that cut reads (MAE's layer-wise LR decay); others stay frozen
 `make_model()` merges the weights where it is called (inside a sampling scan: newer Flax refuses
 a module built at an outer trace level inside the model's own nnx.scan).
 """

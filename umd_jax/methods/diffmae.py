@@ -76,6 +76,17 @@ class DiffMAEMethod:
       return model.encode(x)["rep"][None]
     return pick(model.features(x), blocks)
 
+  def encoder_depth(self, config) -> int:
+    return parse_variant(config.model.variant)["encoder_depth"]
+
+  def classify_tokens(self, model, x, t_index, block, drop=None):
+    del t_index  # the encoder has no timestep
+    return model.tokens(x, block, drop)
+
+  def classify_layers(self, config, block) -> dict:
+    """Layer ids of what the classifier reads (the encoder): embeddings 0, block j j + 1."""
+    return {"patch_embed": 0, "registers": 0, "encoder": ("stack", 1)}
+
   def preview(self, config, schedule, model, x0, key):
     """Visible patches, and the decoder's one-step x0 guess for the masked ones from pure noise
     (t = T - 1, where inpainting starts), the visible ones copied."""
@@ -133,7 +144,7 @@ class DiffMAEMethod:
                     "read only by the UMD family (umd, dit, maskdit, mae); DiffMAE's keys are diffmae.*")
     d = config.diffmae
     rules.require(mode != "finetune", "--mode", mode, "DiffMAE has no class-conditional fine-tuning: pre-train, "
-                  "probe, or inpaint with --mode=generate")
+                  "probe, fine-tune a classifier (--mode=classify) or inpaint with --mode=generate")
     rules.require(d.decoder in model_lib.DECODERS, "diffmae.decoder", d.decoder, f"use one of {model_lib.DECODERS}")
     rules.require(d.links in model_lib.LINKS, "diffmae.links", d.links, f"use one of {model_lib.LINKS}")
     rules.require(d.target in TARGETS, "diffmae.target", d.target, f"use one of {TARGETS}")

@@ -47,6 +47,25 @@ class UMDFamily:
       return model.encode(x, cond)[1].astype(jnp.float32)[None]
     return pick(model.features(x, t_index), blocks)
 
+  def encoder_depth(self, config) -> int:
+    return model_lib.parse_variant(config.model.variant)["encoder_depth"]
+
+  def classify_tokens(self, model, x, t_index, block, drop=None):
+    """Patch tokens after `block` of the unmasked forward told t_index (the null label for a
+    class-conditional network)."""
+    return model.tokens(x, model.condition(t_index), block, drop)
+
+  def classify_layers(self, config, block) -> dict:
+    """Layer ids (MAE's layer-wise decay) of what the classifier cut after `block` reads: the
+    embeddings 0, encoder block j j + 1, and past the encoder its final norm, the decoder's
+    positions (both with decoder block 0) and decoder block j E + 1 + j."""
+    e = self.encoder_depth(config)
+    layers_ = {k: 0 for k in ("patch_embed", "encoder_pos", "registers", "time_embed", "label_embed")}
+    layers_["encoder"] = ("stack", 1)
+    if block >= e:
+      layers_.update(encoder_norm=e + 1, decoder_pos=e + 1, decoder=("stack", e + 1))
+    return layers_
+
   def preview(self, config, schedule, model, x0, key):
     """The clean step at its mask ratio (UMD, MAE), else the noised step at t = T/2."""
     c = config.corruption

@@ -149,18 +149,22 @@ class DiffMAE(nnx.Module):
   def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
     return layers.patchify(x, self.patch)
 
-  def encode(self, x, keep_ids=None, collect: bool = False, pooled=None):
-    """Clean images (B, H, W, C), their kept patches (B, K) (None: all) -> dict(last (B, R+K, D)
-    normalised output, rep (B, D) the mean of the register outputs, and with `collect` every
-    block's output (E, B, R+K, D)). With a `pooled` dict, the mean-pooled patch tokens after each
-    block go to pooled["encoder"] (E, B, D). No timestep: the encoder only ever sees clean patches."""
+  def _embed(self, x, keep_ids=None):
+    """Clean images -> the encoder's input: the class token(s), then the (kept) patches with positions."""
     patches, pos = self.patchify(x).astype(self.dtype), self.positions(self.width)
     if keep_ids is not None:  # only the kept patches are embedded
       patches = jnp.take_along_axis(patches, keep_ids[..., None], axis=1)
       pos = _take(pos, keep_ids)
     tokens = self.patch_embed(patches) + pos
     registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
-    h = jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
+    return jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
+
+  def encode(self, x, keep_ids=None, collect: bool = False, pooled=None):
+    """Clean images (B, H, W, C), their kept patches (B, K) (None: all) -> dict(last (B, R+K, D)
+    normalised output, rep (B, D) the mean of the register outputs, and with `collect` every
+    block's output (E, B, R+K, D)). With a `pooled` dict, the mean-pooled patch tokens after each
+    block go to pooled["encoder"] (E, B, D). No timestep: the encoder only ever sees clean patches."""
+    h = self._embed(x, keep_ids)
     out = {}
     if pooled is not None:
       h, pooled["encoder"] = self.encoder(h, None, pool_from=self.num_registers)
@@ -171,6 +175,14 @@ class DiffMAE(nnx.Module):
     last = self.encoder_norm(h)
     out.update(last=last, rep=last[:, :self.num_registers].mean(axis=1).astype(jnp.float32))
     return out
+
+  def tokens(self, x, block: int, drop=None):
+    """The encoder on the whole clean image cut after `block`: its patch tokens (B, L, D), without
+    the class token. `drop` (block + 1, 2, B): stochastic depth of the blocks run. Recognition
+    fine-tuning reads it (MAE's head after the last block)."""
+    h = self._embed(x)
+    run = block + 1
+    return self.encoder(h, None, upto=run if run < self.encoder.depth else None, drop=drop)[:, self.num_registers:]
 
   def context(self, x, keep_ids=None):
     """What the decoder reads of the encoder, computed once per image (inpainting reuses it at every

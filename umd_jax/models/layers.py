@@ -150,18 +150,31 @@ class Block(nnx.Module):
     if adaln:
       self.modulation = dense(width, 6 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=zeros)
 
-  def __call__(self, x, cond):  # x (B, N, D); cond (B, D), or None for an unconditioned block
+  def __call__(self, x, cond, drop=None):
+    """x (B, N, D); cond (B, D), or None for an unconditioned block; `drop` (2, B): per-sample
+    scales of the attention and MLP branches (stochastic depth: 0, or 1 / keep probability)."""
+    keep = (lambda i, y: y) if drop is None else (lambda i, y: y * drop[i][:, None, None].astype(y.dtype))
     if cond is None:
-      x = x + self.attn(self.norm1(x))
-      return x + self.mlp(self.norm2(x))
+      x = x + keep(0, self.attn(self.norm1(x)))
+      return x + keep(1, self.mlp(self.norm2(x)))
     if self.adaln:
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(cond), 6, axis=-1)
-      x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-      return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+      x = x + keep(0, gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1)))
+      return x + keep(1, gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)))
     x = jnp.concatenate([cond[:, None].astype(x.dtype), x], axis=1)
-    x = x + self.attn(self.norm1(x))
-    x = x + self.mlp(self.norm2(x))
+    x = x + keep(0, self.attn(self.norm1(x)))
+    x = x + keep(1, self.mlp(self.norm2(x)))
     return x[:, 1:]
+
+
+def drop_path_scales(key, rate: float, depth: int, batch: int) -> jax.Array:
+  """(depth, 2, B) stochastic-depth scales for `Block`'s two branches (timm's DropPath, as MAE
+  fine-tunes): block i drops each branch of each sample independently with probability
+  rate·i/(depth-1) (0 for the first block, `rate` for the last) and scales kept ones by 1/keep."""
+  rates = rate * jnp.arange(depth, dtype=jnp.float32) / max(depth - 1, 1)
+  keep = 1.0 - rates[:, None, None]
+  kept = jax.random.bernoulli(key, keep, (depth, 2, batch))
+  return kept.astype(jnp.float32) / keep
 
 
 REMAT_POLICIES = {
@@ -180,7 +193,7 @@ class Stack(nnx.Module):
                attention="auto", make=None):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)}")
-    self.scan, self.remat = scan, remat
+    self.scan, self.remat, self.depth = scan, remat, depth
     if make is None:
       make = lambda r: Block(width, heads, adaln=adaln, dtype=dtype, rngs=r, attention=attention)
     if scan:
@@ -192,25 +205,38 @@ class Stack(nnx.Module):
     else:
       self.blocks = nnx.List([make(rngs) for _ in range(depth)])
 
-  def __call__(self, x, cond, pool_from: int | None = None, context=None, collect: bool = False):
-    """Apply every block. With `pool_from`, also return each block's output mean-pooled over
-    tokens[pool_from:] as a (depth, B, D) array (features for DDAE-style probing); with `collect`,
-    every block's whole output (depth, B, N, D). `context` (depth, ...): block i's own input."""
+  def __call__(self, x, cond, pool_from: int | None = None, context=None, collect: bool = False, upto=None,
+               drop=None):
+    """Apply every block (or, with `upto`, the first `upto`). With `pool_from`, also return each
+    block's output mean-pooled over tokens[pool_from:] as a (depth, B, D) array (features for
+    DDAE-style probing); with `collect`, every block's whole output (depth, B, N, D). `context`
+    (depth, ...): block i's own input; `drop` (depth, 2, B): block i's stochastic-depth scales."""
+    if drop is not None:
+      if context is not None:
+        raise ValueError("a Stack takes either a per-block context or stochastic depth, not both")
+      context = drop
     def apply(block, h, c, ctx):
-      h = block(h, c) if ctx is None else block(h, c, ctx)
+      if ctx is None:
+        h = block(h, c)
+      else:
+        h = block(h, c, drop=ctx) if drop is not None else block(h, c, ctx)
       if collect:
         return h, h
       return h, (None if pool_from is None else h[:, pool_from:].mean(axis=1).astype(jnp.float32))
     if self.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+    blocks = self.blocks
     if self.scan:
+      if upto is not None:  # the first `upto` of the stacked blocks
+        graphdef, state = nnx.split(blocks)
+        blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[:upto], state))
       @nnx.scan(in_axes=(0, nnx.Carry, None, None if context is None else 0), out_axes=(nnx.Carry, 0))
       def body(block, h, c, ctx):
         return apply(block, h, c, ctx)
-      x, out = body(self.blocks, x, cond, context)
+      x, out = body(blocks, x, cond, context)
     else:
       out = []
-      for i, block in enumerate(self.blocks):
+      for i, block in enumerate(blocks if upto is None else list(blocks)[:upto]):
         x, o = apply(block, x, cond, None if context is None else context[i])
         out.append(o)
       out = None if pool_from is None and not collect else jnp.stack(out)

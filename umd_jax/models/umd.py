@@ -65,7 +65,7 @@ class UMD(nnx.Module):
     self.patch, self.channels, self.num_classes = patch, channels, num_classes
     self.grid = image_size // patch
     self.num_patches = self.grid ** 2
-    self.num_registers = num_registers
+    self.num_registers, self.encoder_depth = num_registers, encoder_depth
     self.adaln = conditioning == "adaln"
     self.dtype = dt = DTYPES[compute_dtype(dtype)]
     stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, attention=attention, rngs=rngs)
@@ -108,19 +108,44 @@ class UMD(nnx.Module):
   def encode(self, x, cond, keep_ids=None, pooled=None):
     """Images (B, H, W, C) -> visible-token outputs (B, K, D) and rep (B, D).
     With a `pooled` dict, the mean-pooled patch tokens after each block go to pooled["encoder"]."""
-    # The residual stream stays in the compute dtype (bf16 on accelerators halves the bytes every
-    # norm, gate and residual add moves); LayerNorm statistics are still taken in float32.
-    tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...].astype(self.dtype)
-    if keep_ids is not None:
-      tokens = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
-    registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
-    h = jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
+    h = self._embed(x, keep_ids)
     if pooled is None:
       h = self.encoder(h, cond)
     else:
       h, pooled["encoder"] = self.encoder(h, cond, pool_from=self.num_registers)
     h = self.encoder_norm(h)
     return h[:, self.num_registers:], h[:, :self.num_registers].mean(axis=1)
+
+  def _embed(self, x, keep_ids=None):
+    """Images -> the encoder's input: registers, then the (kept) patch tokens with positions."""
+    # The residual stream stays in the compute dtype (bf16 on accelerators halves the bytes every
+    # norm, gate and residual add moves); LayerNorm statistics are still taken in float32.
+    tokens = self.patch_embed(self.patchify(x).astype(self.dtype)) + self.encoder_pos[...].astype(self.dtype)
+    if keep_ids is not None:
+      tokens = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
+    registers = jnp.broadcast_to(self.registers[...], (tokens.shape[0],) + self.registers.shape[1:])
+    return jnp.concatenate([registers.astype(tokens.dtype), tokens], axis=1)
+
+  def _decoder_input(self, h, rep):
+    """Patch tokens (B, L, D) in patch order and rep -> the decoder's input: rep first, positions added."""
+    return jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...].astype(h.dtype)], axis=1)
+
+  def tokens(self, x, cond, block: int, drop=None):
+    """The unmasked forward cut after `block` (0 .. encoder_depth-1 the encoder's, then the
+    decoder's, numbered as `features` numbers them): that block's patch tokens (B, L, D), without
+    the registers or the decoder's rep token. `drop` (block + 1, 2, B): stochastic depth of the
+    blocks run (layers.drop_path_scales). Recognition fine-tuning reads it: MAE's head after the
+    encoder's last block, or DDAE's cut anywhere."""
+    e = self.encoder_depth
+    run = min(block + 1, e)
+    h = self.encoder(self._embed(x), cond, upto=run if run < e else None, drop=None if drop is None else drop[:run])
+    if block < e:
+      return h[:, self.num_registers:]
+    h = self.encoder_norm(h)
+    h = self._decoder_input(h[:, self.num_registers:], h[:, :self.num_registers].mean(axis=1))
+    run = block + 1 - e
+    h = self.decoder(h, cond, upto=run if run < self.decoder.depth else None, drop=None if drop is None else drop[e:])
+    return h[:, 1:]
 
   def decode(self, visible, rep, cond, restore_ids=None, pooled=None):
     """Visible tokens (B, K, D) + rep -> (x0, eps) images, each (B, H, W, C) in float32."""
@@ -131,7 +156,7 @@ class UMD(nnx.Module):
       h = jnp.take_along_axis(h, restore_ids[..., None], axis=1)  # back to patch order
     else:
       h = visible
-    h = jnp.concatenate([rep[:, None].astype(h.dtype), h + self.decoder_pos[...].astype(h.dtype)], axis=1)
+    h = self._decoder_input(h, rep)
     if pooled is None:
       h = self.decoder(h, cond)
     else:
