@@ -12,7 +12,9 @@ scored, over several seeds, in one command.
 
 For each method and seed: pre-train (same model, batch, steps, data, seed); probe the frozen
 network (linear probe and few-shot ridge on `rep`, and the DDAE (block, t) sweep, whose best cell is
-the fair feature for DiT and MaskDiT); inpaint the test images with the pre-trained network and
+the fair feature for DiT and MaskDiT); fine-tune it end to end into a classifier (--mode=classify,
+MAE's recipe, SPEC §10; the encoder's output on the clean image, or for DiT and MaskDiT DDAE's
+input noised to t = 0) and score top-1 on the test split; inpaint the test images with the pre-trained network and
 the method's own inpainter (centre box and 50% random patches; RePaint with the same DDIM sampler
 and the eps head for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over
 all T steps) and score the filled region (PSNR, SSIM); fine-tune class-conditionally with the SPEC §5 recipe (same
@@ -52,7 +54,7 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 import train_step as bench_train_step  # noqa: E402  (bench/train_step.py)
 from common import machine, time_rounds  # noqa: E402  (bench/common.py)
 from configs import common as config_common, demo  # noqa: E402
-from umd_jax import fid, files, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
+from umd_jax import classify, fid, files, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
 
 METHODS = ("umd", "dit", "maskdit", "mae", "diffmae")
 INPAINT = (("center", 0.5), ("random", 0.5))  # (mask, share of patches for "random")
@@ -70,6 +72,8 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=0)
   p.add_argument("--pretrain_steps", type=int, default=2000)
   p.add_argument("--finetune_steps", type=int, default=800)
+  p.add_argument("--classify_epochs", type=int, default=0,
+                 help="recognition fine-tuning epochs (SPEC §10); 0: the recipe's (digits demo 100, B 100, L 50)")
   p.add_argument("--num_samples", type=int, default=500)
   p.add_argument("--sample_steps", type=int, default=50)
   p.add_argument("--cfg_scale", type=float, default=2.0)
@@ -80,6 +84,7 @@ def parse_args(argv=None):
   if args.quick:
     args.seeds, args.pretrain_steps, args.finetune_steps = 1, 6, 4
     args.num_samples, args.sample_steps, args.timing_rounds = 40, 4, 2
+    args.classify_epochs = 1
   return args
 
 
@@ -94,6 +99,7 @@ def _method(c, method):
   c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
   c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
   c.model.conditioning = preset["conditioning"]
+  c.classify.t = config_common.base_config(method).classify.t  # DiT / MaskDiT: DDAE's noised input
   return c
 
 
@@ -148,6 +154,34 @@ def make_config(args, method, seed, finetune=False, init_from=""):
   return c
 
 
+def make_classify_config(args, method, seed, init_from):
+  """Recognition fine-tuning (SPEC §10) of a pre-trained run: the demo's `classify` setting on the
+  digits, configs/<method>_b.py:classify (MAE's recipe) otherwise; the same for every method."""
+  if args.dataset == "digits":
+    c = demo.get_config("diffmae,classify" if method == "diffmae" else "classify")
+    c.unlock()
+    if method != "diffmae":
+      c = _method(c, method)
+  else:
+    module = importlib.import_module(f"configs.{method}_b")
+    setting = "umd64" if method == "diffmae" else ""
+    c = module.get_config(",".join(p for p in (args.variant or "B/4", "classify", setting) if p))
+    c.unlock()
+    c.data.name, c.data.data_dir = args.dataset, args.data_dir
+    c.data.image_size = args.image_size or 64
+  if args.variant:
+    c.model.variant = args.variant
+  if args.image_size:
+    c.data.image_size = args.image_size
+  if args.classify_epochs:
+    c.classify.epochs = args.classify_epochs
+    c.classify.warmup_epochs = min(c.classify.warmup_epochs, args.classify_epochs - 1)
+    c.classify.eval_every_epochs = min(c.classify.eval_every_epochs, args.classify_epochs)
+  c.seed, c.init_from = seed, init_from
+  c.lock()
+  return c
+
+
 # --- one run ------------------------------------------------------------------------------------
 
 
@@ -160,6 +194,7 @@ def run_one(args, method, seed, scorer) -> dict:
   probe_file = os.path.join(pre_dir, "probe", "results.json")
   probed = json.load(open(probe_file)) if os.path.exists(probe_file) else probe.run(pre, pre_dir)
   inpainted = {kind: inpaint(pre, pre_dir, kind, ratio) for kind, ratio in INPAINT}
+  tuned = classify.run(make_classify_config(args, method, seed, pre_dir), os.path.join(work, "classify"))
   sampled = {}
   if methods.get(pre).generates:
     ft = make_config(args, method, seed, finetune=True, init_from=pre_dir)
@@ -167,7 +202,7 @@ def run_one(args, method, seed, scorer) -> dict:
     result_file = os.path.join(ft_dir, "samples", "result.json")
     sampled = json.load(open(result_file)) if os.path.exists(result_file) else generate.run(ft, ft_dir)
   out = {"method": method, "seed": seed, "last_pretrain_loss": trained["last_loss"], "inpaint": inpainted,
-         "linear_top1": probed["linear"]["top1"],
+         "linear_top1": probed["linear"]["top1"], "classify_top1": tuned["top1"],
          "fewshot": {str(k): v["mean"] for k, v in probed["fewshot"].items()},
          "sweep_best": probed["sweep"]["best"],
          "train_gflop_per_image": flops.train_flops_per_image(pre) / 1e9, "wall_s": time.time() - start}
@@ -269,7 +304,7 @@ def step_times(args, methods) -> dict:
 
 # --- summary --------------------------------------------------------------------------------------
 
-METRICS = [("linear_top1", "linear top-1 (rep)", 100), ("fewshot.10", "10-shot (rep)", 100),
+METRICS = [("classify_top1", "fine-tuned top-1 (end to end, SPEC §10)", 100), ("linear_top1", "linear top-1 (rep)", 100), ("fewshot.10", "10-shot (rep)", 100),
            ("fewshot.100", "100-shot (rep)", 100), ("sweep_best.accuracy", "best sweep cell, 10-shot", 100),
            ("classifier_accuracy", "samples classified as their class", 100), ("digits_fd", "digits-FD ↓", 1),
            ("precision", "precision", 100), ("recall", "recall", 100), ("fid", "FID ↓", 1),

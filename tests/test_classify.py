@@ -326,7 +326,7 @@ def test_classify_reads_unread_parameters_back_unchanged(pretrained, tmp_path):
 
 def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path):
   """The demo pre-trained (shortened to 400 steps) then, from the same weights: the linear probe on
-  its frozen features, and end-to-end fine-tuning with MAE's recipe (30 epochs)."""
+  its frozen features, and end-to-end fine-tuning with MAE's recipe (60 epochs)."""
   pre = tmp_path / "demo"
   train.pretrain(demo.get_config("400"), str(pre))
   config = demo.get_config("400")
@@ -335,12 +335,12 @@ def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path):
   extractor = probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)
   tr, te = extractor(params, "train", progress=False), extractor(params, "test", progress=False)
   linear = probe.linear_probe_features(tr.block(0), tr.y, te.block(0), te.y, config.probe, 10)["top1"]
-  tuned = demo.get_config("classify,30")
+  tuned = demo.get_config("classify,60")
   with tuned.unlocked():
     tuned.init_from = str(pre)
   result = classify.run(tuned, str(tmp_path / "classify"))
   print(f"fine-tuned top-1 {result['top1']:.4f}, linear probe {linear:.4f}")
-  assert result["top1"] > linear + 0.01, (result["top1"], linear)
+  assert result["top1"] > linear + 0.03, (result["top1"], linear)  # measured: 96.6 against 90.2
   assert result["top1"] > 0.9
 
 

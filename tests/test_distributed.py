@@ -28,7 +28,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from configs import demo
-from umd_jax import checkpoint, encode, generate, probe, sharding, train, weights
+from umd_jax import checkpoint, classify, encode, generate, probe, sharding, train, weights
 from umd_jax.data import latents as latent_data
 from umd_jax.models import inception
 
@@ -44,6 +44,11 @@ FINETUNE = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.l
 GENERATE = ["--config.sample.num_samples=24", "--config.sample.batch_size=16", "--config.sample.steps=5",
             "--config.sample.grid_per_class=2", "--config.sample.inpaint=center", "--config.sample.fid=True",
             "--config.sample.inpaint_images=20"]
+
+CLASSIFY = ["--config.model.variant=Mu/2", "--config.batch_size=32", "--config.log_every=5", "--config.classify.epochs=2",
+            "--config.classify.warmup_epochs=1", "--config.classify.eval_every_epochs=1",
+            "--config.checkpoint_every=30", "--config.classify.eval_batch_size=160", "--config.classify.drop_path=0.2",
+            "--config.classify.erase_prob=0.25"]
 
 
 def _free_port() -> int:
@@ -223,6 +228,25 @@ def test_probe_mode_on_two_processes_equals_one_process(chain):
     a, b = np.load(multi / "probe" / "features_step12" / name), np.load(copy / "probe" / "features_step12" / name)
     np.testing.assert_array_equal(a["labels"], b["labels"])
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_classify_on_two_processes_equals_one_process(chain):
+  """Recognition fine-tuning (mixup / cutmix, drop path, random erasing, evaluation) from the
+  chain's pre-training: the same weights and accuracies on 2 processes × 4 devices as on 1 × 8."""
+  root = chain["root"]
+  args = CLASSIFY + [f"--config.init_from={chain['multi']}"]
+  out = _run_together(_main_py("classify", "classify", root / "cls_multi", args), root / "logs_classify")
+  assert all("top-1" in o for o in out)
+  got = json.loads((root / "cls_multi" / "classify" / "results.json").read_text())
+  expected = classify.run(_config("classify", args), str(root / "cls_single"))
+  assert got["step"] == expected["step"] == 2 * (1500 // 32) and got["init"]["step"] == 12
+  for key in ("top1", "top5"):  # at most one test digit apart
+    assert got[key] == pytest.approx(expected[key], abs=1.01 / 297), key
+  assert [e["step"] for e in got["evaluations"]] == [e["step"] for e in expected["evaluations"]]
+  assert sorted(int(p.name) for p in (root / "cls_multi" / "checkpoints").iterdir()) == [60, 90, 92]
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        expected["state"].params)
+  _assert_params_close(checkpoint.restore_params(root / "cls_multi", target), expected["state"].params)
 
 
 def test_finetuning_with_fid_equals_one_process(chain):

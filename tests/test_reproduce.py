@@ -58,7 +58,7 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   saved = json.loads((tmp_path / "reproduce.json").read_text())
   assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("umd", 0), ("diffmae", 0)]
   for r in saved["runs"]:
-    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["fewshot"]["10"] <= 1
+    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["fewshot"]["10"] <= 1 and 0 <= r["classify_top1"] <= 1
     for kind in ("center", "random"):  # every method inpaints the same 297 test digits
       assert r["inpaint"][kind]["images"] == 297 and 0 < r["inpaint"][kind]["psnr"] < 60, (r["method"], kind)
   umd, diffmae = saved["runs"]
@@ -70,7 +70,7 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
   table = (tmp_path / "summary.md").read_text()
   assert "| 10-shot (rep) |" in table and "| digits-FD ↓ |" in table and "| pixels |" in table
-  assert "| centre inpainting PSNR (dB) |" in table
+  assert "| centre inpainting PSNR (dB) |" in table and "| fine-tuned top-1 (end to end, SPEC §10) |" in table
   again = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])  # resumes: nothing retrained
   assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in result["runs"]]
 

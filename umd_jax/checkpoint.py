@@ -145,20 +145,24 @@ def _flat_configs(manager, step: int, config):
   return flat(saved), flat(json.loads(config.to_json_best_effort()))
 
 
-def _objective(key: str) -> bool:
-  """Keys that define what a run optimises and how: the method, its corruption, the diffusion
-  schedule, DiffMAE's settings, the optimizer and recognition fine-tuning's recipe. Resuming with any of them changed is another run."""
-  return key == "method" or key.startswith(("corruption.", "diffusion.", "diffmae.", "optim.", "classify.")) and \
-      key != "corruption.loss_buckets"
+OBJECTIVE = ("corruption.", "diffusion.", "diffmae.", "optim.")
 
 
-def _objective_changes(manager, step: int, config) -> list:
-  """'key: saved -> now' for each objective key (`_objective`) that differs from the saved config."""
+def _objective(key: str, sections=OBJECTIVE) -> bool:
+  """Keys that define what a run optimises and how: the method and the `sections` its mode reads
+  (pre-training: its corruption, the diffusion schedule, DiffMAE's settings and the optimizer).
+  Resuming with any of them changed is another run."""
+  return key == "method" or key.startswith(sections) and key != "corruption.loss_buckets"
+
+
+def _objective_changes(manager, step: int, config, sections=OBJECTIVE) -> list:
+  """'key: saved -> now' for each objective key that differs from the saved config. Keys the saved
+  config does not have (added to the code since) are not changes: that run never read them."""
   old, new = _flat_configs(manager, step, config)
   if old is None:
     return []
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if _objective(k) and old.get(k) != new.get(k)]
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) & set(new))
+          if _objective(k, sections) and old.get(k) != new.get(k)]
 
 
 def _config_changes(manager, step: int, config) -> list:
@@ -277,7 +281,8 @@ class Checkpointer:
                               "the position part is damaged")
     return restored.state
 
-  def restore_latest(self, abstract_state, position_at=None, fallback: bool = True, config=None):
+  def restore_latest(self, abstract_state, position_at=None, fallback: bool = True, config=None,
+                     objective=OBJECTIVE):
     """(state, step) of the newest readable checkpoint. A damaged step is reported by name and,
     with `fallback`, moved to WORKDIR/damaged_checkpoints/ (kept for a look, out of the way of
     the step that will be written again) and the previous step is tried. `position_at(step)`:
@@ -290,7 +295,7 @@ class Checkpointer:
       what = _mismatch_message(mismatches, changes) if mismatches else ema[0]
       raise CheckpointError(f"checkpoint step {steps[0]} in {self.directory} was written for a different "
                             f"model: {what}: run with the original values or use a new --workdir")
-    objective = _objective_changes(self.manager, steps[0], config) if config is not None and steps else []
+    objective = _objective_changes(self.manager, steps[0], config, objective) if config is not None and steps else []
     if objective:
       raise _DifferentRun(f"checkpoint step {steps[0]} in {self.directory} was written with another objective, "
                           f"schedule or optimizer ({'; '.join(objective)}): resuming would not continue that run: run "

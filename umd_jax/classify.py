@@ -99,7 +99,8 @@ def _train(config, workdir, mesh, ckpt, source, eval_source) -> dict:
   results_path = workdir / "classify" / "results.json"
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, run.shardings)
-    state, _ = ckpt.restore_latest(abstract, position_at, fallback=config.restore_fallback, config=config)
+    state, _ = ckpt.restore_latest(abstract, position_at, fallback=config.restore_fallback, config=config,
+                                   objective=("classify.", "diffusion."))  # what this mode reads
     previous = json.loads(results_path.read_text()) if results_path.exists() else {}
     init = previous.get("init", {"workdir": config.init_from})
     evals = [e for e in previous.get("evaluations", []) if e["step"] <= int(state.step)]
