@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py --mode=probe --workdir=workdirs/demo
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=finetune --workdir=workdirs/demo_finetune
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
+	$(VENV)/bin/python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -3,6 +3,7 @@
   python bench/input.py                       # demo config: digits, synthetic and a TFDS array_record source
   python bench/input.py --config=configs/umd_s.py:S/4 --set batch_size=32 --set data.image_size=32
   python bench/input.py --photos 2000         # ImageNet-like JPEGs only: reduced vs full decode, 64 and 256 px
+  python bench/input.py --classify 500        # recognition fine-tuning's view against pre-training's, 64 and 224 px
 
 The TFDS source is a small dataset of random images that the benchmark writes itself in
 array_record format (in a temporary directory), read back through `tfds.data_source`.
@@ -173,6 +174,42 @@ def photos(args):
   report("input_photos_decode", floor, {"libjpeg via PIL, one core": True}, None)
 
 
+def classify_views(args, rounds=3):
+  """Per-core images/s of recognition fine-tuning's training view (crop 8-100% + flip, RandAugment
+  m9 and random erasing 0.25: data/augment.py) against pre-training's (crop 80-100% + flip), on the
+  same photo-like JPEGs of an image folder, in-process without reader threads, timed in
+  interleaved rounds (ratios are medians of per-round ratios)."""
+  from umd_jax.data import augment
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    labels = set()
+    for i, (jpeg, label) in enumerate(photo_jpegs(args.classify)):
+      os.makedirs(f"{tmp}/folder/{label}", exist_ok=True)
+      with open(f"{tmp}/folder/{label}/{i:05d}.jpg", "wb") as f:
+        f.write(jpeg)
+      labels.add(label)
+    c = load_config(args.config, args.set + ["data.channels=3", f"data.num_classes={len(labels)}"])
+    c.data.name, c.data.data_dir = "folder", f"{tmp}/folder"
+    source = data.make_source(c.data, "train")
+    for size in (64, 224):
+      views = {"pretrain": pipeline.TrainAugment(size, (0.8, 1.0), True),
+               "classify": pipeline.ClassifyAugment(size, (0.08, 1.0), True, augment.RandAugment(2, 9.0, 0.5), 0.25)}
+      times = {k: [] for k in views}
+      for r in range(rounds):
+        for name, view in views.items():
+          rng = np.random.default_rng(r)
+          start = time.perf_counter()
+          for i in range(len(source)):
+            view.random_map(source[i], rng)
+          times[name].append((time.perf_counter() - start) / len(source))
+      ratio = float(np.median([a / b for a, b in zip(times["classify"], times["pretrain"])]))
+      for name in views:
+        ms = 1000 * float(np.median(times[name]))
+        rows.append({"size": size, "view": name, "ms_per_image_per_core": ms, "images_per_s_per_core": 1000 / ms,
+                     "time_vs_pretrain_view": ratio if name == "classify" else 1.0})
+  report("input_classify", rows, {"images": args.classify, "rounds": rounds}, args.json)
+
+
 def _folder_config(args, tmp):
   c = load_config(args.config, args.set + ["data.channels=3"])
   c.data.name, c.data.data_dir = "folder", f"{tmp}/folder"
@@ -183,10 +220,13 @@ def main():
   parser = make_parser(__doc__, "configs/demo.py")
   parser.add_argument("--photos", type=int, default=0, help="ImageNet-like JPEG rows with this many images")
   parser.add_argument("--batches", type=int, default=20, help="batches of 64 timed per JPEG row")
+  parser.add_argument("--classify", type=int, default=0, help="rows of recognition fine-tuning's view on this many JPEGs")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's worker processes (data.num_workers > 0) read absl flags
   if args.photos:
     return photos(args)
+  if args.classify:
+    return classify_views(args)
   config = load_config(args.config, args.set)
   consumed = measure(config, repeats=10, xla_check=False)["images_per_s"]
   rows = []

@@ -12,6 +12,7 @@ from test_main import run_main
 
 DEMO = "--config=configs/demo.py"
 FINETUNE = "--config=configs/demo.py:finetune"
+CLASSIFY = "--config=configs/demo.py:classify"
 
 # (name, extra arguments, text the error line must contain); {tmp} is the test's directory.
 CASES = [
@@ -63,6 +64,14 @@ CASES = [
      "corruption.noised_mask_ratio=0.5 is read only by the UMD family"),
     ("diffmae generates", ["--config=configs/demo.py:diffmae", "--mode=generate", "--config.sample.num_samples=8"],
      "sample.num_samples=8 must be 0: DiffMAE is not a class-conditional generator"),
+    ("classify without init_from", [CLASSIFY, "--mode=classify", "--config.init_from="],
+     "classify fine-tunes a pre-trained network: pass --config.init_from=PRETRAINING_WORKDIR"),
+    ("classify init_from missing", [CLASSIFY, "--mode=classify", "--config.init_from={tmp}/no_such_run"],
+     "has no checkpoint"),
+    ("layer decay", [CLASSIFY, "--mode=classify", "--config.classify.layer_decay=1.5"],
+     "classify.layer_decay=1.5 must be in (0, 1]"),
+    ("cut block", [CLASSIFY, "--mode=classify", "--config.classify.block=6"],
+     "classify.block=6 is not a block of this network: use -1 (after the encoder's last block) or 0..5"),
 ]
 
 

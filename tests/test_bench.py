@@ -76,6 +76,15 @@ def test_photo_jpegs_are_deterministic_photo_sized_and_the_decode_rows_are_fille
   assert [r["decode"].split()[0] for r in rows] == ["whole", "1/8"] and all(r["ms_per_image"] > 0 for r in rows)
 
 
+def test_classify_view_rows_time_both_views_on_the_same_images(capsys):
+  parser = bench_common.make_parser("", "configs/demo.py", repeats=2)
+  parser.add_argument("--classify", type=int, default=0)
+  args = parser.parse_args(["--classify", "4", "--json", ""])
+  bench_input.classify_views(args, rounds=1)
+  out = capsys.readouterr().out
+  assert "input_classify" in out and out.count("classify ") >= 2 and out.count("pretrain ") >= 2
+
+
 def test_inpainting_row_times_both_methods_with_the_same_calls():
   parser = bench_common.make_parser("", "configs/demo.py", repeats=2)
   parser.add_argument("--diffmae", default="configs/demo.py:diffmae")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from umd_jax import checks, data, encode, generate, latent, probe, sharding, train, train_step, weights
+from umd_jax import checks, classify, data, encode, generate, latent, probe, sharding, train, train_step, weights
 from umd_jax.data import latents as latent_data
 
 import convert_vae_weights  # noqa: E402
@@ -179,6 +179,16 @@ def test_latent_run_end_to_end(encoded, vae_file, tmp_path):
   assert 0 <= results["fewshot"][5]["mean"] <= 1
   with open(pre / "probe" / "results.json") as f:
     assert json.load(f)["step"] == 4
+
+  # recognition fine-tuning on the latents (evaluated on eval images encoded on the fly)
+  cls = {**base, "init_from": str(pre), "batch_size": 64, "classify.epochs": 1, "classify.warmup_epochs": 0,
+         "classify.eval_batch_size": 64, "data.eval_split": "test"}
+  with pytest.raises(checks.ConfigError, match="classify.randaugment_ops=2 is pixel-space augmentation"):
+    checks.check(latent_config(vae_file, **cls), "classify")
+  cls.update({"classify.randaugment_ops": 0, "classify.erase_prob": 0.0})
+  tuned = classify.run(latent_config(vae_file, **cls), str(tmp_path / "classify"), devices=one)
+  assert tuned["step"] == 1500 // 64 and tuned["images"] == 297 and 0 <= tuned["top1"] <= tuned["top5"] <= 1
+  assert tuned["init"] == {"workdir": str(pre), "step": 4}
 
 
 def test_encode_reads_jpeg_folders_with_adm_crops(vae_file, tmp_path):
