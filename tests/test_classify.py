@@ -355,3 +355,13 @@ def test_classify_configs_follow_maes_recipe():
   from configs import dit_b
   assert dit_b.get_config("classify").classify.t == 0 and b.classify.t == -1  # DiT never saw the clean index
   assert math.isclose(classify_step.learning_rate(b, 1_281_167)(0), 0.0)
+
+
+def test_a_non_finite_loss_stops_without_saving(pretrained, tmp_path):
+  """The guard of pre-training: a step with a non-finite loss leaves the state as it was and the
+  run stops at the next log or checkpoint step, saving nothing."""
+  config = _classify_config(pretrained / "pre", **{"classify.base_lr": 1e38, "classify.warmup_epochs": 0,
+                                                   "log_every": 2, "checkpoint_every": 4})
+  with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step"):
+    classify.run(config, str(tmp_path / "nan"))
+  assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))
