@@ -13,6 +13,8 @@ METHODS = {
     "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
     # Not a UMD preset: DiffMAE's own keys are `diffmae.*`; these UMD-family keys stay unread (refused if set).
     "diffmae": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
+    # The original DiT (SPEC §11, converted public weights): its own architecture, not trained here.
+    "dit_original": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
 }
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -105,6 +107,14 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffmae.decoder_depth = 8
   c.diffmae.decoder_heads = 16
 
+  # The original DiT (config.method = "dit_original", configs/dit_original.py): read by that method only.
+  c.dit = ml_collections.ConfigDict()
+  c.dit.learn_sigma = True                 # 2C output channels: eps and the variance interpolation v
+  c.dit.mlp_norm_eps = 1e-6                # the MLP branch's LayerNorm eps: 1e-6 (DiT's code); diffusers' port 1e-5
+  c.dit.cfg_channels = 3                   # guidance on the first 3 eps channels (DiT's forward_with_cfg); 4: all
+  c.dit.time = "dit"                       # "dit": DDPM timesteps; "sit": SiT's weights (continuous t, 1 = data;
+                                           # probes noise by the linear interpolant at s = 1 - t/T)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4                 # peak LR = base_lr * batch_size / 256
   c.optim.b1 = 0.9
@@ -186,7 +196,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.classify = ml_collections.ConfigDict()
   c.classify.block = -1                    # -1: after the encoder's last block (MAE); k: DDAE's cut after block k
                                            # (numbered as probe.block: encoder, then decoder blocks)
-  c.classify.t = 0 if method in ("dit", "maskdit") else -1   # -1: the clean image (timestep index 0); t >= 0:
+  c.classify.t = 0 if method in ("dit", "maskdit", "dit_original") else -1   # -1: the clean image (timestep index 0); t >= 0:
                                            # noised to t, told t + 1 (DDAE; DiT and MaskDiT never saw index 0)
   c.classify.init_ema = True               # start from init_from's EMA weights when it kept them
   c.classify.epochs = 100

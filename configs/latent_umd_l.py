@@ -44,6 +44,8 @@ def latent(c):
   c.sample.num_samples = 10_000
   c.model.scan_layers = True
   c.probe.linear_augment = False           # the on-line crop would run the VAE encoder every probe step
+  c.classify.randaugment_ops = 0           # --mode=classify: pre-encoded latents have no pixels to augment
+  c.classify.erase_prob = 0.0
   return c
 
 

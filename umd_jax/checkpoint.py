@@ -390,6 +390,19 @@ def latest_step(workdir):
   return max(steps, default=None)
 
 
+def save_weights(workdir, params, config, step: int = 0) -> None:
+  """A new workdir holding only `params` at `step`, with the config and checksums: what converted
+  public weights become, read by every loader (probe, generate, classify's init_from)."""
+  ckpt = Checkpointer(workdir, max_to_keep=1)
+  try:
+    if ckpt.latest_step() is not None:
+      raise CheckpointError(f"{str(workdir)!r} already holds a checkpoint: convert into a new folder")
+    ckpt.save(step, {"params": params}, {}, config)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+
+
 def load_config(workdir):
   """The config a workdir's latest checkpoint was written with, as a locked ConfigDict."""
   if latest_step(workdir) is None:

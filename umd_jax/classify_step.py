@@ -70,11 +70,8 @@ def logits_fn(config):
 
   def apply(model, images, *, drop_key=None, noise=None):
     b = images.shape[0]
-    if t < 0:
-      x, t_index = images, jnp.full((b,), diffusion.CLEAN_INDEX, jnp.int32)
-    else:
-      tt = jnp.full((b,), t, jnp.int32)
-      x, t_index = diffusion.q_sample(schedule, images, tt, noise), diffusion.network_timestep(tt)
+    tt = None if t < 0 else jnp.full((b,), t, jnp.int32)
+    x, t_index = method.noised(config, schedule, images, tt, noise)
     drop = None if drop_key is None or rate == 0 else layers.drop_path_scales(drop_key, rate, block + 1, b)
     return model(method.classify_tokens(model.backbone, x, t_index, block, drop))
   return apply

@@ -55,6 +55,11 @@ def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 
     raise ValueError(f"diffusion.noise_exponent={noise_exponent!r} must be > 0 (1: the plain schedule)")
   if noise_exponent != 1.0:
     abar = 1.0 - (1.0 - abar) ** noise_exponent
+  return schedule_from_alphas_cumprod(abar)
+
+
+def schedule_from_alphas_cumprod(abar: np.ndarray) -> Schedule:
+  """The tables of the process whose ᾱ_t are `abar` (float64, decreasing)."""
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   betas = 1.0 - abar / abar_prev
   post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
@@ -186,6 +191,50 @@ def ddpm_sample(denoise, schedule: Schedule, noise: jax.Array, key: jax.Array, *
     return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * jax.random.normal(k, x.shape, x.dtype), None
 
   x, _ = jax.lax.scan(body, noise, (ts, jax.random.split(key, len(ts))))
+  return x
+
+
+def respaced(schedule: Schedule, steps: int):
+  """ADM's `space_timesteps(T, str(steps))` (DiT's 250-step sampling): `steps` timesteps evenly
+  spaced over [0, T-1] (rounded half to even, as ADM), and the process on them alone, whose
+  betas are 1 - ᾱ_{t_i}/ᾱ_{t_{i-1}}. Returns (the respaced Schedule, the original timestep of each
+  of its steps, what the network is told)."""
+  T = schedule.num_timesteps
+  if not 1 <= steps <= T:
+    raise ValueError(f"sample.steps={steps} must be in [1, {T}] (the number of timesteps T)")
+  stride = (T - 1) / (steps - 1) if steps > 1 else 0.0
+  kept = sorted({int(round(i * stride)) for i in range(steps)})
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[kept]
+  return schedule_from_alphas_cumprod(abar), np.asarray(kept, np.int32)
+
+
+def learned_variance_sample(model_out, schedule: Schedule, noise: jax.Array, key: jax.Array, *, steps: int,
+                            clip: bool = False):
+  """Ancestral DDPM with a learned variance (improved DDPM / ADM / DiT) over `steps` respaced
+  timesteps: model_out(x_t, t) -> (eps, v), t the original timestep; x0 from eps; the variance
+  exp(frac·log β_i + (1 - frac)·log β̃_i) with frac = (v + 1)/2 on the respaced process (β̃ the
+  posterior variance, its first entry replaced by the second, as ADM clips it)."""
+  spaced, timesteps = respaced(schedule, steps)
+  post_var = np.asarray(spaced.posterior_variance, np.float64)
+  min_log = jnp.asarray(np.log(np.append(post_var[1] if len(post_var) > 1 else post_var[0], post_var[1:])),
+                        jnp.float32)
+  max_log = jnp.log(spaced.betas)
+  b = noise.shape[0]
+
+  def body(x, inputs):
+    i, t, k = inputs
+    ib = jnp.full((b,), i)
+    eps, v = model_out(x, jnp.full((b,), t))
+    x0, _ = parameterise(spaced, x, ib, eps, eps, prediction="eps", clip=clip)
+    mean, _ = q_posterior(spaced, x0, x, ib)
+    frac = (v + 1.0) / 2.0
+    log_var = frac * max_log[i] + (1.0 - frac) * min_log[i]
+    z = jax.random.normal(k, x.shape, x.dtype)
+    return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * z, None
+
+  order = np.arange(len(timesteps) - 1, -1, -1)
+  x, _ = jax.lax.scan(body, noise, (jnp.asarray(order), jnp.asarray(timesteps[order]),
+                                    jax.random.split(key, len(order))))
   return x
 
 

@@ -45,12 +45,7 @@ def make_sampler(config, graphdef, mesh):
     k_noise, k_sample = jax.random.split(key)
     noise = jax.random.normal(k_noise, (labels.shape[0], size, size, channels))
     noise = jax.lax.with_sharding_constraint(noise, bs)
-    denoise = method.denoiser(config, lambda: nnx.merge(graphdef, params), labels)
-    if s.sampler == "ddpm":
-      x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, clip=s.clip, prediction=s.prediction)
-    else:
-      x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, clip=s.clip,
-                                prediction=s.prediction, grid=s.timesteps)
+    x = method.sample(config, schedule, lambda: nnx.merge(graphdef, params), labels, noise, k_sample)
     return x if latent_space else images.to_uint8_device(x, s.uint8)  # latents are decoded in chunks
 
   return jax.jit(sample, out_shardings=bs)

@@ -82,13 +82,11 @@ def make_feature_fn(config, graphdef, t: int, blocks: Sequence[int], mesh):
   blocks = tuple(blocks)
 
   def features(params, images, indices):
-    b = images.shape[0]
     if t < 0:
-      x, t_index = images, jnp.full((b,), diffusion.CLEAN_INDEX, jnp.int32)
+      x, t_index = method.noised(config, schedule, images, None, None)
     else:  # fixed noise per image index: the same on any number of devices or batch size
       eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices)
-      tt = jnp.full((b,), t, jnp.int32)
-      x, t_index = diffusion.q_sample(schedule, images, tt, eps), diffusion.network_timestep(tt)
+      x, t_index = method.noised(config, schedule, images, jnp.full((images.shape[0],), t, jnp.int32), eps)
     return method.features(nnx.merge(graphdef, params), x, t_index, blocks).astype(jnp.float32)
 
   return jax.jit(features, out_shardings=rows_sharding(mesh))

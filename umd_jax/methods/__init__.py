@@ -17,6 +17,8 @@ A method is an object with:
                              (input shown to the model, its prediction) for the reconstruction grid
   denoiser(config, make_model, labels)
                              denoise(x_t, t) -> (x0, eps) for diffusion.py's samplers (generates)
+  sample(config, schedule, make_model, labels, noise, key)
+                             class-conditional samples from `noise` with sample.sampler (generates)
   inpaint(config, schedule, make_model, images, known, labels, key, num_masked)
                              images with the unknown pixels (known == 0) filled, known ones copied;
                              num_masked: patches with an unknown pixel, the same in every image
@@ -24,6 +26,10 @@ A method is an object with:
   train_flops_per_image(config)
                              analytic forward + backward FLOPs of one training image
   check(config, mode)        the method's own settings (raises checks.ConfigError)
+  noised(config, schedule, images, t, eps)
+                             (input, what the network is told) for probes and classifiers: the
+                             clean images (t None) or noised to timesteps t (B,) with eps (UMD
+                             family, DiffMAE: told t + 1, the clean step 0; DiT: t; SiT: its time)
   encoder_depth(config)      blocks of its encoder (the classifier's default cut: after the last)
   classify_tokens(model, x, t_index, block, drop)
                              (B, L, D) patch tokens after `block` of the unmasked forward (numbered
@@ -34,11 +40,11 @@ A method is an object with:
 `make_model()` merges the weights where it is called (inside a sampling scan: newer Flax refuses
 a module built at an outer trace level inside the model's own nnx.scan).
 """
-from umd_jax.methods import diffmae, umd
+from umd_jax.methods import diffmae, dit_original, umd
 from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
 
 METHODS = {"umd": umd.METHOD, "dit": umd.METHOD, "maskdit": umd.METHOD, "mae": umd.METHOD,
-           "diffmae": diffmae.METHOD}
+           "diffmae": diffmae.METHOD, "dit_original": dit_original.METHOD}
 
 
 class UnknownMethod(ValueError):

@@ -12,14 +12,14 @@ import jax.numpy as jnp
 
 from configs import common
 from umd_jax import corruption, diffusion, flops, rules
-from umd_jax.methods.common import REP, pick
+from umd_jax.methods.common import REP, ddpm_noised, pick
 from umd_jax.models import diffmae as model_lib
 from umd_jax.models import layers
 from umd_jax.models.umd import input_shape, parse_variant
 
 TARGETS = ("x0", "eps")
 # Keys only the UMD family reads; the checks refuse them set on a DiffMAE config.
-FOREIGN = ("corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
+FOREIGN = ("dit", "corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
            "corruption.label_dropout", "model.conditioning", "model.num_classes")
 
 
@@ -75,6 +75,10 @@ class DiffMAEMethod:
     if tuple(blocks) == (REP,):
       return model.encode(x)["rep"][None]
     return pick(model.features(x), blocks)
+
+  def noised(self, config, schedule, images, t, eps):
+    """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
+    return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)
 
   def encoder_depth(self, config) -> int:
     return parse_variant(config.model.variant)["encoder_depth"]

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 
 from configs import common
 from umd_jax import corruption, diffusion, flops, rules
-from umd_jax.methods.common import REP, pick
+from umd_jax.methods.common import REP, ddpm_noised, pick, sample_with
 from umd_jax.models import umd as model_lib
 
 # Keys only the DiffMAE method reads; the checks refuse them set on this family.
-FOREIGN = ("diffmae",)
+FOREIGN = ("diffmae", "dit")
 
 
 class UMDFamily:
@@ -46,6 +46,10 @@ class UMDFamily:
     if tuple(blocks) == (REP,):  # the encoder alone gives rep
       return model.encode(x, cond)[1].astype(jnp.float32)[None]
     return pick(model.features(x, t_index), blocks)
+
+  def noised(self, config, schedule, images, t, eps):
+    """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
+    return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)
 
   def encoder_depth(self, config) -> int:
     return model_lib.parse_variant(config.model.variant)["encoder_depth"]
@@ -88,6 +92,9 @@ class UMDFamily:
       return lambda x, t: apply(x, diffusion.network_timestep(t), None)
     return diffusion.guided(apply, labels, config.model.num_classes, config.sample.cfg_scale)
 
+  def sample(self, config, schedule, make_model, labels, noise, key):
+    return sample_with(self.denoiser(config, make_model, labels), config, schedule, noise, key)
+
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
     """RePaint-style: the whole network samples the whole image, the known region held to its
     ground truth noised to the current timestep (diffusion.inpaint_sample). A network that never
@@ -119,7 +126,7 @@ class UMDFamily:
 
   def check(self, config, mode) -> None:
     rules.unchanged(config, common.base_config("umd"), FOREIGN,
-                    "read only by DiffMAE; this config's method is {!r} (configs/diffmae_b.py is DiffMAE)".format(
+                    "read only by DiffMAE (diffmae.*) or the original DiT (dit.*); this config's method is {!r}".format(
                         config.method))
     c = config.corruption
     rules.fraction(c.clean_fraction, "corruption.clean_fraction")

@@ -31,8 +31,10 @@ def dense(in_features, out_features, axes, *, dtype, rngs, kernel_init=xavier):
                     bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def layer_norm(width, *, dtype, rngs):
-  return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def layer_norm(width, *, dtype, rngs, affine: bool = True, eps: float = 1e-6):
+  """LayerNorm; `affine=False`: no scale or bias (DiT's, whose adaLN supplies both)."""
+  return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                       use_scale=affine, use_bias=affine)
 
 
 def timestep_sinusoids(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -141,11 +143,12 @@ def modulate(x, shift, scale):
 class Block(nnx.Module):
   """Pre-LN transformer block. adaLN-Zero when `adaln`, else the condition is an in-context token."""
 
-  def __init__(self, width, heads, *, adaln: bool, dtype, rngs, attention: str = "auto"):
+  def __init__(self, width, heads, *, adaln: bool, dtype, rngs, attention: str = "auto", affine_norms: bool = True,
+               mlp_norm_eps: float = 1e-6):
     self.adaln = adaln
-    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs, affine=affine_norms)
     self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
-    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs, affine=affine_norms, eps=mlp_norm_eps)
     self.mlp = Mlp(width, dtype=dtype, rngs=rngs)
     if adaln:
       self.modulation = dense(width, 6 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=zeros)

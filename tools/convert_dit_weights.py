@@ -1,0 +1,242 @@
+"""One-time conversion of a public DiT (or SiT) checkpoint into a workdir umd_jax reads
+(`--mode=probe`, `--mode=generate`, `--mode=classify` with init_from), under configs/dit_original.py.
+
+  python tools/convert_dit_weights.py SRC WORKDIR [--kind dit|sit] [--config configs/dit_original.py]
+
+SRC is one of
+  * a diffusers folder: the `transformer/` folder of a DiT pipeline (config.json + safetensors),
+    or the pipeline folder holding it (facebook/DiT-XL-2-256) -- read with `safetensors` alone;
+  * DiT's own checkpoint `DiT-XL-2-256x256.pt` or SiT's `SiT-XL-2-256.pt` (needs `torch`, which the
+    package does not require; the file is a pickle, read with `weights_only=True`, so nothing in
+    it runs); a training checkpoint's "ema" (else "model") entry is taken;
+  * a .safetensors file with DiT's own key names.
+Nothing is downloaded. The topology (width, depth, patch, channels, classes, learned sigma, input
+size) is read from the file; every key and shape is checked against the model, DiT's stored
+position table against this code's, and diffusers' per-block copies of the timestep / label
+embedders against each other; a wrong or partial file is one error line. `--kind sit`: SiT's
+weights (the same backbone, trained on the linear interpolant with continuous t in [0, 1];
+`dit.time = "sit"` is recorded in the config).
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from umd_jax.models import dit
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def read_source(src: str):
+  """(state dict with DiT's own key names as float32 numpy, metadata from a diffusers config)."""
+  if os.path.isdir(src):
+    folder = next((d for d in (os.path.join(src, "transformer"), src) if os.path.exists(os.path.join(d, "config.json"))
+                   and glob.glob(os.path.join(d, "*.safetensors"))), None)
+    if folder is None:
+      raise ConversionError(f"{src!r} is not a diffusers DiT folder: expected config.json and .safetensors weights in "
+                            "it or in its transformer/ folder")
+    with open(os.path.join(folder, "config.json")) as f:
+      meta = json.load(f)
+    from safetensors.numpy import load_file
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    full = [f for f in files if ".fp16." not in f] or files  # the full-precision copy when both are there
+    state = {}
+    for f in full:
+      state.update(load_file(f))
+    return diffusers_to_original(state, meta), meta
+  if src.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return {k: np.asarray(v, np.float32) for k, v in load_file(src).items()}, {}
+  if src.endswith((".pt", ".pth")):
+    try:
+      import torch
+    except ImportError:
+      raise ConversionError(f"{src!r} is a PyTorch file: reading it needs torch (pip install torch), or convert "
+                            "the diffusers folder instead") from None
+    try:
+      obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+      raise ConversionError(f"{src!r} could not be read as a weights-only PyTorch file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]})") from None
+    for key in ("ema", "model"):
+      if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        obj = obj[key]
+        break
+    return {k: v.float().numpy() for k, v in obj.items()}, {}
+  raise ConversionError(f"{src!r}: expected a diffusers folder, a .pt / .pth or a .safetensors file")
+
+
+def diffusers_to_original(d: dict, meta: dict) -> dict:
+  """diffusers' DiTTransformer2DModel names -> DiT's models.py names (q, k, v fused into qkv; the
+  per-block timestep / label embedders, copies of DiT's one, checked equal and taken once)."""
+  d = {k: np.asarray(v, np.float32) for k, v in d.items()}
+  depth = meta.get("num_layers") or 1 + max(int(k.split(".")[1]) for k in d if k.startswith("transformer_blocks."))
+  out = {}
+
+  def take(key):
+    if key not in d:
+      raise ConversionError(f"the diffusers weights lack {key!r}: not a complete DiT transformer")
+    return d.pop(key)
+
+  out["x_embedder.proj.weight"], out["x_embedder.proj.bias"] = take("pos_embed.proj.weight"), take("pos_embed.proj.bias")
+  emb = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2",
+         "y_embedder.embedding_table": "class_embedder.embedding_table"}
+  for b in range(depth):
+    p = f"transformer_blocks.{b}."
+    for ours, theirs in emb.items():
+      for kind in ("weight", "bias") if not ours.startswith("y_") else ("weight",):
+        value = take(f"{p}norm1.emb.{theirs}.{kind}")
+        name = f"{ours}.{kind}"
+        if name in out and not np.array_equal(out[name], value):
+          raise ConversionError(f"block {b}'s {theirs}.{kind} differs from block 0's: not a converted DiT (whose "
+                                "blocks share one embedder)")
+        out.setdefault(name, value)
+    for kind in ("weight", "bias"):
+      out[f"blocks.{b}.attn.qkv.{kind}"] = np.concatenate([take(f"{p}attn1.to_{x}.{kind}") for x in "qkv"])
+      out[f"blocks.{b}.attn.proj.{kind}"] = take(f"{p}attn1.to_out.0.{kind}")
+      out[f"blocks.{b}.mlp.fc1.{kind}"] = take(f"{p}ff.net.0.proj.{kind}")
+      out[f"blocks.{b}.mlp.fc2.{kind}"] = take(f"{p}ff.net.2.{kind}")
+      out[f"blocks.{b}.adaLN_modulation.1.{kind}"] = take(f"{p}norm1.linear.{kind}")
+  for kind in ("weight", "bias"):
+    out[f"final_layer.adaLN_modulation.1.{kind}"] = take(f"proj_out_1.{kind}")
+    out[f"final_layer.linear.{kind}"] = take(f"proj_out_2.{kind}")
+  left = sorted(k for k in d if not k.endswith("pos_embed.pos_embed"))
+  if left:
+    raise ConversionError(f"unexpected diffusers keys {left[:4]}{' ...' if len(left) > 4 else ''}: not a DiT transformer")
+  return out
+
+
+def topology(state: dict, meta: dict) -> dict:
+  """variant, input size, channels, classes, learned sigma from the weights (and a diffusers config)."""
+  try:
+    width, channels, patch, _ = state["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    out_dim = state["final_layer.linear.weight"].shape[0]
+  except (KeyError, ValueError) as e:
+    raise ConversionError(f"not a DiT state dict (missing or malformed {e}): expected DiT's models.py keys "
+                          "(x_embedder, t_embedder, y_embedder, blocks.N, final_layer)") from None
+  heads = meta.get("num_attention_heads")
+  names = [n for n, (w, d, h) in dit.VARIANTS.items() if w == width and d == depth and (heads is None or h == heads)]
+  if not names:
+    raise ConversionError(f"width {width}, depth {depth}{f', {heads} heads' if heads else ''} is none of DiT's "
+                          f"sizes {dit.VARIANTS}")
+  if "pos_embed" in state:
+    grid = int(round(np.sqrt(state["pos_embed"].shape[1])))
+  elif meta.get("sample_size"):
+    grid = meta["sample_size"] // patch
+  else:
+    raise ConversionError("the input size is unknown: the file has no pos_embed and no diffusers config")
+  learn_sigma = out_dim == patch * patch * 2 * channels
+  if not learn_sigma and out_dim != patch * patch * channels:
+    raise ConversionError(f"final_layer.linear has {out_dim} outputs: expected {patch * patch * channels} or twice that")
+  return dict(variant=f"{names[0]}/{patch}", input_size=grid * patch, channels=int(channels),
+              num_classes=int(num_classes), learn_sigma=bool(learn_sigma), norm_eps=meta.get("norm_eps"))
+
+
+def to_params(state: dict, topo: dict, config) -> dict:
+  """DiT's state dict -> the pure-dict parameters of models/dit.DiT for `config` (scanned or
+  unrolled blocks), every key and shape checked."""
+  v = dit.parse_variant(topo["variant"])
+  p, c, w = v["patch"], topo["channels"], v["width"]
+  state = dict(state)
+  pos = state.pop("pos_embed", None)
+  if pos is not None:
+    expected = dit.positions(w, topo["input_size"] // p)
+    if pos.reshape(expected.shape).shape != expected.shape or not np.allclose(pos.reshape(expected.shape), expected,
+                                                                              atol=1e-5):
+      raise ConversionError("pos_embed is not DiT's sin-cos table for this size: not a DiT checkpoint")
+  linear = lambda name: {"kernel": state.pop(f"{name}.weight").T, "bias": state.pop(f"{name}.bias")}
+  conv = state.pop("x_embedder.proj.weight")
+  params = {"x_embedder": {"kernel": conv.transpose(2, 3, 1, 0).reshape(p * p * c, w),
+                           "bias": state.pop("x_embedder.proj.bias")},
+            "t_embedder": {"fc1": linear("t_embedder.mlp.0"), "fc2": linear("t_embedder.mlp.2")},
+            "y_embedder": {"embedding": state.pop("y_embedder.embedding_table.weight")},
+            "final_modulation": linear("final_layer.adaLN_modulation.1"), "head": linear("final_layer.linear")}
+  blocks = [{"attn": {"qkv": linear(f"blocks.{b}.attn.qkv"), "proj": linear(f"blocks.{b}.attn.proj")},
+             "mlp": {"fc1": linear(f"blocks.{b}.mlp.fc1"), "fc2": linear(f"blocks.{b}.mlp.fc2")},
+             "modulation": linear(f"blocks.{b}.adaLN_modulation.1")} for b in range(v["depth"])]
+  if state:
+    raise ConversionError(f"unexpected keys {sorted(state)[:4]}: not a DiT of this topology")
+  if config.model.scan_layers:
+    params["blocks"] = {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+  else:
+    params["blocks"] = {"blocks": dict(enumerate(blocks))}
+  abstract = nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(dit.from_config(config, nnx.Rngs(0)), nnx.Param)))
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = flat(abstract), flat(params)
+  wrong = [f"{k}: file {got.get(k)}, model {want.get(k)}" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+  if wrong:
+    raise ConversionError(f"{len(wrong)} parameters do not fit the model: {'; '.join(wrong[:3])}")
+  return params
+
+
+def make_config(topo: dict, kind: str, config_spec: str = "configs/dit_original.py", config=None):
+  """configs/dit_original.py (or `config_spec`, or a given `config`) set to the file's topology."""
+  if config is None:
+    import importlib.util
+    path, _, arg = config_spec.partition(":")
+    spec = importlib.util.spec_from_file_location("dit_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.variant = topo["variant"]
+    config.model.num_classes = topo["num_classes"]
+    config.dit.learn_sigma = topo["learn_sigma"]
+    config.dit.time = kind
+    config.method = "dit_original"
+    if config.data.space == "latents":
+      config.data.image_size = topo["input_size"] * config.vae.downsample
+      config.vae.latent_channels = topo["channels"]
+    else:
+      config.data.image_size, config.data.channels = topo["input_size"], topo["channels"]
+  config.lock()
+  return config
+
+
+def convert(src: str, workdir: str, kind: str = "dit", config_spec: str = "configs/dit_original.py",
+            config=None) -> dict:
+  """Read, check and write. `config`: the base config instead of `config_spec`'s (tests); its model
+  settings are set to the file's topology either way."""
+  from umd_jax import checkpoint
+  if kind not in ("dit", "sit"):
+    raise ConversionError(f"--kind={kind!r}: use 'dit' or 'sit'")
+  state, meta = read_source(src)
+  topo = topology(state, meta)
+  config = make_config(topo, kind, config_spec, config)
+  params = to_params(state, topo, config)
+  checkpoint.save_weights(workdir, jax.tree.map(jnp.asarray, params), config)
+  count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  return {**topo, "kind": kind, "params": count, "workdir": workdir, "source": os.path.abspath(src)}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("src")
+  ap.add_argument("workdir")
+  ap.add_argument("--kind", default="dit", help="dit, or sit (SiT's weights: the same backbone)")
+  ap.add_argument("--config", default="configs/dit_original.py", help="the config the workdir is written with")
+  args = ap.parse_args(argv)
+  try:
+    info = convert(args.src, args.workdir, args.kind, args.config)
+  except (ConversionError, ValueError, OSError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(info, indent=2))
+  print(f"probe it: python main.py --config=configs/dit_original.py:{info['variant']} --mode=probe "
+        f"--workdir={args.workdir} --config.vae.weights=vae.npz" + (" --config.dit.time=sit" if args.kind == "sit" else ""))
+  return info
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,147 @@
+"""The original DiT (SPEC §11; models/dit.py) as a method of this code: public checkpoints
+converted by tools/convert_dit_weights.py, probed DDAE-style, fine-tuned for recognition and
+sampled as DiT samples -- ancestral DDPM with the learned variance over sample.steps respaced
+timesteps (250 in DiT's evaluation), or DDIM; classifier-free guidance on the eps channels with
+DiT's convention (`dit.cfg_channels`: its `forward_with_cfg` guides the first 3 of the 4 latent
+channels). It is not trained here: DiT's objective adds a variational bound for the variance.
+"""
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from umd_jax import diffusion, flops, rules
+from umd_jax.methods.common import pick
+from umd_jax.models import dit as model_lib
+from umd_jax.models.umd import input_shape
+
+FOREIGN = ("diffmae", "corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
+           "model.conditioning")
+
+
+class OriginalDiT:
+  name = "dit_original"
+  generates = True
+
+  def build(self, config, rngs):
+    return model_lib.from_config(config, rngs)
+
+  def row_split(self, config) -> float:
+    return 0.0
+
+  def loss_fn(self, config, schedule):
+    raise ValueError("method='dit_original' holds converted public weights; it is not trained here "
+                     "(tools/convert_dit_weights.py)")
+
+  def num_blocks(self, config) -> int:
+    return model_lib.parse_variant(config.model.variant)["depth"]
+
+  def features(self, model, x, t_index, blocks):
+    """Every block's mean-pooled tokens told t_index with the null label; rep is the last block's."""
+    return pick(model.features(x, model.condition(t_index)), blocks)
+
+  def noised(self, config, schedule, images, t, eps):
+    """Probe / classifier input. DiT: the image noised to t (q_sample) told t itself, the clean
+    image told 0. SiT (dit.time = "sit"): the linear interpolant at s = 1 - t/T, s·x + (1 - s)·ε,
+    told s (continuous, 1 = data), the clean image told 1."""
+    b = images.shape[0]
+    if config.dit.time == "sit":
+      if t is None:
+        return images, jnp.ones((b,), jnp.float32)
+      s = 1.0 - t.astype(jnp.float32) / schedule.num_timesteps
+      return s[:, None, None, None] * images + (1.0 - s[:, None, None, None]) * eps, s
+    if t is None:
+      return images, jnp.zeros((b,), jnp.int32)
+    return diffusion.q_sample(schedule, images, t, eps), t
+
+  def preview(self, config, schedule, model, x0, key):
+    raise ValueError("method='dit_original' is not trained here: no reconstruction preview")
+
+  def _model_out(self, config, make_model, labels):
+    """(x_t, t) -> (eps, v) with classifier-free guidance as DiT's forward_with_cfg: the conditional
+    and null-label halves in one batch, guidance on the first dit.cfg_channels eps channels, the
+    rest (other eps channels, v) the conditional half's."""
+    scale, null, k = config.sample.cfg_scale, config.model.num_classes, config.dit.cfg_channels
+
+    def out(x, t):
+      if scale == 1.0:
+        o = make_model()(x, t, labels)
+        return o["eps"], o["v"]
+      b = x.shape[0]
+      o = make_model()(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                       jnp.concatenate([labels, jnp.full_like(labels, null)]))
+      cond, uncond = o["eps"][:b], o["eps"][b:]
+      guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+      return jnp.concatenate([guided, cond[..., k:]], axis=-1), o["v"][:b]
+    return out
+
+  def denoiser(self, config, make_model, labels):
+    out = self._model_out(config, make_model, labels)
+
+    def denoise(x, t):
+      eps, _ = out(x, t)
+      return eps, eps  # one head: parameterise reads it as eps (sample.prediction = "eps")
+    return denoise
+
+  def sample(self, config, schedule, make_model, labels, noise, key):
+    """"ddpm": the learned-variance DDPM over sample.steps respaced timesteps (DiT's 250); "ddim":
+    DDIM over sample.steps with the eps head."""
+    s = config.sample
+    if s.sampler == "ddpm":
+      return diffusion.learned_variance_sample(self._model_out(config, make_model, labels), schedule, noise, key,
+                                               steps=s.steps, clip=s.clip)
+    return diffusion.ddim_sample(self.denoiser(config, make_model, labels), schedule, noise, key, steps=s.steps,
+                                 eta=s.eta, clip=s.clip, prediction="eps", grid=s.timesteps)
+
+  def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
+    s = config.sample
+    k_noise, k_sample = jax.random.split(key)
+    return diffusion.inpaint_sample(self.denoiser(config, make_model, labels), schedule, images, known,
+                                    jax.random.normal(k_noise, images.shape), k_sample, steps=s.steps, eta=s.eta,
+                                    clip=s.clip, resample=s.inpaint_resample, prediction="eps", grid=s.timesteps)
+
+  def inpaint_steps(self, config) -> int:
+    return config.sample.steps * config.sample.inpaint_resample
+
+  def train_flops_per_image(self, config) -> float:
+    v = model_lib.parse_variant(config.model.variant)
+    size, channels = input_shape(config)
+    tokens = (size // v["patch"]) ** 2
+    p_dim = v["patch"] ** 2 * channels
+    forward = 2 * tokens * p_dim * v["width"] + v["depth"] * flops.block_flops(tokens, v["width"], adaln=True)
+    forward += 2 * tokens * v["width"] * p_dim * (2 if config.dit.learn_sigma else 1)
+    return 3.0 * forward
+
+  def encoder_depth(self, config) -> int:
+    return self.num_blocks(config)
+
+  def classify_tokens(self, model, x, t_index, block, drop=None):
+    return model.tokens(x, model.condition(t_index), block, drop)
+
+  def classify_layers(self, config, block) -> dict:
+    return {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "blocks": ("stack", 1)}
+
+  def check(self, config, mode) -> None:
+    rules.unchanged(config, common.base_config("dit_original"), FOREIGN,
+                    "not read by the original DiT (method='dit_original')")
+    rules.require(mode not in ("pretrain", "finetune"), "--mode", mode,
+                  "method='dit_original' loads converted public weights (tools/convert_dit_weights.py): probe, "
+                  "classify or generate them")
+    try:
+      model_lib.parse_variant(config.model.variant)
+    except ValueError as e:
+      raise rules.ConfigError(str(e)) from None
+    rules.require(config.model.num_classes >= 1, "model.num_classes", config.model.num_classes,
+                  "the original DiT is class-conditional: the label table of the checkpoint (1000 for ImageNet)")
+    rules.require(config.dit.cfg_channels >= 1, "dit.cfg_channels", config.dit.cfg_channels,
+                  "must be >= 1 (DiT guides 3 of the 4 latent channels)")
+    rules.require(config.dit.time in ("dit", "sit"), "dit.time", config.dit.time, "use 'dit' or 'sit'")
+    if mode == "generate":
+      rules.require(config.dit.time == "dit", "dit.time", config.dit.time, "is SiT's: SiT samples by integrating "
+                    "its velocity field (an ODE / SDE sampler this code does not have): probe or classify it")
+      rules.require(config.sample.prediction == "eps", "sample.prediction", config.sample.prediction,
+                    "must be 'eps': the original DiT predicts eps (and its variance)")
+      rules.require(config.dit.learn_sigma or config.sample.sampler == "ddim", "sample.sampler",
+                    config.sample.sampler, "needs dit.learn_sigma=True for 'ddpm' (the learned variance): use 'ddim'")
+
+
+METHOD = OriginalDiT()
