@@ -1,19 +1,22 @@
-"""Regenerates tests/fixtures/dit_tiny/: a tiny DiT in diffusers' format (the `transformer/` folder
-of a DiT pipeline: config.json + diffusion_pytorch_model.safetensors), the same weights as the
-original code's state dict (`dit_tiny.pt`, key names of facebookresearch/DiT's models.py), and the
-diffusers model's outputs on fixed inputs (`golden.npz`), for tests/test_dit.py. Needs torch and
-diffusers (not requirements of the package; the suite only reads the files):
+"""Regenerates tests/fixtures/dit_tiny/ for tests/test_dit.py: a tiny DiT built with the reference
+code (facebookresearch/DiT's models.py, which needs torch and timm), every weight random; its
+state dict (`dit.pt`, DiT's key names), the same weights as a diffusers `transformer/` folder
+(config.json + safetensors, diffusers' key names), and the reference model's outputs on fixed
+inputs (`golden.npz`). The suite only reads the files (no torch). To regenerate:
 
-  python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 diffusers safetensors
-  /tmp/torchenv/bin/python tests/make_dit_fixture.py            # tiny topology, written to the fixture
-  /tmp/torchenv/bin/python tests/make_dit_fixture.py --xl /tmp/dit_xl   # the full XL/2 topology (not committed)
+  python3.11 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm diffusers
+  git -C /path/to/DiT show HEAD:models.py > /tmp/dit_models.py     # github.com/facebookresearch/DiT
+  /tmp/torchenv/bin/python tests/make_dit_fixture.py --dit_models /tmp/dit_models.py
+  /tmp/torchenv/bin/python tests/make_dit_fixture.py --dit_models /tmp/dit_models.py --xl /tmp/dit_xl  # XL/2, not committed
 
-Every weight is random (seeded) and perturbed away from DiT's initialisation, which zeroes the
-adaLN-Zero gates and the output layer (a parity test of an initialised model would compare zeros).
-The per-block timestep and label embedders of diffusers' port hold one shared copy, as in a
-converted checkpoint (the original model has one embedder).
+Weights are perturbed away from DiT's initialisation (which zeroes the adaLN-Zero gates and the
+output layer: a parity test of it would compare zeros); the fixed position table is kept. The
+diffusers copy is checked here against the reference: diffusers' port differs from DiT's code in
+two places -- its timestep frequencies use exp(-ln(10⁴)·k/(half-1)) (`downscale_freq_shift=1`)
+and its MLP-branch LayerNorm eps is 1e-5 -- so its forward is compared with both set to DiT's.
 """
 import argparse
+import importlib.util
 import json
 import os
 
@@ -24,78 +27,90 @@ from diffusers import DiTTransformer2DModel
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "dit_tiny")
 
 
-def original_state(diffusers_state: dict, depth: int) -> dict:
-  """The same weights under facebookresearch/DiT's names (models.py): one t / y embedder, fused qkv."""
-  d, out = diffusers_state, {}
-  emb = "transformer_blocks.0.norm1.emb."
-  out["x_embedder.proj.weight"], out["x_embedder.proj.bias"] = d["pos_embed.proj.weight"], d["pos_embed.proj.bias"]
-  for i, name in ((0, "linear_1"), (2, "linear_2")):
-    for kind in ("weight", "bias"):
-      out[f"t_embedder.mlp.{i}.{kind}"] = d[f"{emb}timestep_embedder.{name}.{kind}"]
-  out["y_embedder.embedding_table.weight"] = d[f"{emb}class_embedder.embedding_table.weight"]
+def load_reference(path):
+  spec = importlib.util.spec_from_file_location("dit_models", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def to_diffusers(state: dict, depth: int) -> dict:
+  """DiT's names -> diffusers' DiTTransformer2DModel names (qkv split; the one embedder copied
+  into every block, as diffusers' conversion script does)."""
+  out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
   for b in range(depth):
     p = f"transformer_blocks.{b}."
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+      for kind in ("weight", "bias"):
+        out[f"{p}norm1.emb.timestep_embedder.{name}.{kind}"] = state[f"t_embedder.mlp.{i}.{kind}"]
+    out[f"{p}norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
     for kind in ("weight", "bias"):
-      out[f"blocks.{b}.attn.qkv.{kind}"] = torch.cat([d[f"{p}attn1.to_{x}.{kind}"] for x in "qkv"])
-      out[f"blocks.{b}.attn.proj.{kind}"] = d[f"{p}attn1.to_out.0.{kind}"]
-      out[f"blocks.{b}.mlp.fc1.{kind}"] = d[f"{p}ff.net.0.proj.{kind}"]
-      out[f"blocks.{b}.mlp.fc2.{kind}"] = d[f"{p}ff.net.2.{kind}"]
-      out[f"blocks.{b}.adaLN_modulation.1.{kind}"] = d[f"{p}norm1.linear.{kind}"]
+      q, k, v = state[f"blocks.{b}.attn.qkv.{kind}"].chunk(3)
+      out[f"{p}attn1.to_q.{kind}"], out[f"{p}attn1.to_k.{kind}"], out[f"{p}attn1.to_v.{kind}"] = q, k, v
+      out[f"{p}attn1.to_out.0.{kind}"] = state[f"blocks.{b}.attn.proj.{kind}"]
+      out[f"{p}ff.net.0.proj.{kind}"] = state[f"blocks.{b}.mlp.fc1.{kind}"]
+      out[f"{p}ff.net.2.{kind}"] = state[f"blocks.{b}.mlp.fc2.{kind}"]
+      out[f"{p}norm1.linear.{kind}"] = state[f"blocks.{b}.adaLN_modulation.1.{kind}"]
   for kind in ("weight", "bias"):
-    out[f"final_layer.adaLN_modulation.1.{kind}"] = d[f"proj_out_1.{kind}"]
-    out[f"final_layer.linear.{kind}"] = d[f"proj_out_2.{kind}"]
+    out[f"proj_out_1.{kind}"] = state[f"final_layer.adaLN_modulation.1.{kind}"]
+    out[f"proj_out_2.{kind}"] = state[f"final_layer.linear.{kind}"]
   return {k: v.clone().contiguous() for k, v in out.items()}
 
 
-def build(depth, heads, head_dim, channels, size, patch, classes, seed=0):
-  torch.manual_seed(seed)
-  model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
-                                out_channels=2 * channels, num_layers=depth, sample_size=size, patch_size=patch,
-                                num_embeds_ada_norm=classes).eval()
-  with torch.no_grad():
-    shared = {}
-    for name, p in model.named_parameters():
-      key = name.split("norm1.emb.", 1)[1] if "norm1.emb." in name else None
-      if key is not None and key in shared:
-        p.copy_(shared[key])  # one embedder, copied into every block (as a converted checkpoint)
-        continue
-      p.add_(0.2 * torch.randn_like(p) + 0.05)
-      if key is not None:
-        shared[key] = p.detach().clone()
-  return model
-
-
-def outputs(model, size, channels, classes, batch=4):
+def inputs(size, channels, classes, batch):
   g = torch.Generator().manual_seed(1)
   x = torch.randn(batch, channels, size, size, generator=g)
   t = torch.tensor([0, 121, 500, 999][:batch])
   y = torch.tensor([1, classes, 7, 3][:batch])  # `classes` is the null label
-  with torch.no_grad():
-    out = model(x, timestep=t, class_labels=y).sample
-  return x.permute(0, 2, 3, 1).numpy(), t.numpy(), y.numpy(), out.permute(0, 2, 3, 1).numpy()
+  return x, t, y
 
 
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--dit_models", required=True, help="facebookresearch/DiT's models.py")
   ap.add_argument("--xl", default="", help="write the full XL/2 topology (256 px latents) here instead")
   args = ap.parse_args()
+  ref = load_reference(args.dit_models)
   if args.xl:
-    cfg = dict(depth=28, heads=16, head_dim=72, channels=4, size=32, patch=2, classes=1000)
-    out_dir = args.xl
+    cfg = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, num_classes=1000)
+    out_dir, batch = args.xl, 2
   else:
-    cfg = dict(depth=2, heads=2, head_dim=16, channels=4, size=8, patch=2, classes=10)
-    out_dir = HERE
-  model = build(**cfg)
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    out_dir, batch = HERE, 4
+  torch.manual_seed(0)
+  model = ref.DiT(**cfg, learn_sigma=True).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name != "pos_embed":
+        p.add_(0.2 * torch.randn_like(p) + 0.05)
+  x, t, y = inputs(cfg["input_size"], cfg["in_channels"], cfg["num_classes"], batch)
+  with torch.no_grad():
+    out = model(x, t, y)
+  state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+  port = DiTTransformer2DModel(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
+                               in_channels=cfg["in_channels"], out_channels=2 * cfg["in_channels"], num_layers=cfg["depth"],
+                               sample_size=cfg["input_size"], patch_size=cfg["patch_size"],
+                               num_embeds_ada_norm=cfg["num_classes"]).eval()
+  missing, unexpected = port.load_state_dict(to_diffusers(state, cfg["depth"]), strict=False)
+  assert not unexpected and all("pos_embed.pos_embed" in k for k in missing), (missing, unexpected)
   os.makedirs(out_dir, exist_ok=True)
-  model.save_pretrained(os.path.join(out_dir, "transformer"))
-  state = original_state(model.state_dict(), cfg["depth"])
+  port.save_pretrained(os.path.join(out_dir, "transformer"))
+  for block in port.transformer_blocks:  # DiT's own settings where the port differs, then compare
+    block.norm1.emb.time_proj.downscale_freq_shift = 0
+    block.norm3.eps = 1e-6
+  with torch.no_grad():
+    port_out = port(x, timestep=t, class_labels=y).sample
+  err = float((port_out - out).abs().max() / out.abs().max())
+  assert err < 1e-5, f"diffusers' port (DiT's settings) differs from the reference by {err}"
+
   torch.save(state, os.path.join(out_dir, "dit.pt"))
-  x, t, y, out = outputs(model, cfg["size"], cfg["channels"], cfg["classes"], batch=2 if args.xl else 4)
-  np.savez(os.path.join(out_dir, "golden.npz"), x=x, t=t, y=y, out=out)
+  nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()
+  np.savez(os.path.join(out_dir, "golden.npz"), x=nhwc(x), t=t.numpy(), y=y.numpy(), out=nhwc(out))
   with open(os.path.join(out_dir, "topology.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  print(f"wrote {out_dir}: {sum(p.numel() for p in model.parameters()):,} parameters (diffusers' count, "
-        "per-block embedders included)")
+    json.dump({**cfg, "learn_sigma": True, "port_vs_reference_max_rel": err}, f, indent=2)
+  print(f"wrote {out_dir}: {sum(p.numel() for p in model.parameters()):,} parameters (the reference's count); "
+        f"diffusers' port within {err:.1e} of the reference")
 
 
 if __name__ == "__main__":

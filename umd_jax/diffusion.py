@@ -215,10 +215,13 @@ def learned_variance_sample(model_out, schedule: Schedule, noise: jax.Array, key
   exp(frac·log β_i + (1 - frac)·log β̃_i) with frac = (v + 1)/2 on the respaced process (β̃ the
   posterior variance, its first entry replaced by the second, as ADM clips it)."""
   spaced, timesteps = respaced(schedule, steps)
-  post_var = np.asarray(spaced.posterior_variance, np.float64)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[timesteps]  # host tables (not traced)
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  betas = 1.0 - abar / abar_prev
+  post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
   min_log = jnp.asarray(np.log(np.append(post_var[1] if len(post_var) > 1 else post_var[0], post_var[1:])),
                         jnp.float32)
-  max_log = jnp.log(spaced.betas)
+  max_log = jnp.asarray(np.log(betas), jnp.float32)
   b = noise.shape[0]
 
   def body(x, inputs):
