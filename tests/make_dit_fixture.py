@@ -7,7 +7,8 @@ inputs (`golden.npz`). The suite only reads the files (no torch). To regenerate:
   python3.11 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm diffusers
   git -C /path/to/DiT show HEAD:models.py > /tmp/dit_models.py     # github.com/facebookresearch/DiT
   /tmp/torchenv/bin/python tests/make_dit_fixture.py --dit_models /tmp/dit_models.py
-  /tmp/torchenv/bin/python tests/make_dit_fixture.py --dit_models /tmp/dit_models.py --xl /tmp/dit_xl  # XL/2, not committed
+  /tmp/torchenv/bin/python tests/make_dit_fixture.py --dit_models /tmp/dit_models.py --xl /tmp/dit_xl --scale 0.02
+                                                                           # XL/2 (2.7 GB), not committed
 
 Weights are perturbed away from DiT's initialisation (which zeroes the adaLN-Zero gates and the
 output layer: a parity test of it would compare zeros); the fixed position table is kept. The
@@ -69,6 +70,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--dit_models", required=True, help="facebookresearch/DiT's models.py")
   ap.add_argument("--xl", default="", help="write the full XL/2 topology (256 px latents) here instead")
+  ap.add_argument("--scale", type=float, default=0.2, help="std of the perturbation of every weight (shift: scale/4)")
   args = ap.parse_args()
   ref = load_reference(args.dit_models)
   if args.xl:
@@ -82,7 +84,7 @@ def main():
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name != "pos_embed":
-        p.add_(0.2 * torch.randn_like(p) + 0.05)
+        p.add_(args.scale * torch.randn_like(p) + args.scale / 4)
   x, t, y = inputs(cfg["input_size"], cfg["in_channels"], cfg["num_classes"], batch)
   with torch.no_grad():
     out = model(x, t, y)

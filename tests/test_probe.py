@@ -179,19 +179,26 @@ def test_empty_split_is_a_clear_error(tmp_path, trained):
     probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)(params, "test")
 
 
-def test_colab_notebook_runs_top_to_bottom(trained, monkeypatch):
+def test_colab_notebook_runs_top_to_bottom(trained, monkeypatch, tmp_path):
   import os
 
+  import convert_vae_weights
   import nbclient
   import nbformat
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.setenv("UMD_WORKDIR", str(trained[1]))
   monkeypatch.setenv("UMD_QUICK", "1")
+  # the DiT section: the tiny reference-made DiT fixture, converted and probed through the tiny VAE
+  convert_vae_weights.main(os.path.join(root, "tests", "fixtures", "vae_tiny"), str(tmp_path / "vae.npz"))
+  monkeypatch.setenv("UMD_DIT_SOURCE", os.path.join(root, "tests", "fixtures", "dit_tiny"))
+  monkeypatch.setenv("UMD_VAE_WEIGHTS", str(tmp_path / "vae.npz"))
+  monkeypatch.setenv("UMD_DIT_WORKDIR", str(tmp_path / "dit"))
   nb = nbformat.read(os.path.join(root, "notebooks", "probe.ipynb"), as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": os.path.join(root, "notebooks")}}).execute()
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "1-shot:" in text and "linear probe:" in text and "best:" in text
+  assert "DiT Mu/2 block 1, t=121, 5-shot:" in text and (tmp_path / "dit" / "checkpoints").exists()
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 2  # the sweep heatmap and the PCA / t-SNE scatter
 
