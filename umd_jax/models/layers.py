@@ -31,10 +31,11 @@ def dense(in_features, out_features, axes, *, dtype, rngs, kernel_init=xavier):
                     bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def layer_norm(width, *, dtype, rngs, affine: bool = True, eps: float = 1e-6):
-  """LayerNorm; `affine=False`: no scale or bias (DiT's, whose adaLN supplies both)."""
+def layer_norm(width, *, dtype, rngs, affine: bool = True, eps: float = 1e-6, fast_variance: bool = True):
+  """LayerNorm; `affine=False`: no scale or bias (DiT's, whose adaLN supplies both).
+  `fast_variance=False`: the variance as mean((x - mean)²), PyTorch's, not E[x²] - E[x]²."""
   return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                       use_scale=affine, use_bias=affine)
+                       use_scale=affine, use_bias=affine, use_fast_variance=fast_variance)
 
 
 def timestep_sinusoids(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -144,11 +145,12 @@ class Block(nnx.Module):
   """Pre-LN transformer block. adaLN-Zero when `adaln`, else the condition is an in-context token."""
 
   def __init__(self, width, heads, *, adaln: bool, dtype, rngs, attention: str = "auto", affine_norms: bool = True,
-               mlp_norm_eps: float = 1e-6):
+               mlp_norm_eps: float = 1e-6, fast_variance: bool = True):
     self.adaln = adaln
-    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs, affine=affine_norms)
+    norm = dict(dtype=dtype, rngs=rngs, affine=affine_norms, fast_variance=fast_variance)
+    self.norm1 = layer_norm(width, **norm)
     self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, attention=attention)
-    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs, affine=affine_norms, eps=mlp_norm_eps)
+    self.norm2 = layer_norm(width, eps=mlp_norm_eps, **norm)
     self.mlp = Mlp(width, dtype=dtype, rngs=rngs)
     if adaln:
       self.modulation = dense(width, 6 * width, ("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=zeros)
