@@ -252,3 +252,12 @@ def test_dit_original_config_is_dits_protocol():
   assert (cifar.data.name, cifar.probe.block, cifar.probe.t, cifar.data.num_classes) == ("cifar10", 13, 121, 10)
   assert dit_original.get_config("ddae_tiny").probe.t == 81
   assert common.base_config("dit_original").classify.t == 0
+
+
+def test_sit_weights_are_read_only_as_sit(tmp_path):
+  """A workdir converted with --kind sit refuses a config that would feed it DDPM inputs."""
+  cdw.convert(FIXTURE, str(tmp_path / "sit"), kind="sit", config=tiny())
+  mesh = sharding.make_mesh(tiny().mesh, jax.devices()[:1])
+  with pytest.raises(Exception, match="dit.time='sit': run with --config.dit.time=sit"):
+    weights.load(tiny(), str(tmp_path / "sit"), mesh)
+  weights.load(tiny(**{"dit.time": "sit"}), str(tmp_path / "sit"), mesh)

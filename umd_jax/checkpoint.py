@@ -438,6 +438,10 @@ def check_params(workdir, abstract_params, config=None) -> None:
     manager.close()
 
 
+# Settings that give the same parameters another meaning: a reader must use the writer's values.
+READ_AS = ("dit.time",)
+
+
 def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
   """Only the parameters of the latest checkpoint in a workdir (for `init_from` and probing);
   the EMA copy instead when `prefer_ema` and the run kept one."""
@@ -459,6 +463,14 @@ def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, 
       key = "ema_params" if saved.get("optim", {}).get("ema_rate", 0) > 0 else "params"
     except Exception:  # noqa: BLE001 - no readable config: the parameters then
       pass
+  if config is not None:  # weights read under another meaning than they were written with
+    old, new = _flat_configs(manager, step, config)
+    differ = [k for k in READ_AS if old is not None and k in old and k in new and old[k] != new[k]]
+    if differ:
+      manager.close()
+      raise CheckpointError(f"{str(workdir)!r} step {step} holds weights written with "
+                            + ", ".join(f"{k}={old[k]!r}" for k in differ) + ": run with "
+                            + " ".join(f"--config.{k}={old[k]}" for k in differ))
   # Checked first: a failed partial restore makes orbax log tracebacks from its threads.
   mismatches = _param_mismatches(manager.directory / str(step), abstract_params, key, extra_ok=True)
   if mismatches:

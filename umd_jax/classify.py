@@ -64,7 +64,8 @@ def _init_backbone(config, state, shardings):
   """The backbone's weights from init_from (EMA when kept and classify.init_ema) and their step."""
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state.params["backbone"], shardings.params["backbone"])
-  return checkpoint.restore_params_and_step(config.init_from, target, prefer_ema=config.classify.init_ema)
+  return checkpoint.restore_params_and_step(config.init_from, target, prefer_ema=config.classify.init_ema,
+                                            config=config)
 
 
 class Evaluator:
