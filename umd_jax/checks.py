@@ -19,7 +19,7 @@ _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 def _model_and_data(config) -> None:
   d, m = config.data, config.model
   try:
-    variant = umd.parse_variant(m.variant)
+    variant = methods.get(config).variant(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _require(variant["patch"] >= 1, "model.variant", m.variant, "the patch size must be a positive integer ('B/4')")

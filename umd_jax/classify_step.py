@@ -21,7 +21,6 @@ from flax import nnx
 
 from umd_jax import diffusion, methods, mixing, sharding
 from umd_jax.models import layers
-from umd_jax.models.umd import parse_variant
 from umd_jax.train_step import TrainState
 
 NO_DECAY_TOP = ("registers", "mask_token", "encoder_pos", "decoder_pos")  # tokens and position tables
@@ -45,7 +44,8 @@ class Classifier(nnx.Module):
 
 def build(config, rngs: nnx.Rngs) -> Classifier:
   backbone = methods.get(config).build(config, rngs)
-  return Classifier(backbone, parse_variant(config.model.variant)["width"], config.data.num_classes, rngs=rngs)
+  width = methods.get(config).variant(config)["width"]
+  return Classifier(backbone, width, config.data.num_classes, rngs=rngs)
 
 
 def abstract_classifier(config):

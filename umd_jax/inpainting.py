@@ -35,7 +35,8 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
     m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
     return np.broadcast_to(m, (batch, size, size, 1)).copy()
   if kind == "random":
-    m = corruption.random_mask(key, batch, umd.num_patches(config), config.sample.inpaint_ratio)
+    num_patches = (umd.input_shape(config)[0] // methods.get(config).variant(config)["patch"]) ** 2
+    m = corruption.random_mask(key, batch, num_patches, config.sample.inpaint_ratio)
     return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
   path = epath.Path(kind)
   if not path.exists():
@@ -47,7 +48,7 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
 
 def masked_patch_count(config, known: np.ndarray) -> int:
   """Patches with an unknown pixel, the same in every image of `known` (B, H, W, 1)."""
-  patch = umd.parse_variant(config.model.variant)["patch"]
+  patch = methods.get(config).variant(config)["patch"]
   counts = corruption.known_patches(known, patch).sum(axis=1).round().astype(int)
   if counts.min() != counts.max():
     raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} masks {counts.min()}..{counts.max()} patches per "

@@ -26,6 +26,7 @@ A method is an object with:
   train_flops_per_image(config)
                              analytic forward + backward FLOPs of one training image
   check(config, mode)        the method's own settings (raises checks.ConfigError)
+  variant(config)            model.variant parsed: width, patch, depths, heads (ValueError if bad)
   noised(config, schedule, images, t, eps)
                              (input, what the network is told) for probes and classifiers: the
                              clean images (t None) or noised to timesteps t (B,) with eps (UMD

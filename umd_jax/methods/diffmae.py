@@ -76,6 +76,9 @@ class DiffMAEMethod:
       return model.encode(x)["rep"][None]
     return pick(model.features(x), blocks)
 
+  def variant(self, config) -> dict:
+    return parse_variant(config.model.variant)
+
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
     return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)

@@ -39,6 +39,9 @@ class OriginalDiT:
     """Every block's mean-pooled tokens told t_index with the null label; rep is the last block's."""
     return pick(model.features(x, model.condition(t_index)), blocks)
 
+  def variant(self, config) -> dict:
+    return model_lib.parse_variant(config.model.variant)
+
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input. DiT: the image noised to t (q_sample) told t itself, the clean
     image told 0. SiT (dit.time = "sit"): the linear interpolant at s = 1 - t/T, s·x + (1 - s)·ε,

@@ -47,6 +47,9 @@ class UMDFamily:
       return model.encode(x, cond)[1].astype(jnp.float32)[None]
     return pick(model.features(x, t_index), blocks)
 
+  def variant(self, config) -> dict:
+    return model_lib.parse_variant(config.model.variant)
+
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
     return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)
