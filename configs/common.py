@@ -1,11 +1,11 @@
-"""Shared config defaults and the method presets of SPEC §1 (variants live in `umd_jax.models.umd`).
+"""Shared config defaults and the method presets of METHOD.md §1 (variants live in `umd_jax.models.umd`).
 
 Every `configs/*.py` builds on `base_config()` and returns it locked, so a typo in a key
 (in a file or on the command line, `--config.batch_sise=8`) is an error, not a silent default.
 """
 import ml_collections
 
-# SPEC §1 table: the baselines are values of the same corruption, not code paths.
+# METHOD.md §1 table: the baselines are values of the same corruption, not code paths.
 METHODS = {
     "umd": dict(clean_fraction=0.5, clean_mask_ratio=0.75, noised_mask_ratio=0.375, conditioning="adaln"),
     "dit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
@@ -13,7 +13,7 @@ METHODS = {
     "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
     # Not a UMD preset: DiffMAE's own keys are `diffmae.*`; these UMD-family keys stay unread (refused if set).
     "diffmae": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
-    # The original DiT (SPEC §11, converted public weights): its own architecture, not trained here.
+    # The original DiT (METHOD.md §11, converted public weights): its own architecture, not trained here.
     "dit_original": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
 }
 
@@ -21,7 +21,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def base_config(method: str = "umd") -> ml_collections.ConfigDict:
-  """All keys a run may use, with the SPEC §5 ImageNet 64 px pre-training recipe as defaults."""
+  """All keys a run may use, with the METHOD.md §5 ImageNet 64 px pre-training recipe as defaults."""
   preset = METHODS[method]
   c = ml_collections.ConfigDict()
   c.method = method
@@ -50,7 +50,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.data.image_size = 64
   c.data.channels = 3
   c.data.num_classes = 1000
-  c.data.crop_area_min = 0.8               # Inception crop area range (SPEC §5)
+  c.data.crop_area_min = 0.8               # Inception crop area range (METHOD.md §5)
   c.data.crop_area_max = 1.0
   c.data.flip = True
   c.data.num_workers = 8                   # grain worker processes per host (0: in-process)
@@ -96,7 +96,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffusion.num_timesteps = 1000
   c.diffusion.noise_exponent = 1.0         # ρ: noise variance 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: 0.8)
 
-  # DiffMAE (config.method = "diffmae", README, "DiffMAE"): read by that method only; the UMD
+  # DiffMAE (config.method = "diffmae", METHOD.md §9): read by that method only; the UMD
   # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
   c.diffmae = ml_collections.ConfigDict()
   c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised
@@ -126,7 +126,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
 
   c.probe_every = 0                        # few-shot probe during pre-training every N steps (0: off)
 
-  # Probing a frozen backbone (SPEC §6): --mode=probe, and the in-training few-shot evaluator.
+  # Probing a frozen backbone (METHOD.md §6): --mode=probe, and the in-training few-shot evaluator.
   c.probe = ml_collections.ConfigDict()
   c.probe.t = -1                           # -1: clean image, timestep index 0; else noise to t, tell t + 1
   c.probe.block = -1                       # -1: rep (mean of the registers); else a block index
@@ -155,7 +155,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.probe.sweep_shots = 10
   c.probe.baselines = False                # also probe raw pixels and a randomly initialised network
 
-  # Sampling (--mode=generate) and FID / IS (SPEC §4, §6).
+  # Sampling (--mode=generate) and FID / IS (METHOD.md §4, §6).
   c.sample = ml_collections.ConfigDict()
   c.sample.num_samples = 50_000            # for the .npz (and FID when sample.fid)
   c.sample.batch_size = 256
@@ -191,7 +191,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
     c.sample.inpaint = "center"
     c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps, as the paper samples
 
-  # Recognition fine-tuning (--mode=classify, SPEC §10: MAE's recipe for B; `classify_recipe` sets L's).
+  # Recognition fine-tuning (--mode=classify, METHOD.md §10: MAE's recipe for B; `classify_recipe` sets L's).
   # Global keys it reads too: batch_size (1024), seed, init_from, log/checkpoint cadence, data.crop_area_*.
   c.classify = ml_collections.ConfigDict()
   c.classify.block = -1                    # -1: after the encoder's last block (MAE); k: DDAE's cut after block k
@@ -244,7 +244,7 @@ def wants_classify(arg) -> bool:
 
 
 def classify_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """SPEC §10 recognition fine-tuning of model.variant: MAE's recipe (B: base LR 5e-4, layer decay
+  """METHOD.md §10 recognition fine-tuning of model.variant: MAE's recipe (B: base LR 5e-4, layer decay
   0.65, drop path 0.1, 100 epochs; L: 1e-3, 0.75, 0.2, 50 epochs), batch 1024, Inception crop
   8-100% + flip; the rest are the `classify.*` defaults. Run with --mode=classify."""
   large = c.model.variant.split("/")[0] == "L"
@@ -261,7 +261,7 @@ def classify_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def finetune_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """SPEC §5 class-conditional fine-tuning (for generation): from `init_from`'s weights, a new
+  """METHOD.md §5 class-conditional fine-tuning (for generation): from `init_from`'s weights, a new
   label embedding and optimizer; batch 256, LR 1.5e-4, β2 0.999, no weight decay, 2 warmup
   epochs of 50, crop area 95-100%, no noised masking, EMA step 1e-4·B/256, label dropout 0.1."""
   c.model.num_classes = c.data.num_classes

@@ -22,7 +22,7 @@ labels dropped 10% of the time, EMA step 0.01) and samples 50 digits per class w
   python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
 
 `configs/demo.py:classify` fine-tunes the pre-trained demo into a digit classifier end to end
-(--mode=classify; SPEC §10, MAE's recipe scaled to the digits: batch 128, 100 epochs of 11 steps,
+(--mode=classify; METHOD.md §10, MAE's recipe scaled to the digits: batch 128, 100 epochs of 11 steps,
 layer decay 0.65, drop path 0.1, label smoothing 0.1, mixup / cutmix; no RandAugment or random
 erasing: at 8×8 px a 45% translation or a 27° rotation leaves no digit), scored on the test digits:
   python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify

@@ -1,4 +1,4 @@
-"""The public DiT-XL/2 (Peebles & Xie; SPEC §11) on ImageNet 256 px through the SD VAE (32×32×4
+"""The public DiT-XL/2 (Peebles & Xie; METHOD.md §11) on ImageNet 256 px through the SD VAE (32×32×4
 latents): convert the checkpoint once, then probe it DDAE-style, sample it as DiT does, or
 fine-tune it for recognition. Nothing is downloaded; fetch the files once yourself (README,
 "Public DiT weights"):

@@ -1,6 +1,6 @@
 """Latent DiT-L/2 from scratch: class-conditional on the SD-VAE latents of ImageNet 256, 400 epochs.
 
-The paper's generative baseline for latent UMD-L/2 (SPEC §7: FID 4.31 against UMD's 3.96):
+The paper's generative baseline for latent UMD-L/2 (METHOD.md §7: FID 4.31 against UMD's 3.96):
 no clean step, no masking, labels (dropped 10% of the time) from the start, the fine-tuning
 optimizer (batch 256, peak LR 1.5e-4 with warmup then cosine, β2 0.999, no weight decay, EMA).
 Uses the latents `configs/latent_umd_l.py` encodes:

@@ -1,4 +1,4 @@
-"""Latent UMD-L/2: ImageNet 256×256 through Stable Diffusion's VAE to 32×32×4 latents (SPEC §8).
+"""Latent UMD-L/2: ImageNet 256×256 through Stable Diffusion's VAE to 32×32×4 latents (METHOD.md §8).
 
 Convert the VAE once, encode the training images once, then pre-train on the latents:
 
@@ -26,7 +26,7 @@ Probe (the probe images are encoded on the fly with the same VAE):
 Argument: a variant and/or `finetune` (`configs/latent_umd_l.py:B/2,finetune`). The official
 recipe: linear β schedule 1e-4 → 0.02, T = 1000, no x0 clipping, batch 1024 for 800 epochs;
 pre-encoded ADM centre crops with their mirror images stand in for the reference's on-the-fly
-Inception crops (SPEC §8). The reference repository's sampling protocol is the default here (DDIM
+Inception crops (METHOD.md §8). The reference repository's sampling protocol is the default here (DDIM
 η = 1, 125 steps, 10k samples for FID); ADM's is `--config.sample.steps=250
 --config.sample.num_samples=50000 --config.sample.cfg_scale=1.5` (README, Latent diffusion).
 """
@@ -54,6 +54,6 @@ def get_config(arg=None):
   c.model.variant, finetune = common.parse_arg(arg, "L/2")
   if finetune:
     common.finetune_recipe(c)
-  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+  if common.wants_classify(arg):  # --mode=classify: METHOD.md §10 recognition fine-tuning
     common.classify_recipe(c)
   return common.finalize(latent(c))

@@ -1,10 +1,10 @@
 """MAE-B/4 baseline on ImageNet 64 px: every image takes the clean step, 75% masked, and the
-(constant, index 0) timestep condition is an in-context token instead of adaLN (SPEC §1 table).
+(constant, index 0) timestep condition is an in-context token instead of adaLN (METHOD.md §1 table).
 
   python main.py --config=configs/mae_b.py --mode=pretrain --workdir=/path/to/workdir \
       --config.data.data_dir=/path/to/tensorflow_datasets
 
-Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
+Class-conditional fine-tuning for generation (METHOD.md §5 recipe), then sampling:
 
   python main.py --config=configs/mae_b.py:finetune --mode=finetune --workdir=/path/to/finetune \
       --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
@@ -20,6 +20,6 @@ def get_config(arg=None):
   c.model.variant, finetune = common.parse_arg(arg, "B/4")
   if finetune:
     common.finetune_recipe(c)
-  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+  if common.wants_classify(arg):  # --mode=classify: METHOD.md §10 recognition fine-tuning
     common.classify_recipe(c)
   return common.finalize(c)

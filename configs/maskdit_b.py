@@ -1,9 +1,9 @@
-"""MaskDiT-B/4 baseline on ImageNet 64 px: no clean step, 50% of the noised tokens masked (SPEC §1 table), adaLN-Zero.
+"""MaskDiT-B/4 baseline on ImageNet 64 px: no clean step, 50% of the noised tokens masked (METHOD.md §1 table), adaLN-Zero.
 
   python main.py --config=configs/maskdit_b.py --mode=pretrain --workdir=/path/to/workdir \
       --config.data.data_dir=/path/to/tensorflow_datasets
 
-Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
+Class-conditional fine-tuning for generation (METHOD.md §5 recipe), then sampling:
 
   python main.py --config=configs/maskdit_b.py:finetune --mode=finetune --workdir=/path/to/finetune \
       --config.init_from=/path/to/workdir --config.data.data_dir=/path/to/tensorflow_datasets
@@ -11,7 +11,7 @@ Class-conditional fine-tuning for generation (SPEC §5 recipe), then sampling:
 
 Probe the pre-trained model: python main.py --config=configs/maskdit_b.py --mode=probe --workdir=/path/to/workdir
 
-Same network, loss and recipe as UMD; only the corruption differs. Probe it DDAE-style (SPEC §6).
+Same network, loss and recipe as UMD; only the corruption differs. Probe it DDAE-style (METHOD.md §6).
 """
 from configs import common
 
@@ -21,6 +21,6 @@ def get_config(arg=None):
   c.model.variant, finetune = common.parse_arg(arg, "B/4")
   if finetune:
     common.finetune_recipe(c)
-  if common.wants_classify(arg):  # --mode=classify: SPEC §10 recognition fine-tuning
+  if common.wants_classify(arg):  # --mode=classify: METHOD.md §10 recognition fine-tuning
     common.classify_recipe(c)
   return common.finalize(c)

@@ -8,16 +8,16 @@ scored, over several seeds, in one command.
   python experiments/reproduce.py --dataset=imagenet2012 --data_dir=/data/tensorflow_datasets \
       --image_size=64 --variant=B/4 --batch_size=1024 --pretrain_steps=1000000 --finetune_steps=250000 \
       --num_samples=10000 --sample_steps=125 --cfg_scale=1.5 --inception_weights=inception_fid.npz \
-      --out experiments/results_imagenet64                # the paper's setting (SPEC §5-7), accelerators
+      --out experiments/results_imagenet64                # the paper's setting (METHOD.md §5-7), accelerators
 
 For each method and seed: pre-train (same model, batch, steps, data, seed); probe the frozen
 network (linear probe and few-shot ridge on `rep`, and the DDAE (block, t) sweep, whose best cell is
 the fair feature for DiT and MaskDiT); fine-tune it end to end into a classifier (--mode=classify,
-MAE's recipe, SPEC §10; the encoder's output on the clean image, or for DiT and MaskDiT DDAE's
+MAE's recipe, METHOD.md §10; the encoder's output on the clean image, or for DiT and MaskDiT DDAE's
 input noised to t = 0) and score top-1 on the test split; inpaint the test images with the pre-trained network and
 the method's own inpainter (centre box and 50% random patches; RePaint with the same DDIM sampler
 and the eps head for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over
-all T steps) and score the filled region (PSNR, SSIM); fine-tune class-conditionally with the SPEC §5 recipe (same
+all T steps) and score the filled region (PSNR, SSIM); fine-tune class-conditionally with the METHOD.md §5 recipe (same
 steps for all); sample with the same sampler, steps and guidance; score the samples. On the digits
 the scores are the demo's classifier accuracy (a logistic regression on real training digits) and a
 Fréchet distance, precision and recall in the hidden layer of a small MLP classifier trained once on
@@ -73,7 +73,7 @@ def parse_args(argv=None):
   p.add_argument("--pretrain_steps", type=int, default=2000)
   p.add_argument("--finetune_steps", type=int, default=800)
   p.add_argument("--classify_epochs", type=int, default=0,
-                 help="recognition fine-tuning epochs (SPEC §10); 0: the recipe's (digits demo 100, B 100, L 50)")
+                 help="recognition fine-tuning epochs (METHOD.md §10); 0: the recipe's (digits demo 100, B 100, L 50)")
   p.add_argument("--num_samples", type=int, default=500)
   p.add_argument("--sample_steps", type=int, default=50)
   p.add_argument("--cfg_scale", type=float, default=2.0)
@@ -92,7 +92,7 @@ def parse_args(argv=None):
 
 
 def _method(c, method):
-  """SPEC §1: the methods are values of the same corruption (configs/common.METHODS)."""
+  """METHOD.md §1: the methods are values of the same corruption (configs/common.METHODS)."""
   preset = config_common.METHODS[method]
   c.method = method
   c.corruption.clean_fraction = preset["clean_fraction"]
@@ -111,7 +111,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
   elif args.dataset == "digits":  # the demo's settings, then the method's corruption
     c = _method(demo.get_config("finetune" if finetune else None), method)
     c.unlock()
-  else:  # the ImageNet recipe of configs/<method>_b.py (SPEC §5; DiffMAE's 64 px setting), on the requested data
+  else:  # the ImageNet recipe of configs/<method>_b.py (METHOD.md §5; DiffMAE's 64 px setting), on the requested data
     module = importlib.import_module(f"configs.{method}_b")
     setting = "umd64" if method == "diffmae" else ""
     c = module.get_config(",".join(p for p in (args.variant or "B/4", "finetune" if finetune else "", setting) if p))
@@ -129,7 +129,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
   c.total_steps = args.finetune_steps if finetune else args.pretrain_steps
   c.checkpoint_every = c.image_every = max(1, c.total_steps // 2)
   c.probe_every = 0
-  if finetune:  # SPEC §5: clean sub-batch 5% for UMD and MAE, none for DiT and MaskDiT
+  if finetune:  # METHOD.md §5: clean sub-batch 5% for UMD and MAE, none for DiT and MaskDiT
     c.corruption.clean_fraction = 0.05 if method in ("umd", "mae") else 0.0
     c.corruption.noised_mask_ratio = 0.0
   s = c.sample
@@ -145,7 +145,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
   s.inpaint_images = 0 if args.dataset == "digits" else 10_000  # scored on the first images of eval_split
   p.sweep, p.baselines = True, method == "umd"  # raw pixels and a random network, beside UMD's runs
   p.sweep_ts = (0, 25, 50, 100, 200, 400)
-  p.fewshot_shots = (1, 5, 10, 25, 100)  # SPEC §7 reports 100-shot
+  p.fewshot_shots = (1, 5, 10, 25, 100)  # METHOD.md §7 reports 100-shot
   if args.dataset != "digits":  # the sweep keeps every block's features of the pool: cap the pool
     p.max_train_images = 200_000
   if args.quick:
@@ -155,7 +155,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
 
 
 def make_classify_config(args, method, seed, init_from):
-  """Recognition fine-tuning (SPEC §10) of a pre-trained run: the demo's `classify` setting on the
+  """Recognition fine-tuning (METHOD.md §10) of a pre-trained run: the demo's `classify` setting on the
   digits, configs/<method>_b.py:classify (MAE's recipe) otherwise; the same for every method."""
   if args.dataset == "digits":
     c = demo.get_config("diffmae,classify" if method == "diffmae" else "classify")
@@ -304,7 +304,7 @@ def step_times(args, methods) -> dict:
 
 # --- summary --------------------------------------------------------------------------------------
 
-METRICS = [("classify_top1", "fine-tuned top-1 (end to end, SPEC §10)", 100), ("linear_top1", "linear top-1 (rep)", 100), ("fewshot.10", "10-shot (rep)", 100),
+METRICS = [("classify_top1", "fine-tuned top-1 (end to end, METHOD.md §10)", 100), ("linear_top1", "linear top-1 (rep)", 100), ("fewshot.10", "10-shot (rep)", 100),
            ("fewshot.100", "100-shot (rep)", 100), ("sweep_best.accuracy", "best sweep cell, 10-shot", 100),
            ("classifier_accuracy", "samples classified as their class", 100), ("digits_fd", "digits-FD ↓", 1),
            ("precision", "precision", 100), ("recall", "recall", 100), ("fid", "FID ↓", 1),

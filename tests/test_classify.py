@@ -1,4 +1,4 @@
-"""Recognition fine-tuning (--mode=classify, SPEC §10): layer-wise LR decay, the weight-decay set,
+"""Recognition fine-tuning (--mode=classify, METHOD.md §10): layer-wise LR decay, the weight-decay set,
 mixup / cutmix targets, stochastic depth, the cut network, RandAugment's tables, bad settings,
 resume, and that fine-tuning the demo beats its linear probe."""
 import json

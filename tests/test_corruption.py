@@ -1,4 +1,4 @@
-"""Masks, the clean/noised split and the UMD loss against a hand computation (SPEC §1, §2)."""
+"""Masks, the clean/noised split and the UMD loss against a hand computation (METHOD.md §1, §2)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +69,7 @@ def _pixel_mask_from_keep(keep, num_patches, size, patch):
 
 
 def _hand_loss(x0, calls, n_clean, clean_ratio, noised_ratio, size=8, patch=2):
-  """SPEC §2, written out with numpy from what the fake network was shown."""
+  """METHOD.md §2, written out with numpy from what the fake network was shown."""
   num_patches = (size // patch) ** 2
   b = x0.shape[0]
   parts = {}

@@ -1,4 +1,4 @@
-"""Schedules against their closed forms; the posterior is the standard DDPM one (SPEC §4)."""
+"""Schedules against their closed forms; the posterior is the standard DDPM one (METHOD.md §4)."""
 import jax
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The original DiT (SPEC §11; models/dit.py, methods/dit_original.py, tools/convert_dit_weights.py):
+"""The original DiT (METHOD.md §11; models/dit.py, methods/dit_original.py, tools/convert_dit_weights.py):
 parity with the reference code on a committed golden fixture (tests/make_dit_fixture.py makes it),
 the converter's checks, DiT's sampling (ADM respacing, learned variance, 3-channel guidance), and
 probing / sampling a converted network."""

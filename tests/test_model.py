@@ -1,4 +1,4 @@
-"""The ViT auto-encoder of SPEC §3: shapes, parameter count, masking/restore, conditioning."""
+"""The ViT auto-encoder of METHOD.md §3: shapes, parameter count, masking/restore, conditioning."""
 import jax
 import jax.numpy as jnp
 import numpy as np

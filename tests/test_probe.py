@@ -1,4 +1,4 @@
-"""Probes (SPEC §6): ridge and linear heads against references, LARS, features, the probe mode."""
+"""Probes (METHOD.md §6): ridge and linear heads against references, LARS, features, the probe mode."""
 import json
 
 import jax

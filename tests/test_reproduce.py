@@ -70,14 +70,14 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
   table = (tmp_path / "summary.md").read_text()
   assert "| 10-shot (rep) |" in table and "| digits-FD ↓ |" in table and "| pixels |" in table
-  assert "| centre inpainting PSNR (dB) |" in table and "| fine-tuned top-1 (end to end, SPEC §10) |" in table
+  assert "| centre inpainting PSNR (dB) |" in table and "| fine-tuned top-1 (end to end, METHOD.md §10) |" in table
   again = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])  # resumes: nothing retrained
   assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in result["runs"]]
 
 
 def test_the_paper_setting_builds_the_imagenet_recipes():
   """`--dataset=imagenet2012 --image_size=64 --variant=B/4`: the configs/<method>_b.py recipes
-  (SPEC §5) on that data, every setting valid for its mode."""
+  (METHOD.md §5) on that data, every setting valid for its mode."""
   from umd_jax import checks
   args = reproduce.parse_args(["--dataset=imagenet2012", "--data_dir=/data/tfds", "--image_size=64", "--variant=B/4",
                                "--pretrain_steps=1000", "--finetune_steps=100", "--inception_weights="])

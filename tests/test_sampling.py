@@ -1,4 +1,4 @@
-"""Samplers against theory (SPEC §4): an exact denoiser for Gaussian data, DDIM/DDPM, guidance."""
+"""Samplers against theory (METHOD.md §4): an exact denoiser for Gaussian data, DDIM/DDPM, guidance."""
 import jax
 import jax.numpy as jnp
 import numpy as np

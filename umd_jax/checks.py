@@ -122,7 +122,7 @@ def _probe(config, mode_probe: bool) -> None:
 
 
 def _classify(config) -> None:
-  """--mode=classify (SPEC §10): the loop's keys and every classify.* setting."""
+  """--mode=classify (METHOD.md §10): the loop's keys and every classify.* setting."""
   c, T = config.classify, config.diffusion.num_timesteps
   for key in ("batch_size", "log_every", "checkpoint_every", "classify.epochs", "classify.eval_every_epochs",
               "classify.eval_batch_size"):

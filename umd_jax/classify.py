@@ -1,4 +1,4 @@
-"""--mode=classify: end-to-end fine-tuning for recognition (SPEC §10, MAE's protocol), the
+"""--mode=classify: end-to-end fine-tuning for recognition (METHOD.md §10, MAE's protocol), the
 evaluation MAE, DiffMAE and DDAE report, for any method's pre-trained network.
 
 From `config.init_from` (a pre-training workdir: its latest weights, EMA ones when it kept them

@@ -1,4 +1,4 @@
-"""Recognition fine-tuning (SPEC §10, MAE's protocol): the classifier, its optimizer, the jitted
+"""Recognition fine-tuning (METHOD.md §10, MAE's protocol): the classifier, its optimizer, the jitted
 train step and the evaluation.
 
 The classifier is the pre-trained network of any method cut after a block (by default the

@@ -1,4 +1,4 @@
-"""Mask-then-noise corruption and the UMD objective (SPEC §1, §2).
+"""Mask-then-noise corruption and the UMD objective (METHOD.md §1, §2).
 
 One global batch is split into a clean sub-batch (no noise, timestep index 0, mask ratio
 `clean_mask_ratio`) and a noised sub-batch (t ~ U{0..T-1}, told t + 1, mask ratio
@@ -72,7 +72,7 @@ def masked_mean(sq_err, weight, axis=None):
 
 
 def _regions(mask: Optional[Mask], x):
-  """(visible, masked) pixel weights; without masking both are all pixels (SPEC §2)."""
+  """(visible, masked) pixel weights; without masking both are all pixels (METHOD.md §2)."""
   if mask is None:
     ones = jnp.ones(x.shape[:3] + (1,), x.dtype)
     return ones, ones
@@ -94,7 +94,7 @@ def umd_loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, ke
              num_patches: int, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
              labels: Optional[jax.Array] = None, num_buckets: int = 10, label_dropout: float = 0.0,
              null_label: int = 0, sample_ids: Optional[jax.Array] = None):
-  """The UMD loss of SPEC §2 and its parts.
+  """The UMD loss of METHOD.md §2 and its parts.
 
   apply_fn(x, t_index, labels, mask: Mask | None) -> dict(x0=..., eps=...), images (B, H, W, C);
   x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label; in

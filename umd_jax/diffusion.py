@@ -1,4 +1,4 @@
-"""DDPM noise schedules and the forward process (SPEC §4); pure functions of arrays.
+"""DDPM noise schedules and the forward process (METHOD.md §4); pure functions of arrays.
 
 Tables are computed in float64 on the host and stored as float32 device arrays.
 """
@@ -44,7 +44,7 @@ class Schedule:
 def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 1.0) -> Schedule:
   """The tables of schedule `name`. `noise_exponent` ρ raises the noise variance to
   1 - abar'_t = (1 - abar_t)^ρ (ρ < 1: more noise at every t; ρ = 1: the schedule itself), the
-  exponent DiffMAE puts on the linear schedule (README, "DiffMAE")."""
+  exponent DiffMAE puts on the linear schedule (METHOD.md §9)."""
   if name == "cosine":
     abar = cosine_alphas_cumprod(num_timesteps)
   elif name == "linear":

@@ -1,4 +1,4 @@
-"""FID and Inception Score (SPEC §6) with pytorch-fid's InceptionV3 (models/inception.py).
+"""FID and Inception Score (METHOD.md §6) with pytorch-fid's InceptionV3 (models/inception.py).
 
 Activations, their mean and covariance (float32, mean removed before the product, highest
 matmul precision) and the Inception Score are computed on the devices with the rows sharded

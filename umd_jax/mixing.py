@@ -1,4 +1,4 @@
-"""Mixup and cutmix with label smoothing, on device (SPEC §10; timm's `Mixup` in its "batch"
+"""Mixup and cutmix with label smoothing, on device (METHOD.md §10; timm's `Mixup` in its "batch"
 mode, as MAE fine-tunes): one λ per batch, each image mixed with the batch's mirror row
 (row i with row B-1-i). Every draw comes from the step's key, so a resumed run mixes exactly
 as the uninterrupted one, on any number of devices or processes.

@@ -1,4 +1,4 @@
-"""Probing a frozen backbone (SPEC §6): features, linear probe (LARS), few-shot ridge, DDAE sweep.
+"""Probing a frozen backbone (METHOD.md §6): features, linear probe (LARS), few-shot ridge, DDAE sweep.
 
 Features are `rep` at timestep index 0 on clean images (UMD, MAE), or DDAE-style: the image
 noised to a fixed t with a fixed per-image noise, the network told t + 1, and the tokens after

@@ -1,7 +1,7 @@
 """Train state, optimizer and the one jitted, sharded, donated train step.
 
 The step fuses the method's corruption and loss (methods/: UMD's mask-then-noise with both
-sub-batch forward passes, or DiffMAE's), gradients, AdamW (SPEC §5 schedule, decay mask, clipping) and the optional EMA. A step
+sub-batch forward passes, or DiffMAE's), gradients, AdamW (METHOD.md §5 schedule, decay mask, clipping) and the optional EMA. A step
 whose loss, gradient or update is not finite leaves the state unchanged and is recorded in it, so
 the host can stop before any bad state is written.
 """

@@ -1,4 +1,4 @@
-"""RandAugment and random erasing for recognition fine-tuning (SPEC §10), as MAE uses them:
+"""RandAugment and random erasing for recognition fine-tuning (METHOD.md §10), as MAE uses them:
 timm's `rand-m9-mstd0.5-inc1` policy and `RandomErasing(0.25, mode="pixel")`.
 
 Why not a library call: timm's and torchvision's implementations need PyTorch, and Keras 3's

@@ -88,7 +88,7 @@ class TrainAugment(grain.transforms.RandomMap):
 
 
 class ClassifyAugment(TrainAugment):
-  """Recognition fine-tuning's training view (SPEC §10): the Inception crop and flip, then
+  """Recognition fine-tuning's training view (METHOD.md §10): the Inception crop and flip, then
   RandAugment on the pixels and random erasing on the [-1, 1] image (data/augment.py)."""
 
   def __init__(self, size, area_range, flip, randaugment=None, erase_prob: float = 0.0):

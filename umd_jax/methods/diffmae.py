@@ -1,4 +1,4 @@
-"""DiffMAE (Wei et al., arXiv 2304.03283; README, "DiffMAE") as a method of this code.
+"""DiffMAE (Wei et al., arXiv 2304.03283; METHOD.md §9) as a method of this code.
 
 Training: per image, a random `diffmae.mask_ratio` of the patches is masked; only those are
 noised, to one t ~ U{0..T-1} per image; the encoder sees the clean visible patches (no t), the

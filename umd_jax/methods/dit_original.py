@@ -1,4 +1,4 @@
-"""The original DiT (SPEC §11; models/dit.py) as a method of this code: public checkpoints
+"""The original DiT (METHOD.md §11; models/dit.py) as a method of this code: public checkpoints
 converted by tools/convert_dit_weights.py, probed DDAE-style, fine-tuned for recognition and
 sampled as DiT samples -- ancestral DDPM with the learned variance over sample.steps respaced
 timesteps (250 in DiT's evaluation), or DDIM; classifier-free guidance on the eps channels with

@@ -1,4 +1,4 @@
-"""The UMD method (SPEC §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
+"""The UMD method (METHOD.md §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
 mask-then-noise corruption and the UMD loss, sampled by DDIM / DDPM over the whole image and
 inpainted RePaint-style. The presets differ only in `config.corruption` and the conditioning."""
 import jax

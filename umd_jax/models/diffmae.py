@@ -1,4 +1,4 @@
-"""DiffMAE (Wei et al., arXiv 2304.03283; README, "DiffMAE"): a ViT encoder of the clean visible
+"""DiffMAE (Wei et al., arXiv 2304.03283; METHOD.md §9): a ViT encoder of the clean visible
 patches, and a decoder that denoises only the masked patches, told their noise level t.
 
 Decoders (`decoder`): "cross_self" (self-attention among the noisy masked tokens, then

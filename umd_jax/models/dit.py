@@ -1,4 +1,4 @@
-"""The original DiT (Peebles & Xie; SPEC §11), to load the public checkpoints (DiT-XL/2, and SiT's
+"""The original DiT (Peebles & Xie; METHOD.md §11), to load the public checkpoints (DiT-XL/2, and SiT's
 same backbone): patch embedding (a linear map of each p×p×C patch, the conv of kernel = stride =
 p), MAE's fixed 2-D sin-cos positions (column coordinate in the first half), a 256-dim frequency
 embedding of t -> Linear -> SiLU -> Linear, a label table with the null class last, N adaLN-Zero
@@ -18,7 +18,7 @@ from umd_jax.models import layers
 from umd_jax.models.diffmae import sincos_2d
 from umd_jax.models.umd import DTYPES, compute_dtype, input_shape
 
-# name: (width, depth, heads); SPEC §11. "Mu" is for tests.
+# name: (width, depth, heads); METHOD.md §11. "Mu" is for tests.
 VARIANTS = {"Mu": (32, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 FREQUENCY_DIM = 256
 

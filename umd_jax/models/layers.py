@@ -1,4 +1,4 @@
-"""Building blocks of the UMD auto-encoder (SPEC §3): embeddings, attention, adaLN-Zero block.
+"""Building blocks of the UMD auto-encoder (METHOD.md §3): embeddings, attention, adaLN-Zero block.
 
 Kernels carry logical axis names ("embed", "mlp", ...) that `sharding.py` maps to mesh axes.
 """

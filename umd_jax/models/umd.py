@@ -1,4 +1,4 @@
-"""The UMD auto-encoder (SPEC §3): embed -> mask -> encode -> decode -> (x0, eps) heads.
+"""The UMD auto-encoder (METHOD.md §3): embed -> mask -> encode -> decode -> (x0, eps) heads.
 
 The model knows nothing of data or training: it takes images, timestep indices, optional
 labels and optional kept/restore token indices (made by `corruption.py`).
@@ -11,7 +11,7 @@ from flax import nnx
 
 from umd_jax.models import layers
 
-# name: (width, encoder depth, decoder depth, heads). SPEC §3; "Ti" and "Mu" are for tests/demos.
+# name: (width, encoder depth, decoder depth, heads). METHOD.md §3; "Ti" and "Mu" are for tests/demos.
 VARIANTS = {
     "Mu": (32, 2, 1, 2),
     "Ti": (64, 4, 2, 4),
