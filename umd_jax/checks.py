@@ -8,11 +8,11 @@ import jax
 from etils import epath
 from PIL import Image
 
-from umd_jax import diffusion, fid, images, inpainting, latent, methods, rules
+from umd_jax import data, diffusion, fid, images, inpainting, latent, methods, rules
+from umd_jax.modes import MODES
 from umd_jax.models import layers, umd
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
-MODES = ("pretrain", "finetune", "probe", "generate", "summary", "encode", "classify")
 _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 
 
@@ -45,16 +45,13 @@ def _model_and_data(config) -> None:
     raise ConfigError(str(e)) from None
   _require(m.remat in layers.REMAT_POLICIES, "model.remat", m.remat, f"use one of {sorted(layers.REMAT_POLICIES)}")
   _require(m.attention in layers.ATTENTION, "model.attention", m.attention, f"use one of {list(layers.ATTENTION)}")
-  _require(config.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule", config.diffusion.schedule,
-           "use 'cosine' (pixels) or 'linear' (latents)")
-  _require(config.diffusion.noise_exponent > 0, "diffusion.noise_exponent", config.diffusion.noise_exponent,
-           "must be > 0 (1: the plain schedule)")
+  diffusion.check_schedule(config.diffusion.schedule, config.diffusion.noise_exponent)
   _int(config, "diffusion.num_timesteps", 2)
   _int(config, "mesh.fsdp", 1)
   _require(config.mesh.data == -1 or isinstance(config.mesh.data, int) and config.mesh.data >= 1, "mesh.data",
            config.mesh.data, "use -1 (all devices not used by fsdp) or a positive count")
   _int(config, "data.num_workers", 0)
-  _int(config, "data.read_threads", -1, "use -1 (automatic) or a count >= 0")
+  data.pipeline.check_read_threads(config.data.read_threads)
   _int(config, "data.synthetic_size", 1)
 
 
@@ -91,12 +88,10 @@ def _training(config) -> None:
 
 
 def _probe(config, mode_probe: bool) -> None:
-  p, T = config.probe, config.diffusion.num_timesteps
+  p = config.probe
   _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
            "probing needs labels: set the dataset's class count")
-  blocks = methods.get(config).num_blocks(config)
-  _require(-1 <= p.block < blocks, "probe.block", p.block, f"use -1 (rep) or 0..{blocks - 1}")
-  _require(-1 <= p.t < T, "probe.t", p.t, f"use -1 (clean image) or a timestep in [0, {T})")
+  methods.check_cut(config, [p.block], [p.t])
   for key in ("probe.batch_size", "probe.fewshot_seeds"):
     _int(config, key, 1)
   for key in ("probe.max_train_images", "probe.max_eval_images"):
@@ -116,14 +111,14 @@ def _probe(config, mode_probe: bool) -> None:
     _require(p.linear_weight_decay >= 0, "probe.linear_weight_decay", p.linear_weight_decay, "must be >= 0")
     _fraction(p.linear_crop_area_min, "probe.linear_crop_area_min", low_open=True)
   if p.sweep:
-    _require(len(p.sweep_ts) > 0 and all(-1 <= t < T for t in p.sweep_ts), "probe.sweep_ts", p.sweep_ts,
-             f"timesteps in [0, {T}) (or -1)")
+    _require(len(p.sweep_ts) > 0, "probe.sweep_ts", p.sweep_ts, "needs at least one timestep")
+    methods.check_cut(config, [], list(p.sweep_ts), t_key="probe.sweep_ts")
     _int(config, "probe.sweep_shots", 1)
 
 
 def _classify(config) -> None:
   """--mode=classify (METHOD.md §10): the loop's keys and every classify.* setting."""
-  c, T = config.classify, config.diffusion.num_timesteps
+  c = config.classify
   for key in ("batch_size", "log_every", "checkpoint_every", "classify.epochs", "classify.eval_every_epochs",
               "classify.eval_batch_size"):
     _int(config, key, 1)
@@ -136,7 +131,7 @@ def _classify(config) -> None:
   blocks = methods.get(config).num_blocks(config)
   _require(c.block == -1 or isinstance(c.block, int) and 0 <= c.block < blocks, "classify.block", c.block,
            f"is not a block of this network: use -1 (after the encoder's last block) or 0..{blocks - 1}")
-  _require(c.t == -1 or 0 <= c.t < T, "classify.t", c.t, f"use -1 (the clean image) or a timestep in [0, {T})")
+  methods.check_cut(config, [], [c.t], t_key="classify.t")
   _require(0 < c.layer_decay <= 1, "classify.layer_decay", c.layer_decay, "must be in (0, 1] (1: no decay)")
   _require(isinstance(c.warmup_epochs, (int, float)) and 0 <= c.warmup_epochs < c.epochs, "classify.warmup_epochs",
            c.warmup_epochs, f"must be in [0, classify.epochs={c.epochs})")
@@ -183,8 +178,7 @@ def _generate(config) -> None:
   _require(s.timesteps in diffusion.GRIDS, "sample.timesteps", s.timesteps, "use 'even' or 'strided' (the reference's grid)")
   _require(s.uint8 in images.UINT8_CONVENTIONS, "sample.uint8", s.uint8,
            "use 'round' (unbiased, the default) or 'truncate' (ADM's scripts)")
-  _require(1 <= s.steps <= config.diffusion.num_timesteps, "sample.steps", s.steps,
-           f"must be in [1, {config.diffusion.num_timesteps}] (the number of timesteps T)")
+  diffusion.check_steps(s.steps, config.diffusion.num_timesteps)
   _require(s.eta >= 0, "sample.eta", s.eta, "must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
   _require(s.cfg_scale == 1.0 or k > 0, "sample.cfg_scale", s.cfg_scale,
            "needs a class-conditional model (model.num_classes=0): fine-tune with a ':finetune' config, or use 1")

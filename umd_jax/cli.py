@@ -23,9 +23,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from umd_jax.modes import MODES
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "probe", "generate", "summary", "encode", "classify"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", list(MODES), "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters "
                                    "that JAX does not detect by itself (TPU slices, SLURM, Open MPI and "
                                    "Kubernetes jobs are detected).")

@@ -8,6 +8,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umd_jax.rules import ConfigError
+
+SCHEDULES = ("cosine", "linear")
+
+
+def check_schedule(name: str, noise_exponent: float = 1.0) -> None:
+  """The rule on diffusion.schedule and diffusion.noise_exponent (checks.py calls it before work)."""
+  if name not in SCHEDULES:
+    raise ConfigError(f"diffusion.schedule={name!r}: use 'cosine' (pixels) or 'linear' (latents)")
+  if not noise_exponent > 0:
+    raise ConfigError(f"diffusion.noise_exponent={noise_exponent!r} must be > 0 (1: the plain schedule)")
+
+
+def check_steps(steps: int, num_timesteps: int) -> None:
+  """The rule on sample.steps: any count of timesteps from 1 to T."""
+  if not 1 <= steps <= num_timesteps:
+    raise ConfigError(f"sample.steps={steps} must be in [1, {num_timesteps}] (the number of timesteps T)")
+
 
 def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
   """abar(u) = cos²((u + s) / (1 + s) · π/2), betas clipped at `max_beta` (improved DDPM)."""
@@ -45,14 +63,8 @@ def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 
   """The tables of schedule `name`. `noise_exponent` ρ raises the noise variance to
   1 - abar'_t = (1 - abar_t)^ρ (ρ < 1: more noise at every t; ρ = 1: the schedule itself), the
   exponent DiffMAE puts on the linear schedule (METHOD.md §9)."""
-  if name == "cosine":
-    abar = cosine_alphas_cumprod(num_timesteps)
-  elif name == "linear":
-    abar = linear_alphas_cumprod(num_timesteps)
-  else:
-    raise ValueError(f"diffusion.schedule={name!r}: use 'cosine' (pixels) or 'linear' (latents)")
-  if not noise_exponent > 0:
-    raise ValueError(f"diffusion.noise_exponent={noise_exponent!r} must be > 0 (1: the plain schedule)")
+  check_schedule(name, noise_exponent)
+  abar = cosine_alphas_cumprod(num_timesteps) if name == "cosine" else linear_alphas_cumprod(num_timesteps)
   if noise_exponent != 1.0:
     abar = 1.0 - (1.0 - abar) ** noise_exponent
   return schedule_from_alphas_cumprod(abar)
@@ -118,8 +130,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, grid: str = "even") -> np.nda
   0 (any count from 1 to T). "strided" (the reference implementation's): T-1, T-1-s, ... with
   stride s = T // steps, `steps` of them, then 0 if not already there, so steps + 1 network
   calls (999, 991, ..., 7, 0 for 125 of 1000)."""
-  if not 1 <= steps <= num_timesteps:
-    raise ValueError(f"sample.steps={steps} must be in [1, {num_timesteps}] (the number of timesteps T)")
+  check_steps(steps, num_timesteps)
   if grid == "strided":
     ts = num_timesteps - 1 - (num_timesteps // steps) * np.arange(steps)
     return (ts if ts[-1] == 0 else np.append(ts, 0)).astype(np.int32)
@@ -200,8 +211,7 @@ def respaced(schedule: Schedule, steps: int):
   betas are 1 - ᾱ_{t_i}/ᾱ_{t_{i-1}}. Returns (the respaced Schedule, the original timestep of each
   of its steps, what the network is told)."""
   T = schedule.num_timesteps
-  if not 1 <= steps <= T:
-    raise ValueError(f"sample.steps={steps} must be in [1, {T}] (the number of timesteps T)")
+  check_steps(steps, T)
   stride = (T - 1) / (steps - 1) if steps > 1 else 0.0
   kept = sorted({int(round(i * stride)) for i in range(steps)})
   abar = np.asarray(schedule.alphas_cumprod, np.float64)[kept]

@@ -40,13 +40,7 @@ def num_blocks(config) -> int:
 
 
 def check_request(config, blocks: Sequence[int], ts: Sequence[int]) -> None:
-  n, T = num_blocks(config), config.diffusion.num_timesteps
-  for b in blocks:
-    if not REP <= b < n:
-      raise ProbeError(f"probe block {b} is out of range: use -1 (rep) or 0..{n - 1} ({n} blocks)")
-  for t in ts:
-    if not -1 <= t < T:
-      raise ProbeError(f"probe t={t} is outside [0, {T}) (or -1 for the clean image at timestep index 0)")
+  methods.check_cut(config, blocks, ts)
 
 
 def load_backbone(config, workdir, mesh):

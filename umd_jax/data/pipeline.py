@@ -175,12 +175,17 @@ def worker_init():
   return functools.partial(die_with_parent, os.getpid())
 
 
+def check_read_threads(value) -> None:
+  """The rule on data.read_threads (checks.py calls it before work)."""
+  if not (isinstance(value, int) and not isinstance(value, bool) and value >= -1):
+    raise DataError(f"data.read_threads={value!r}: use -1 (automatic) or a count >= 0")
+
+
 def read_threads(data_config, source) -> int:
   """grain reader threads: `data.read_threads`, or with -1 none for in-memory sources (grain's
   advice: reader threads then only contend for the GIL with the thread that feeds the devices;
   BENCHMARKS.md, input pipeline) and grain's default 16 for files."""
-  if data_config.read_threads < -1:
-    raise DataError(f"data.read_threads={data_config.read_threads}: use -1 (automatic) or a count >= 0")
+  check_read_threads(data_config.read_threads)
   if data_config.read_threads >= 0:
     return data_config.read_threads
   return 0 if getattr(source, "in_memory", False) else 16

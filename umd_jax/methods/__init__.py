@@ -41,6 +41,7 @@ A method is an object with:
 `make_model()` merges the weights where it is called (inside a sampling scan: newer Flax refuses
 a module built at an outer trace level inside the model's own nnx.scan).
 """
+from umd_jax import rules
 from umd_jax.methods import diffmae, dit_original, umd
 from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
 
@@ -58,3 +59,15 @@ def get(config):
     return METHODS[config.method]
   except KeyError:
     raise UnknownMethod(f"method={config.method!r}: use one of {sorted(METHODS)}") from None
+
+
+def check_cut(config, blocks, ts, block_key: str = "probe.block", t_key: str = "probe.t") -> None:
+  """The rule on the blocks and timesteps a probe reads: -1 (rep; the clean image) or one of the
+  network's blocks / a timestep in [0, T). Raises ConfigError naming the key."""
+  n, T = get(config).num_blocks(config), config.diffusion.num_timesteps
+  shown = lambda values, v: v if len(values) == 1 else tuple(values)
+  for b in blocks:
+    rules.require(isinstance(b, int) and REP <= b < n, block_key, shown(blocks, b), f"use -1 (rep) or 0..{n - 1}")
+  for t in ts:
+    rules.require(isinstance(t, int) and -1 <= t < T, t_key, shown(ts, t),
+                  f"use -1 (clean image) or a timestep in [0, {T})")

@@ -139,8 +139,7 @@ class UMDFamily:
       rules.require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
                     f"keeps no token of {num_patches}: lower it")
     rules.fraction(c.label_dropout, "corruption.label_dropout")
-    rules.require(config.model.conditioning in ("adaln", "in_context"), "model.conditioning",
-                  config.model.conditioning, "use 'adaln' or 'in_context'")
+    model_lib.check_conditioning(config.model.conditioning)
 
 
 def one_shot(config) -> bool:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from umd_jax.models import layers
+from umd_jax.rules import ConfigError
 
 # name: (width, encoder depth, decoder depth, heads). METHOD.md §3; "Ti" and "Mu" are for tests/demos.
 VARIANTS = {
@@ -37,6 +38,13 @@ def parse_variant(variant: str) -> dict:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONDITIONINGS = ("adaln", "in_context")
+
+
+def check_conditioning(value: str) -> None:
+  """The rule on model.conditioning (the constructor and the method's checks call it)."""
+  if value not in CONDITIONINGS:
+    raise ConfigError(f"model.conditioning={value!r}: use 'adaln' or 'in_context'")
 
 
 def compute_dtype(name: str) -> str:
@@ -58,8 +66,7 @@ class UMD(nnx.Module):
     if image_size % patch:
       raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
                        "change data.image_size or model.variant")
-    if conditioning not in ("adaln", "in_context"):
-      raise ValueError(f"model.conditioning={conditioning!r}: use 'adaln' or 'in_context'")
+    check_conditioning(conditioning)
     if width % heads:
       raise ValueError(f"width {width} is not divisible by {heads} heads")
     self.patch, self.channels, self.num_classes = patch, channels, num_classes
