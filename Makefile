@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 TEST_STAMP := $(VENV)/.installed-test-$(shell cksum < requirements-test.txt | cut -d' ' -f1)
 
-.PHONY: demo test install clean reproduce
+.PHONY: demo test test-fast install clean reproduce
 
 # The pinned requirements, then the package itself (editable: `umd_jax`, `configs` and the `umd-jax` command).
 install: $(STAMP)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+# The edit loop: the unit tests only (tests/conftest.py marks the process, multi-process and
+# end-to-end tests `slow`); `make test` runs everything.
+test-fast: $(TEST_STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf workdirs .pytest_cache

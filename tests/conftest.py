@@ -5,6 +5,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -51,3 +52,30 @@ def tiny_config(method: str = "umd", **overrides):
 @pytest.fixture
 def one_device():
   return jax.devices()[:1]
+
+
+# --- two speeds: `make test` runs everything (CI); `make test-fast` (-m "not slow") the unit tests ---
+# Whole modules that start processes (the CLI, 2-process runs, the reproduction script) and the
+# end-to-end tests of otherwise fast modules are "slow".
+SLOW_MODULES = {"test_distributed", "test_bad_inputs", "test_loop", "test_main", "test_reproduce", "test_multihost",
+                "test_workdir", "test_same_seed"}
+SLOW_TESTS = set()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: processes, multi-process and end-to-end runs (skipped by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.originalname in SLOW_TESTS:
+      item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop each module's compiled programs when it ends (they stay in the on-disk compile cache):
+  the suite's memory is that of one module at a time, not the sum of all of them."""
+  yield
+  jax.clear_caches()
+  gc.collect()

@@ -334,7 +334,7 @@ def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path):
   graphdef, params = weights.load(config, str(pre), mesh)
   extractor = probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)
   tr, te = extractor(params, "train", progress=False), extractor(params, "test", progress=False)
-  linear = probe.linear_probe_features(tr.block(0), tr.y, te.block(0), te.y, config.probe, 10)["top1"]
+  linear = probe.linear_probe_features(tr.feature(0), tr.y, te.feature(0), te.y, config.probe, 10)["top1"]
   tuned = demo.get_config("classify,60")
   with tuned.unlocked():
     tuned.init_from = str(pre)

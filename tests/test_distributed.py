@@ -80,14 +80,39 @@ def _started(commands, logdir):
       err.close()
 
 
+def _cpu_seconds(pids) -> float:
+  """CPU time (user + system) the processes have used so far, from /proc (0 where unreadable)."""
+  total = 0.0
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+      pass
+  return total
+
+
+HANG_SECONDS = 180  # no CPU progress this long is a hang, however loaded the machine
+
+
 def _run_together(commands, logdir, timeout=240):
-  """Run the processes to completion; returns their stdouts. Fails with the stderr of any that failed."""
+  """Run the processes to completion; returns their stdouts. Fails with the stderr of any that failed.
+  The deadline detects a hang, not slowness: it fails when the processes together used no CPU for
+  HANG_SECONDS (stuck in a collective or a lock), or ran past 5 × `timeout` (the time they take on
+  an idle 2-core machine, so a machine shared with another job of the same size still passes)."""
   logdir.mkdir(parents=True, exist_ok=True)
   with _started(commands, logdir) as procs:
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    last_cpu, last_progress = 0.0, start
     # A process that fails leaves its peers waiting in a collective: stop at the first failure.
     while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-      assert time.monotonic() < deadline, "processes did not finish in time: " + _tails(logdir, len(procs))
+      now, cpu = time.monotonic(), _cpu_seconds([p.pid for p in procs])
+      if cpu > last_cpu + 0.5:
+        last_cpu, last_progress = cpu, now
+      assert now - last_progress < HANG_SECONDS, (f"processes used no CPU for {HANG_SECONDS} s (a hang): "
+                                                  + _tails(logdir, len(procs)))
+      assert now - start < 5 * timeout, "processes ran past 5x their deadline: " + _tails(logdir, len(procs))
       time.sleep(0.2)
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed: " + _tails(logdir, len(procs))

@@ -63,7 +63,7 @@ def test_linear_probe_matches_logistic_regression_on_digit_pixels():
                         "probe.linear_batch_size": 256}).probe
   # sharded over 8 devices, padded rows after the real ones
   assert train_feats.x.shape[1] > train_feats.n and len(train_feats.x.sharding.device_set) == 8
-  ours = probe.linear_probe_features(train_feats.block(0), train_feats.y, test_feats.block(0), test_feats.y,
+  ours = probe.linear_probe_features(train_feats.feature(0), train_feats.y, test_feats.feature(0), test_feats.y,
                                      cfg, num_classes=10)["top1"]
   tr, ytr = np.asarray(train_feats.x)[:, :train_feats.n], train_feats.y
   te, yte = np.asarray(test_feats.x)[:, :test_feats.n], test_feats.y
@@ -149,7 +149,7 @@ def test_online_linear_probe_with_augmentation(trained):
   graphdef, params = probe.load_backbone(config, workdir, mesh)
   extractor = probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)
   te = extractor(params, "test", progress=False)
-  acc = probe.linear_probe_online(config, extractor, params, test_x=te.block(0), test_y=te.y, num_classes=10)
+  acc = probe.linear_probe_online(config, extractor, params, test_x=te.feature(0), test_y=te.y, num_classes=10)
   assert 0.0 <= acc["top1"] <= acc["top5"] <= 1.0
 
 

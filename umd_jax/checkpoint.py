@@ -7,14 +7,13 @@ iterator from it, so a checkpoint does not depend on how many processes wrote it
 of every saved array, computed on device before the write and compared after every restore,
 so flipped bytes are found and the step is treated as damaged). Orbax writes to a temporary
 directory and renames it when complete, so a crash mid-write never leaves a partial step. A
-training workdir is locked (`WORKDIR/.lock`, naming host and pid) while a run writes to it.
+training workdir is locked (lock.py) while a run writes to it.
 """
 import contextlib
 import dataclasses
 import errno
 import json
 import os
-import socket
 import time
 
 from absl import logging
@@ -25,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from umd_jax import lock
 
 
 class CheckpointError(RuntimeError):
@@ -74,58 +75,6 @@ def _verify(saved: dict | None, tree, where: str) -> None:
   for path, value in fingerprints(tree).items():
     if path in saved and saved[path] != value:
       raise CheckpointError(f"{where}: array {path} does not match the checksum saved with it: the file is damaged")
-
-
-_LOCK = ".lock"
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _take_lock(workdir: epath.Path, prepare) -> epath.Path | None:
-  """Process 0 takes WORKDIR/.lock ("host pid"); a lock of a dead process on this host is
-  taken over. All processes agree on the outcome; a held lock is a CheckpointError raised
-  before anything is created. `prepare()` (creating the workdir) runs only once it is free."""
-  path, problem = workdir / _LOCK, None
-  if jax.process_index() == 0:
-    if path.exists():
-      holder = path.read_text().split()
-      host, pid = (holder + ["?", "0"])[:2]
-      if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        logging.warning("taking over the lock of a run that is gone (%s, pid %s)", host, pid)
-      else:
-        problem = (f"workdir {str(workdir)!r} is in use by pid {pid} on host {host} (lock file {path}): wait for "
-                   "that run to finish, use another --workdir, or delete the lock file if no run is using it")
-  if jax.process_count() > 1:
-    held = multihost_utils.process_allgather(np.array(problem is not None))
-    if np.any(held) and problem is None:
-      problem = f"workdir {str(workdir)!r} is in use by another run (see process 0's error)"
-  if problem:
-    raise CheckpointError(problem)
-  prepare()
-  if jax.process_index() == 0:
-    path.write_text(f"{socket.gethostname()} {os.getpid()}")
-    return path
-  return None
-
-
-def _ensure_writable(directory: epath.Path) -> None:
-  try:
-    directory.mkdir(parents=True, exist_ok=True)
-    # One probe file per process: every host of a pod checks the shared workdir at once.
-    probe = directory / f".write_test.{jax.process_index()}.{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise CheckpointError(f"workdir {directory.parent} is not writable ({e.strerror or e}): "
-                          "choose another --workdir or fix its permissions") from None
 
 
 def _absolute(path) -> epath.Path:
@@ -218,7 +167,10 @@ class Checkpointer:
     if max_to_keep < 1:
       raise CheckpointError(f"keep_checkpoints={max_to_keep}: must be >= 1 (a run must keep its last checkpoint)")
     self.directory = _absolute(workdir) / "checkpoints"
-    self._lock = _take_lock(self.directory.parent, lambda: _ensure_writable(self.directory))
+    try:
+      self._lock = lock.take(self.directory.parent, lambda: lock.ensure_writable(self.directory))
+    except lock.WorkdirError as e:
+      raise CheckpointError(str(e)) from None
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
@@ -307,23 +259,22 @@ class Checkpointer:
       logging.warning("resuming step %d with total_steps %s -> %s: the learning-rate schedule (warm-up, cosine) "
                       "now spans the new length, so the rate from here on differs from the original run's",
                       steps[0], old.get("total_steps"), new.get("total_steps"))
-    for i, step in enumerate(steps):
-      try:
-        return self.restore(step, abstract_state, position_at(step) if position_at else None), step
-      except CheckpointError as e:
-        if isinstance(e, _DifferentRun) or not fallback or i == len(steps) - 1:
-          raise
-        # Process 0 moves it (one rename, one name: the time is agreed); the others wait for it.
-        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
-        aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{stamp}"
-        if jax.process_index() == 0:
-          aside.parent.mkdir(parents=True, exist_ok=True)
-          (self.directory / str(step)).rename(aside)
-        if jax.process_count() > 1:
-          multihost_utils.sync_global_devices(f"damaged checkpoint {step} moved aside")
-        self.manager.reload()
-        logging.warning("%s -- moved it to %s; falling back to step %d (restore_fallback)", e, aside, steps[i + 1])
-    return None, None
+    def read(step):
+      return self.restore(step, abstract_state, position_at(step) if position_at else None)
+
+    def set_aside(step, error, next_step):
+      # Process 0 moves it (one rename, one name: the time is agreed); the others wait for it.
+      stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+      aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{stamp}"
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(aside)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"damaged checkpoint {step} moved aside")
+      self.manager.reload()
+      logging.warning("%s -- moved it to %s; falling back to step %d (restore_fallback)", error, aside, next_step)
+
+    return first_readable(steps, read, set_aside, fallback=fallback)
 
   def wait(self) -> None:
     with self._disk_full_explained():
@@ -335,9 +286,23 @@ class Checkpointer:
       with self._disk_full_explained():
         self.manager.close()
     finally:
-      if self._lock is not None and self._lock.exists():
-        self._lock.unlink()
-        self._lock = None
+      lock.release(self._lock)
+      self._lock = None
+
+
+def first_readable(steps, read, on_damaged, fallback: bool = True):
+  """(read(step), step) for the first of `steps` (newest first) that reads; a CheckpointError of a
+  damaged step calls on_damaged(step, error, next step) and tries the next one: the one fallback
+  loop of training resumes and of weight loaders. A _DifferentRun (another config, not damage), or
+  damage with `fallback` off or no step left, is raised."""
+  for i, step in enumerate(steps):
+    try:
+      return read(step), step
+    except CheckpointError as e:
+      if isinstance(e, _DifferentRun) or not fallback or i == len(steps) - 1:
+        raise
+      on_damaged(step, e, steps[i + 1])
+  return None, None
 
 
 class _DifferentRun(CheckpointError):
@@ -481,18 +446,19 @@ def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, 
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
   steps = sorted((s for s in manager.all_steps() if s <= step), reverse=True)
   try:
-    for i, at in enumerate(steps):  # a damaged step: the previous one, as training resumes do
+    def read(at):
       try:
         restored = manager.restore(at, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
-        _verify(_saved_checksums(manager, at), {key: restored.state[key]}, f"{str(workdir)!r} step {at}")
-        return restored.state[key], at
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        error = e if isinstance(e, CheckpointError) else CheckpointError(
-            f"{str(workdir)!r} step {at} could not be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}): it is damaged")
-        if i == len(steps) - 1:
-          raise error from None
-        logging.warning("%s -- using the previous step %d instead", error, steps[i + 1])
+        raise CheckpointError(f"{str(workdir)!r} step {at} could not be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}): it is damaged") from None
+      _verify(_saved_checksums(manager, at), {key: restored.state[key]}, f"{str(workdir)!r} step {at}")
+      return restored.state[key]
+
+    def use_previous(at, error, next_step):
+      logging.warning("%s -- using the previous step %d instead", error, next_step)
+
+    return first_readable(steps, read, use_previous)  # a damaged step: the previous one, as resumes do
   finally:
     manager.close()

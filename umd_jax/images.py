@@ -3,7 +3,7 @@ import io
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from umd_jax import files
 
@@ -45,3 +45,23 @@ def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
   buffer = io.BytesIO()
   pil.save(buffer, format="PNG")
   files.write_bytes(path, buffer.getvalue())
+
+
+def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):
+  """A (rows, cols) accuracy grid as a PNG heatmap with the values written in the cells."""
+  rows, cols = grid.shape
+  left, top = 64, 24
+  img = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")
+  draw = ImageDraw.Draw(img)
+  lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+  for r in range(rows):
+    draw.text((4, top + r * cell + cell // 3), str(row_labels[r]), fill="black")
+    for c in range(cols):
+      v = (grid[r, c] - lo) / (hi - lo + 1e-12)
+      color = (int(255 * v), int(80 + 100 * (1 - abs(v - 0.5) * 2)), int(255 * (1 - v)))
+      box = (left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1)
+      draw.rectangle(box, fill=color)
+      draw.text((box[0] + 4, box[1] + cell // 3), f"{100 * grid[r, c]:.1f}", fill="white")
+  for c in range(cols):
+    draw.text((left + c * cell + 4, 6), f"t={col_labels[c]}", fill="black")
+  save_png(path, np.asarray(img))
