@@ -99,7 +99,18 @@ def _method(c, method):
   c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
   c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
   c.model.conditioning = preset["conditioning"]
-  c.classify.t = config_common.base_config(method).classify.t  # DiT / MaskDiT: DDAE's noised input
+  return c
+
+
+def _paper_config(args, method, recipe):
+  """configs/<method>_b.py with `recipe` ("", "finetune", "classify"), unlocked, on the requested data
+  (DiffMAE in its 64 px setting, comparable with UMD's)."""
+  module = importlib.import_module(f"configs.{method}_b")
+  setting = "umd64" if method == "diffmae" else ""
+  c = module.get_config(",".join(p for p in (args.variant or "B/4", recipe, setting) if p))
+  c.unlock()
+  c.data.name, c.data.data_dir = args.dataset, args.data_dir
+  c.data.image_size = args.image_size or 64
   return c
 
 
@@ -112,12 +123,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
     c = _method(demo.get_config("finetune" if finetune else None), method)
     c.unlock()
   else:  # the ImageNet recipe of configs/<method>_b.py (METHOD.md §5; DiffMAE's 64 px setting), on the requested data
-    module = importlib.import_module(f"configs.{method}_b")
-    setting = "umd64" if method == "diffmae" else ""
-    c = module.get_config(",".join(p for p in (args.variant or "B/4", "finetune" if finetune else "", setting) if p))
-    c.unlock()
-    c.data.name, c.data.data_dir = args.dataset, args.data_dir
-    c.data.image_size = args.image_size or 64
+    c = _paper_config(args, method, "finetune" if finetune else "")
   if args.variant:
     c.model.variant = args.variant
   if args.image_size:
@@ -162,13 +168,9 @@ def make_classify_config(args, method, seed, init_from):
     c.unlock()
     if method != "diffmae":
       c = _method(c, method)
+      c.classify.t = config_common.base_config(method).classify.t  # DiT / MaskDiT: DDAE's noised input
   else:
-    module = importlib.import_module(f"configs.{method}_b")
-    setting = "umd64" if method == "diffmae" else ""
-    c = module.get_config(",".join(p for p in (args.variant or "B/4", "classify", setting) if p))
-    c.unlock()
-    c.data.name, c.data.data_dir = args.dataset, args.data_dir
-    c.data.image_size = args.image_size or 64
+    c = _paper_config(args, method, "classify")
   if args.variant:
     c.model.variant = args.variant
   if args.image_size:

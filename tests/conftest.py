@@ -59,7 +59,37 @@ def one_device():
 # end-to-end tests of otherwise fast modules are "slow".
 SLOW_MODULES = {"test_distributed", "test_bad_inputs", "test_loop", "test_main", "test_reproduce", "test_multihost",
                 "test_workdir", "test_same_seed"}
-SLOW_TESTS = set()
+# ...and the end-to-end tests of otherwise fast modules (from `pytest --durations=0`: >= 4 s each).
+SLOW_TESTS = {
+    "test_a_converted_dit_fine_tunes_into_a_classifier",
+    "test_a_full_disk_ends_a_run_with_the_error_as_its_last_line",
+    "test_a_non_finite_loss_stops_without_saving",
+    "test_classify_end_to_end_results_and_exact_resume",
+    "test_classify_reads_unread_parameters_back_unchanged",
+    "test_colab_notebook_runs_top_to_bottom",
+    "test_damaged_checkpoint_is_named_and_the_previous_one_is_used",
+    "test_demo_lowers_the_loss",
+    "test_features_identical_on_one_and_eight_devices",
+    "test_fid_during_generation_with_local_weights",
+    "test_fid_evaluator_inside_finetuning",
+    "test_fine_tuning_the_demo_beats_its_linear_probe",
+    "test_finetune_starts_from_pretrained_weights_with_a_new_label_embedding",
+    "test_flipped_bytes_in_the_arrays_fall_back_to_the_previous_step",
+    "test_gradient_accumulation_equals_the_full_batch_update",
+    "test_gradient_accumulation_on_one_device_same_update_less_memory_and_checks",
+    "test_latent_run_end_to_end",
+    "test_pretrain_probe_and_inpaint_end_to_end",
+    "test_probe_names_the_step_it_read_and_caches_by_every_setting",
+    "test_remat_lowers_temporary_memory",
+    "test_resuming_past_a_damaged_step_from_the_command_line_is_quiet",
+    "test_resuming_with_a_different_model_lists_the_parameters_and_moves_nothing",
+    "test_resuming_with_another_objective_schedule_or_optimizer_is_refused",
+    "test_sigterm_during_generate_leaves_the_previous_set_whole",
+    "test_sigterm_saves_and_returns_then_resume_finishes",
+    "test_skip_policy_drops_bad_updates_then_stops_after_max_skips",
+    "test_train_step_rows_are_consistent",
+    "test_xla_options_split_from_config_overrides_and_reach_the_compiler",
+}
 
 
 def pytest_configure(config):

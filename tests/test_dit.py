@@ -261,3 +261,30 @@ def test_sit_weights_are_read_only_as_sit(tmp_path):
   with pytest.raises(Exception, match="dit.time='sit': run with --config.dit.time=sit"):
     weights.load(tiny(), str(tmp_path / "sit"), mesh)
   weights.load(tiny(**{"dit.time": "sit"}), str(tmp_path / "sit"), mesh)
+
+
+def test_a_converted_dit_fine_tunes_into_a_classifier(tmp_path, vae_file):
+  """--mode=classify from a converted DiT: DDAE's cut (block 1 of the tiny one, t = 121), its
+  blocks past the cut and its output layers untouched, the label table and time MLP decayed as
+  embeddings."""
+  from umd_jax import classify, classify_step, encode
+  base = tiny(vae_file, **{"encode.shard_records": 1000})
+  cdw.convert(FIXTURE, str(tmp_path / "w"), config=base)
+  encode.run(base, str(tmp_path / "latents"))  # the training records: VAE latents of the digits
+  config = tiny(vae_file, **{"init_from": str(tmp_path / "w"), "data.latents": str(tmp_path / "latents"),
+                             "batch_size": 64, "classify.epochs": 1,
+                             "classify.warmup_epochs": 0, "classify.eval_batch_size": 64, "classify.block": 0,
+                             "classify.t": 121, "classify.randaugment_ops": 0, "classify.erase_prob": 0.0,
+                             "checkpoint_every": 100, "log_every": 10})
+  out = classify.run(config, str(tmp_path / "c"), devices=jax.devices()[:2])
+  assert out["cut"] == {"block": 0, "t": 121} and 0 <= out["top1"] <= 1 and out["images"] == 297
+  loaded = weights.load(base, str(tmp_path / "w"), sharding.make_mesh(base.mesh, jax.devices()[:1]))[1]
+  after = out["state"].params["backbone"]
+  for key in ("head", "final_modulation"):  # not read by the cut
+    for a, b in zip(jax.tree.leaves(loaded[key]), jax.tree.leaves(after[key])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(loaded["blocks"]["blocks"][1]["mlp"]["fc1"]["kernel"]),
+                                np.asarray(after["blocks"]["blocks"][1]["mlp"]["fc1"]["kernel"]))  # past the cut
+  assert not np.array_equal(np.asarray(loaded["x_embedder"]["kernel"]), np.asarray(after["x_embedder"]["kernel"]))
+  ids = classify_step.layer_ids(config, nnx.to_pure_dict(classify_step.abstract_classifier(config)[1]))
+  assert ids["backbone"]["y_embedder"]["embedding"] == 0 and ids["head"]["kernel"] == 2

@@ -21,7 +21,7 @@ from flax import nnx
 
 from umd_jax import diffusion, methods, mixing, sharding
 from umd_jax.models import layers
-from umd_jax.train_step import TrainState
+from umd_jax.train_step import TrainState, guarded_update
 
 NO_DECAY_TOP = ("registers", "mask_token", "encoder_pos", "decoder_pos")  # tokens and position tables
 NO_DECAY_LEAF = ("bias", "scale", "embedding")  # biases, LayerNorm scales, the label table (a token per class)
@@ -208,19 +208,7 @@ def _make_step(config, graphdef, tx, lr, shardings, mesh):
       return optax.softmax_cross_entropy(logits, targets).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep_if_bad(params, state.params), keep_if_bad(opt_state, state.opt_state)
-    ema = state.ema_params
-    if ema is not None:
-      ema = jax.tree.map(lambda e, p: e + ema_rate * (p - e), ema, params)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
+    new_state, grad_norm, update_norm = guarded_update(state, tx, loss, grads, ema_rate)
     return new_state, dict(loss=loss, grad_norm=grad_norm, update_norm=update_norm, lr=lr(state.step), mix_lambda=lam)
 
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -97,6 +97,27 @@ def accumulation_order(batch_size: int, clean_fraction: float, steps: int) -> np
   return np.concatenate([clean, noised], axis=1)
 
 
+def guarded_update(state: TrainState, tx, loss, grads, ema_rate: float):
+  """The optimizer update, the EMA and the step counter; a step whose loss, gradient or update is
+  not finite leaves the parameters and optimizer state as they were and is recorded in the state.
+  Returns (new state, gradient norm, update norm). Pre-training and fine-tuning steps share it."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params = keep_if_bad(params, state.params)
+  opt_state = keep_if_bad(opt_state, state.opt_state)
+  ema = state.ema_params
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: e + ema_rate * (p - e), ema, params)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
+  return new_state, grad_norm, update_norm
+
+
 def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   """jit(step)(state, batch) -> (state, metrics); the state buffers are donated. With
   config.grad_accum_steps = m > 1 the batch is taken as m micro-batches in a `lax.scan` inside
@@ -137,21 +158,8 @@ def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = losses.mean()
       metrics = {k: v.sum(axis=0) if k.startswith("bucket_") else v.mean(axis=0) for k, v in parts.items()}
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep_if_bad(params, state.params)
-    opt_state = keep_if_bad(opt_state, state.opt_state)
-    ema = state.ema_params
-    if ema is not None:
-      ema = jax.tree.map(lambda e, p: e + ema_rate * (p - e), ema, params)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step, state.first_nonfinite))
-    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+    new_state, grad_norm, update_norm = guarded_update(state, tx, loss, grads, ema_rate)
+    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
                    update_norm=update_norm, lr=lr_schedule(state.step))
     return new_state, metrics
 
