@@ -7,7 +7,6 @@ import os
 import shutil
 
 import convert_dit_weights as cdw
-import convert_vae_weights
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +18,9 @@ from configs import common, dit_original
 from umd_jax import checks, diffusion, generate, methods, probe, sharding, weights
 from umd_jax.models import dit
 
+from test_latent import TINY as TINY_VAE, vae_file  # noqa: F401 (the tiny VAE fixture, converted per module)
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dit_tiny")
-TINY_VAE = os.path.join(os.path.dirname(__file__), "fixtures", "vae_tiny")
-
-
-@pytest.fixture(scope="module")
-def vae_file(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("vae") / "vae.npz")
-  convert_vae_weights.main(TINY_VAE, path)
-  return path
 
 
 def tiny(vae_file="", **overrides):
