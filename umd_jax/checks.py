@@ -55,12 +55,19 @@ def _model_and_data(config) -> None:
   _int(config, "data.synthetic_size", 1)
 
 
+def _loop(config) -> None:
+  """The training loop's checkpoint and non-finite settings (pre-training, fine-tuning, classify)."""
+  _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
+  _int(config, "max_skips", 0)
+  _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
+           "use 'stop' or 'skip'")
+
+
 def _training(config) -> None:
   d, o = config.data, config.optim
   for key in ("batch_size", "total_steps", "grad_accum_steps", "log_every", "checkpoint_every", "image_every"):
     _int(config, key, 1)
-  _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
-  _int(config, "max_skips", 0)
+  _loop(config)
   _int(config, "probe_every", 0, "must be >= 0 (0: off)")
   _int(config, "profile.steps", 0, "must be >= 0 (0: no trace)")
   _int(config, "profile.first_step", 1)
@@ -71,8 +78,6 @@ def _training(config) -> None:
   if config.fid_every:
     _int(config, "fid_samples", 1)
     _inception_weights(config)
-  _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
-           "use 'stop' or 'skip'")
   _int(config, "corruption.loss_buckets", 1)
   _require(0 < d.crop_area_min <= d.crop_area_max <= 1, "data.crop_area_min", (d.crop_area_min, d.crop_area_max),
            "need 0 < data.crop_area_min <= data.crop_area_max <= 1")
@@ -122,10 +127,7 @@ def _classify(config) -> None:
   for key in ("batch_size", "log_every", "checkpoint_every", "classify.epochs", "classify.eval_every_epochs",
               "classify.eval_batch_size"):
     _int(config, key, 1)
-  _int(config, "keep_checkpoints", 1, "must be >= 1: a run must never end without its checkpoint")
-  _int(config, "max_skips", 0)
-  _require(config.nonfinite_policy in ("stop", "skip"), "nonfinite_policy", config.nonfinite_policy,
-           "use 'stop' or 'skip'")
+  _loop(config)
   _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
            "classification needs labels: set the dataset's class count")
   blocks = methods.get(config).num_blocks(config)
