@@ -85,6 +85,7 @@ def parse_args(argv=None):
     args.seeds, args.pretrain_steps, args.finetune_steps = 1, 6, 4
     args.num_samples, args.sample_steps, args.timing_rounds = 40, 4, 2
     args.classify_epochs = 1
+    args.variant = args.variant or "Mu/2"  # the tests' network: the script's every path, compiled in seconds
   return args
 
 

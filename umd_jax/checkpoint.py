@@ -25,7 +25,18 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store (no public path)
+
 from umd_jax import lock
+
+# Orbax splits every replicated array over its replicas, which then write in parallel (pods), by
+# eager slices compiled per shape: for small arrays that costs more than it saves (2.4 s per save of
+# a 200-array model on 8 CPU devices, all of it slicing). Arrays whose per-replica piece would be
+# under 1 MiB are written whole by one replica; bigger ones keep the split. The files are the same.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True)
 
 
 class CheckpointError(RuntimeError):

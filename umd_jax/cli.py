@@ -75,13 +75,18 @@ def _quiet_unraisable(hook):
 
 def main(argv):
   del argv
-  # Imported once the flags parsed: the package pulls in TensorFlow (clu's writers) and JAX, which
-  # would make `--help` and a mistyped flag take seconds instead of a moment.
-  from umd_jax import checkpoint, classify, data, encode, generate, latent, multihost, probe, sharding, train
+  # Imported once the flags parsed, and the modes only once the settings passed: the modes pull in
+  # TensorFlow (clu's writers), which would make `--help` take seconds and a bad setting ~3 s more.
+  from umd_jax import checks, multihost
   logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
+  try:
+    checks.check(config, _MODE.value)  # the check every mode starts with (it runs again there: no cost)
+  except ValueError as e:  # ConfigError, as below
+    _fail(str(e))
+  from umd_jax import checkpoint, classify, data, encode, generate, latent, probe, sharding, train
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
                  train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError)
   try:
