@@ -37,6 +37,19 @@ def test_digits_fixed_split():
   assert sum(im.tobytes() + bytes([l]) in train_set for im, l in zip(test.images, test.labels)) < 5  # exact dups only
 
 
+def test_digits_splits_slice_as_tfds_splits_do():
+  d = tiny_config().data
+  test, train = data.make_source(d, "test"), data.make_source(d, "train")
+  for split, rows in (("test[:40]", slice(0, 40)), ("test[-7:]", slice(290, 297)), ("train[10%:20%]", slice(150, 300)),
+                      ("test[5:9]", slice(5, 9))):
+    part, whole = data.make_source(d, split), test if split.startswith("test") else train
+    np.testing.assert_array_equal(part.images, whole.images[rows])
+    np.testing.assert_array_equal(part.labels, whole.labels[rows])
+  for bad in ("val", "test[:x]", "test[1:2:3]"):
+    with pytest.raises(data.DataError, match=r"use one of \['test', 'train'\], optionally sliced as TFDS does"):
+      data.make_source(d, bad)
+
+
 def test_batches_are_global_scaled_and_deterministic(one_device):
   config = tiny_config()
   source = data.make_source(config.data, "train")

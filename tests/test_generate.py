@@ -1,13 +1,12 @@
 """Fine-tuning from a pre-trained workdir, sampling to PNG/.npz, inpainting, bad requests."""
 import json
 import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import processes
 import pytest
 
 from conftest import tiny_config
@@ -212,20 +211,14 @@ def test_sigterm_during_generate_leaves_the_previous_set_whole(tmp_path):
   samples = tmp_path / "samples"
   before = {p.name: p.read_bytes() for p in samples.iterdir()}
   # new samples (another seed), then a long inpainting during which the signal comes
-  proc = subprocess.Popen([sys.executable, "main.py", *common, "--mode=generate", "--config.sample.num_samples=8",
-                           "--config.sample.seed=5", "--config.sample.inpaint=center", "--config.sample.inpaint_images=0",
-                           "--config.sample.inpaint_resample=20", "--config.sample.batch_size=16"],
-                          cwd=ROOT, env=main_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.monotonic() + 240
-    while not (tmp_path / ".samples.staging" / "samples_8x8x8x1.npz").exists():  # the new .npz, written aside
-      assert proc.poll() is None and time.monotonic() < deadline
-      time.sleep(0.1)
+  command = [sys.executable, "main.py", *common, "--mode=generate", "--config.sample.num_samples=8",
+             "--config.sample.seed=5", "--config.sample.inpaint=center", "--config.sample.inpaint_images=0",
+             "--config.sample.inpaint_resample=20", "--config.sample.batch_size=16"]
+  with processes.started(command, cwd=ROOT, env=main_env()) as (proc, read):
+    staged = tmp_path / ".samples.staging" / "samples_8x8x8x1.npz"  # the new .npz, written aside
+    processes.wait_until(staged.exists, [proc], 60, lambda: read("err")[-2000:])
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+    processes.wait([proc], 30, lambda: read("err")[-2000:])
   assert {p.name: p.read_bytes() for p in samples.iterdir()} == before
   assert run_main(*common, "--mode=generate", "--config.sample.num_samples=4").returncode == 0
   assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "result.json", "samples_4x8x8x1.npz"]

@@ -1,11 +1,9 @@
 """The training loop as periodic actions: one log line per log step, evaluators compiled once,
 a profiler trace on request, and the finiteness guard before every log line and checkpoint."""
 import logging
-import subprocess
-import sys
 
 from conftest import tiny_config
-from test_main import ROOT, main_env
+from test_main import run_main
 from umd_jax import probe, train
 
 
@@ -36,10 +34,9 @@ def test_one_log_line_per_log_step_and_the_fewshot_evaluator_compiled_once(tmp_p
 def test_profile_steps_writes_one_trace_of_a_real_run(tmp_path):
   """`--config.profile.steps`: a jax.profiler trace of steps 2-3 of a 6-step main.py run (in its
   own process, as a user runs it; a trace that outlasts the run: the 2-process latent test)."""
-  proc = subprocess.run([sys.executable, "main.py", "--config=configs/demo.py:6", f"--workdir={tmp_path / 'run'}",
-                         "--config.model.variant=Mu/2", "--config.batch_size=16", "--config.probe_every=0",
-                         "--config.log_every=1", "--config.profile.steps=2", "--config.profile.first_step=2"],
-                        cwd=ROOT, env=main_env(), capture_output=True, text=True, timeout=300)
+  proc = run_main("--config=configs/demo.py:6", f"--workdir={tmp_path / 'run'}", "--config.model.variant=Mu/2",
+                  "--config.batch_size=16", "--config.probe_every=0", "--config.log_every=1",
+                  "--config.profile.steps=2", "--config.profile.first_step=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   traces = list((tmp_path / "run" / "profile" / "process_0").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -1,8 +1,9 @@
 """The command line: modes, config overrides, and one-line errors."""
 import json
 import os
-import subprocess
 import sys
+
+import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,10 +17,9 @@ def main_env():
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def run_main(*args):
-  env = main_env()
-  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+def run_main(*args, idle_seconds=60):
+  """`python main.py ARGS` to completion (a hang fails it: tests/processes.py)."""
+  return processes.run([sys.executable, "main.py", *args], idle_seconds, cwd=ROOT, env=main_env())
 
 
 def test_summary_mode_with_overrides(tmp_path):
@@ -57,25 +57,21 @@ def test_sigterm_to_a_real_process_saves_and_the_same_command_finishes(tmp_path)
                "--config.probe_every=0", "--config.checkpoint_every=1000", "--config.image_every=1000"]
   command = lambda workdir: [sys.executable, "main.py", "--config=configs/demo.py:30", f"--workdir={workdir}",
                              *overrides]  # the SIGKILL test's program: compiled once for both
-  proc = subprocess.Popen(command(tmp_path / "run"), cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stderr:  # absl logs "step N/TOTAL: loss ..." to stderr
-      if "] step 3/30: loss" in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    _, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
+  with processes.started(command(tmp_path / "run"), cwd=ROOT, env=env) as (proc, read):
+    # absl logs "step N/TOTAL: loss ..." to stderr
+    processes.wait_until(lambda: "] step 3/30: loss" in read("err"), [proc], 60, lambda: read("err")[-2000:])
+    proc.send_signal(signal.SIGTERM)
+    processes.wait([proc], 30, lambda: read("err")[-2000:])
+    err = read("err")
   assert proc.returncode == 0, err[-2000:]
   saved = checkpoint.latest_step(tmp_path / "run")
   assert saved is not None and 3 <= saved < 30  # saved where it was stopped, not at the end
-  done = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  done = processes.run(command(tmp_path / "run"), 60, cwd=ROOT, env=env)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"trained steps {saved} -> 30" in done.stdout  # resumed where the signal stopped it
   assert checkpoint.latest_step(tmp_path / "run") == 30
   # (That a resumed run equals an uninterrupted one bitwise is tested in-process in test_train.py.)
-  again = subprocess.run(command(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  again = processes.run(command(tmp_path / "run"), 60, cwd=ROOT, env=env)
   assert again.returncode == 0 and "nothing to train: the checkpoint is at step 30" in again.stdout, again.stderr[-2000:]
   assert not (tmp_path / "run" / ".lock").exists()  # every run released its workdir
 
@@ -94,19 +90,16 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_step_to_resume_fr
   ckpts = tmp_path / "checkpoints"
   partial = None
   for _ in range(5):  # a write takes tens of ms; catch one in progress (each try resumes the last)
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-      deadline, seen = time.monotonic() + 240, None
-      while proc.poll() is None and time.monotonic() < deadline and seen is None:
+    with processes.started(command, cwd=ROOT, env=env) as (proc, read):
+      watch, seen = processes.Watch([proc], 60, lambda: read("err")[-2000:]), None
+      while proc.poll() is None and seen is None:
         names = os.listdir(ckpts) if ckpts.exists() else []
         writing = [n for n in names if ".orbax-checkpoint-tmp" in n]
         if writing and any(n.isdigit() for n in names):
           proc.send_signal(signal.SIGKILL)
           seen = writing[0]
+        watch.check()
         time.sleep(0.001)
-    finally:
-      proc.kill()
-      proc.wait()
     if seen and (ckpts / seen).exists():  # still there after the kill: the write was cut short
       partial = seen
       break
@@ -114,7 +107,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_step_to_resume_fr
   assert proc.returncode == -signal.SIGKILL
   committed = checkpoint.latest_step(tmp_path)
   assert committed is not None and committed < int(partial.split(".")[0]) <= 30
-  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  done = processes.run(command, 60, cwd=ROOT, env=env)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"trained steps {committed} -> 30" in done.stdout
   assert checkpoint.latest_step(tmp_path) == 30

@@ -25,7 +25,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store (no public path)
+# Not public in orbax 0.12 (pinned): the default array handler's metadata store, and the registry's
+# override without its warning (register_type_handler logs one in every run).
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from umd_jax import lock
 
@@ -34,9 +37,9 @@ from umd_jax import lock
 # a 200-array model on 8 CPU devices, all of it slicing). Arrays whose per-replica piece would be
 # under 1 MiB are written whole by one replica; bigger ones keep the split. The files are the same.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
     array_metadata_store=array_metadata_store.Store(), min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True)
+    override=True, ignore_warnings=True)
 
 
 class CheckpointError(RuntimeError):

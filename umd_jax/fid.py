@@ -6,6 +6,7 @@ over the batch, so no host holds every sample; the Fréchet distance is float64 
 uses a symmetric square root (eigh of sqrt(S1)·S2·sqrt(S1)), stable where sqrtm(S1·S2) is not.
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -133,8 +134,9 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
   """mu, sigma of data.eval_split (centre-cropped like the model's input); cached as .npz by
   process 0 and read back only where every process sees the file."""
   s, d = config.sample, config.data
+  split = re.sub(r"[^\w.-]", "_", d.eval_split)  # 'test[:40]' -> 'test__40_'
   path = epath.Path(s.fid_reference) if s.fid_reference else (
-      epath.Path(workdir or ".") / f"fid_reference_{d.name}_{d.eval_split}_{d.image_size}.npz")
+      epath.Path(workdir or ".") / f"fid_reference_{d.name}_{split}_{d.image_size}.npz")
   if multihost.all_processes(path.exists()):
     with path.open("rb") as f:
       ref = np.load(f)

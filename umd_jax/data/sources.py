@@ -7,6 +7,7 @@ handwritten digits (the embedded default; no download), and synthetic random ima
 import functools
 import io
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,8 +31,23 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise DataError(str(e)) from None
 
 
+_SLICE = re.compile(r"^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
+
+
+def split_slice(split: str, sizes: dict) -> tuple[str, slice]:
+  """TFDS's split syntax for in-memory sources: 'test', 'test[:40]', 'train[10%:]' -> (name, rows)."""
+  m = _SLICE.match(split)
+  if not m or m.group(1) not in sizes:
+    raise DataError(f"split {split!r}: use one of {sorted(sizes)}, optionally sliced as TFDS does ('test[:40]', "
+                    "'train[:10%]')")
+  name, start, start_pct, stop, stop_pct = m.groups()
+  bound = lambda v, pct: None if v in (None, "") else (int(v) * sizes[name] // 100 if pct else int(v))
+  return name, slice(bound(start, start_pct), bound(stop, stop_pct))
+
+
 class DigitsSource:
-  """scikit-learn's 1,797 handwritten 8×8 digits, 10 classes; fixed split (last 297 = 'test')."""
+  """scikit-learn's 1,797 handwritten 8×8 digits, 10 classes; fixed split (last 297 = 'test'),
+  sliced as TFDS splits are ('test[:40]')."""
   TEST_SIZE = 297
   in_memory = True  # no file reads: the pipeline uses no reader threads (see pipeline.read_threads)
 
@@ -39,9 +55,8 @@ class DigitsSource:
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))  # fixed shuffle, then split
     cut = len(order) - self.TEST_SIZE
-    if split not in ("train", "test"):
-      raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
-    idx = order[:cut] if split == "train" else order[cut:]
+    name, rows = split_slice(split, {"train": cut, "test": self.TEST_SIZE})
+    idx = (order[:cut] if name == "train" else order[cut:])[rows]
     images = np.round(digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)[..., None]
     self.images = np.stack([_to_channels(im, channels) for im in images])
     self.labels = digits.target[idx].astype(np.int32)
