@@ -64,14 +64,15 @@ def wait(procs, idle_seconds: float, describe=lambda: "") -> None:
 
 
 @contextlib.contextmanager
-def started(command, logdir=None, **popen_kwargs):
-  """Popen(command) with stdout / stderr to files in `logdir` (a temporary folder by default);
-  yields (process, read) where read("out" | "err") returns the output so far. Always reaped."""
+def started(command, logdir=None, tag="", **popen_kwargs):
+  """Popen(command) with stdout / stderr to LOGDIR/out{tag}.txt and err{tag}.txt (`logdir`: a
+  temporary folder by default); yields (process, read) where read("out" | "err") returns the
+  output so far. Always reaped."""
   with contextlib.ExitStack() as stack:
     if logdir is None:
       logdir = stack.enter_context(tempfile.TemporaryDirectory())
     os.makedirs(logdir, exist_ok=True)
-    paths = {k: os.path.join(logdir, f"{k}.txt") for k in ("out", "err")}
+    paths = {k: os.path.join(logdir, f"{k}{tag}.txt") for k in ("out", "err")}
     out, err = (stack.enter_context(open(paths[k], "w")) for k in ("out", "err"))
     proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, **popen_kwargs)
 

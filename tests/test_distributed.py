@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -67,19 +66,9 @@ def _started(commands, logdir):
          # the resumed launch reuses the first launch's compiled programs
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  procs = []
-  try:
-    for i, command in enumerate(commands):
-      out, err = open(logdir / f"out{i}.txt", "w"), open(logdir / f"err{i}.txt", "w")
-      procs.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err), out, err))
-    yield [p for p, _, _ in procs]
-  finally:
-    for p, out, err in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-      out.close()
-      err.close()
+  with contextlib.ExitStack() as stack:
+    yield [stack.enter_context(processes.started(command, logdir, tag=str(i), cwd=ROOT, env=env))[0]
+           for i, command in enumerate(commands)]
 
 
 def _run_together(commands, logdir, timeout=240):
