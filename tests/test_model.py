@@ -8,7 +8,8 @@ from flax import nnx
 from umd_jax import corruption
 from umd_jax.models import umd
 
-TINY = dict(image_size=8, channels=1, patch=2, width=32, encoder_depth=2, decoder_depth=1, heads=2)
+TINY = dict(image_size=8, channels=1, patch=2, width=32, encoder_depth=2, decoder_depth=1, heads=2,
+            dtype="float32")  # float32 on every backend ("auto" is bf16 on GPU): the tolerances are float32's
 
 
 def make(**kw):
@@ -167,7 +168,7 @@ def test_attention_choice_is_validated_and_auto_is_xla_off_gpu():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU "
-                    "(run on one with JAX_PLATFORMS=cuda)")
+                    "(run on one with JAX_PLATFORMS=cuda,cpu)")
 @pytest.mark.parametrize("n", [64, 68, 257])
 def test_cudnn_attention_matches_xla_with_padded_lengths(n):
   from umd_jax.models import layers
