@@ -1,6 +1,6 @@
 """Remote workdirs (gs://...): every file the runs write goes through etils' epath (which hands
-gs:// to tf.io.gfile), orbax (tensorstore) or TensorBoard's writer (tf.io.gfile), never through
-plain `open`/`os` -- checked with a local workdir, whose epath calls are the same code path."""
+gs:// to tf.io.gfile) or orbax (tensorstore), never through plain `open`/`os` -- checked with a
+local workdir, whose epath calls are the same code path."""
 import os
 import re
 
@@ -38,7 +38,7 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
     probe.run(config, workdir, devices=one_device)
     generate.run(config, workdir, devices=one_device)
   files = [os.path.join(d, f) for d, _, names in os.walk(tmp_path / "run") for f in names]
-  other_writers = ("/state/", "events.out.tfevents", "_CHECKPOINT_METADATA", "/ocdbt", "manifest.ocdbt")
+  other_writers = ("/state/", "_CHECKPOINT_METADATA", "/ocdbt", "manifest.ocdbt")  # orbax's
   bypassed = [f for f in files if f not in written and not any(w in f for w in other_writers)]
   assert not bypassed, f"written without epath: {bypassed}"
   names = {os.path.relpath(f, tmp_path / "run") for f in written}
@@ -46,3 +46,4 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
                    "images/reconstruction_00000002.png"):
     assert expected in names, (expected, sorted(names))
   assert "checkpoints/2/position/metadata" in names  # the data position, too
+  assert [n for n in names if n.startswith("events.out.tfevents.")]  # TensorBoard's events (events.py)

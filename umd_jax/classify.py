@@ -175,7 +175,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source) -> dict:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
   ckpt.wait()
-  writer.flush()
+  writer.close()
   if "result" not in logged and results_path.exists():  # nothing left to train: the last results
     logged["result"] = json.loads(results_path.read_text())
   return {**logged.get("result", {}), "start_step": start, "stopped_by": stop.signal, "workdir": str(workdir),

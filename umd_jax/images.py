@@ -38,13 +38,17 @@ def grid(rows, pad: int = 1) -> np.ndarray:
   return out
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """An (H, W, C) uint8 image (C = 1 or 3) as PNG file bytes."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def save_png(path, image: np.ndarray, upscale: int = 1) -> None:
   if upscale > 1:
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
-  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  buffer = io.BytesIO()
-  pil.save(buffer, format="PNG")
-  files.write_bytes(path, buffer.getvalue())
+  files.write_bytes(path, png_bytes(image))
 
 
 def heatmap_png(grid: np.ndarray, row_labels, col_labels, path, cell=48):

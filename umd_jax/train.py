@@ -1,6 +1,6 @@
 """Pre-training loop, readable top to bottom: config -> mesh -> state -> data -> steps, with
 everything periodic (finiteness guard, log line, reconstruction grid, few-shot probe, FID,
-checkpoint, profile) as clu periodic actions, each with its own cadence.
+checkpoint, profile) as an action with its own cadence. TensorBoard events: `events.py`.
 
 Resume order: the workdir's latest checkpoint, else `config.init_from`'s weights, else scratch.
 SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the same step
@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, checks, data, diffusion, files, flops, generate, images, latent, methods, multihost,
-                     probe, sharding, train_step, weights)
+from umd_jax import (checkpoint, checks, data, diffusion, events, files, flops, generate, images, latent, methods,
+                     multihost, probe, sharding, train_step, weights)
 
 
 class TrainingError(RuntimeError):
@@ -90,21 +90,37 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
     ckpt.close()  # also on an error: no checkpointer threads left to print after the error line
 
 
-class Every(periodic_actions.PeriodicCallback):
-  """clu's PeriodicCallback (callback(step, t, **kwargs)) on every step that one of `periods`
-  divides (0: none), on `on_steps` and, with `on_stop`, on the step at which a signal stops the run."""
+class Every:
+  """callback(step, t, **kwargs) after every step that one of `periods` divides (0: none), on
+  `on_steps` and, with `on_stop`, on the step at which a signal stops the run (t: time.monotonic())."""
 
   def __init__(self, periods, callback, *, on_steps=(), on_stop=False):
-    super().__init__(on_steps=on_steps, callback_fn=callback)
     self.periods = tuple(p for p in (periods if isinstance(periods, tuple) else (periods,)) if p)
-    self.on_stop, self._stopping = on_stop, False
+    self.callback, self.on_steps, self.on_stop = callback, set(on_steps), on_stop
 
   def __call__(self, step, stopping=False, **kwargs):
-    self._stopping = stopping and self.on_stop
-    return super().__call__(step, **kwargs)
+    if (stopping and self.on_stop) or step in self.on_steps or any(step % p == 0 for p in self.periods):
+      self.callback(step, time.monotonic(), **kwargs)
 
-  def _should_trigger(self, step, t):
-    return self._stopping or any(step % p == 0 for p in self.periods) or super()._should_trigger(step, t)
+
+class Profile:
+  """A jax.profiler trace (TensorBoard's profile tab) into `logdir`: started after step `first`,
+  stopped after step `first + steps`, or by `close()` when the run ends inside it."""
+
+  def __init__(self, logdir, first: int, steps: int):
+    self.logdir, self.first, self.steps, self.running = str(logdir), first, steps, False
+
+  def __call__(self, step):
+    if step == self.first and not self.running:
+      jax.profiler.start_trace(self.logdir)
+      self.running = True
+    elif self.running and step >= self.first + self.steps:
+      self.close()
+
+  def close(self):
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
 
 
 def _train(config, workdir, mesh, ckpt, source) -> dict:
@@ -163,9 +179,8 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
                        on_steps=(last,), on_stop=True))
   profile = None
   if config.profile.steps:  # a trace of `steps` steps from `first_step`: TensorBoard's profile tab
-    profile = periodic_actions.Profile(logdir=str(workdir / "profile" / f"process_{jax.process_index()}"),
-                                       num_profile_steps=config.profile.steps, profile_duration_ms=None,
-                                       first_profile=config.profile.first_step, every_secs=None)
+    profile = Profile(workdir / "profile" / f"process_{jax.process_index()}", config.profile.first_step,
+                      config.profile.steps)
 
   step = start
   with multihost.StopRequest() as stop:
@@ -181,10 +196,10 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
       if stopping:
         logging.warning("%s received: saved step %d, exiting", stop.signal, step)
         break
-  if profile is not None and profile._session_running:  # the run ended inside the traced steps
-    jax.profiler.stop_trace()
+  if profile is not None:  # the run may have ended inside the traced steps
+    profile.close()
   ckpt.wait()
-  writer.flush()
+  writer.close()
   return dict(start_step=start, step=step, first_loss=logged.get("first_loss"), last_loss=logged.get("last", {}).get("loss"),
               stopped_by=stop.signal, workdir=str(workdir), state=state)
 
@@ -192,9 +207,7 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
 def _writer(workdir):
   """TensorBoard (scalars, images, hyperparameters) from process 0, written asynchronously; the
   console gets the loop's one line per log step instead of every scalar again."""
-  if not multihost.is_main():
-    return metric_writers.MultiWriter([])
-  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
+  return events.Writer(workdir) if multihost.is_main() else events.NullWriter()
 
 
 def _scores(writer, step, scores: dict) -> None:
