@@ -1,12 +1,12 @@
 """Test set-up: 8 fake CPU devices (set before JAX is imported) and tiny configs."""
 import os
 
-# LLVM at -O0 (here and in the processes the tests start): the tests' programs are tiny and most
-# are compiled for a few calls, so compiling, not running, is most of their time (test_train
-# 214 -> 167 s on a cold cache). The numbers do not move: the same-seed fixture, made at the
-# default level, still matches bitwise.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# JAX's "disable most optimizations" (LLVM at -O0, no expensive passes), here and in the processes
+# the tests start: most test programs are compiled for a few calls, so compiling, not running, is
+# most of their time. The numbers do not move: the same-seed fixture, made with full optimization,
+# still matches bitwise. Tests whose time is running programs take the `optimized` fixture.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -52,6 +52,14 @@ def tiny_config(method: str = "umd", **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+@pytest.fixture
+def optimized():
+  """XLA's full optimizations for a test that runs its programs for minutes (see above)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 
 
 @pytest.fixture

@@ -324,7 +324,7 @@ def test_classify_reads_unread_parameters_back_unchanged(pretrained, tmp_path):
   assert "top1_ema" in out
 
 
-def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path):
+def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path, optimized):
   """The demo pre-trained (shortened to 400 steps) then, from the same weights: the linear probe on
   its frozen features, and end-to-end fine-tuning with MAE's recipe (60 epochs)."""
   pre = tmp_path / "demo"

@@ -25,7 +25,6 @@ import processes
 import pytest
 import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordReader
-from conftest import TEST_XLA_FLAGS
 from PIL import Image
 
 from configs import demo
@@ -62,7 +61,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _started(commands, logdir):
   """Start every command (output to files, so no pipe can fill and stall a peer); always reap."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
          "PYTHONUNBUFFERED": "1",  # a process killed after a peer failed still shows where it was
          # the resumed launch reuses the first launch's compiled programs
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",

@@ -12,8 +12,7 @@ def main_env():
   """One CPU device, and the test session's compilation cache: every main.py process after the
   first one of a config loads its compiled programs instead of compiling them again."""
   import jax
-  from conftest import TEST_XLA_FLAGS
-  return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu",
+  return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

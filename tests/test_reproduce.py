@@ -51,7 +51,7 @@ def test_configs_differ_only_in_the_corruption_and_finetune_follows_spec():
              and c.sample.cfg_scale == 2.0 and c.sample.steps == 50 for c in ft.values())
 
 
-def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
+def test_quick_run_writes_the_table_plot_and_numbers(tmp_path, optimized):
   result = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])
   for name in ("reproduce.json", "summary.md", "probe_vs_generation.png"):
     assert (tmp_path / name).exists(), name

@@ -180,7 +180,7 @@ def test_sigterm_saves_and_returns_then_resume_finishes(tmp_path, one_device, mo
     np.testing.assert_array_equal(a, b)
 
 
-def test_demo_lowers_the_loss(tmp_path, one_device):
+def test_demo_lowers_the_loss(tmp_path, one_device, optimized):
   config = demo.get_config("150")
   config.log_every = 50
   config.probe_every = 0  # the few-shot probe at the last step is tested in test_probe.py

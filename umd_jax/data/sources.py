@@ -13,7 +13,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from umd_jax.data.encoded import EncodedImage, pixels, to_channels
 
@@ -52,6 +51,7 @@ class DigitsSource:
   in_memory = True  # no file reads: the pipeline uses no reader threads (see pipeline.read_threads)
 
   def __init__(self, split: str, channels: int = 1):
+    from sklearn.datasets import load_digits  # here: importing scikit-learn costs ~1.3 s, paid by digits runs only
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))  # fixed shuffle, then split
     cut = len(order) - self.TEST_SIZE
