@@ -57,9 +57,10 @@ def tiny_config(method: str = "umd", **overrides):
 @pytest.fixture
 def optimized():
   """XLA's full optimizations for a test that runs its programs for minutes (see above)."""
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   yield
-  jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ def test_tensorboard_sees_the_scalar_and_image_tags(tmp_path):
   assert [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors("loss")] == [(1, 0.75), (2, 0.5)]
 
 
-def test_a_failed_write_is_raised_by_flush(tmp_path, monkeypatch):
+def test_a_failed_write_is_raised_by_the_next_write_or_flush(tmp_path, monkeypatch):
   writer = events.Writer(tmp_path)
 
   def full(record):
@@ -71,6 +71,10 @@ def test_a_failed_write_is_raised_by_flush(tmp_path, monkeypatch):
   writer.write_scalars(1, {"loss": 1.0})
   with pytest.raises(OSError, match="No space left"):
     writer.flush()
+  writer.write_scalars(2, {"loss": 1.0})
+  writer._pending[-1].exception()  # the write has run (and failed)
+  with pytest.raises(OSError, match="No space left"):  # raised by the next write, not only at the end
+    writer.write_scalars(3, {"loss": 1.0})
 
 
 def test_no_module_imports_tensorflow():

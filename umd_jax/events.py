@@ -26,8 +26,8 @@ from umd_jax import images
 
 class Writer:
   """Appends events to LOGDIR/events.out.tfevents.<time>.<host>.<pid>.v2 from one background
-  thread, so a slow filesystem does not stall training; `flush()` waits for the writes and
-  raises the first one's error (a full disk ends the run with it)."""
+  thread, so a slow filesystem does not stall training; a failed write raises at the next write
+  or at `flush()` (a full disk ends the run with it)."""
 
   def __init__(self, logdir):
     logdir = epath.Path(logdir)
@@ -42,6 +42,9 @@ class Writer:
     def write(record):
       self._records.write(record)
       self._records.flush()  # an event is on disk once written: a killed run keeps its curves
+    for future in [f for f in self._pending if f.done()]:  # finished writes: their error now, not at the end
+      self._pending.remove(future)
+      future.result()
     self._pending.append(self._thread.submit(write, event.SerializeToString()))
 
   def _summary(self, step: int, values) -> None:
