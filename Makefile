@@ -29,13 +29,19 @@ demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
 	$(VENV)/bin/python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
 
+# The suite on TEST_WORKERS pytest processes (pytest-xdist), a test module to a worker, the longest
+# modules first (tests/conftest.py). 2 workers fit CI's 2 cores and keep the peak under 8 GB; each
+# worker needs ~4 GB at most. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The edit loop: the unit tests only (tests/conftest.py marks the process, multi-process and
 # end-to-end tests `slow`); `make test` runs everything.
 test-fast: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf workdirs .pytest_cache

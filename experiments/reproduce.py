@@ -144,6 +144,8 @@ def make_config(args, method, seed, finetune=False, init_from=""):
     s.num_samples, s.steps, s.cfg_scale = args.num_samples, args.sample_steps, args.cfg_scale
   else:  # DiffMAE: inpainting only, ancestral DDPM over all T steps (its preset), no guidance
     s.num_samples, s.steps = 0, args.sample_steps
+    if args.quick:  # a few steps for every method: DDIM instead of the 1000-step ancestral chain
+      s.sampler = "ddim"
   s.seed = seed
   s.classifier_score = args.dataset == "digits" and methods.get(c).generates
   s.fid = bool(args.inception_weights)

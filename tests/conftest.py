@@ -9,9 +9,20 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# glibc's malloc makes up to 8 arenas per core for XLA's threads, and memory freed in one is not
+# reused by another: 2 arenas cut a process's peak by ~20% at the same speed (the FID and sampling
+# tests: 2.07 -> 1.69 GB). The variable reaches the processes the tests start; this one is set below.
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 
+import ctypes  # noqa: E402
 import gc  # noqa: E402
 import tempfile  # noqa: E402
+
+try:
+  _LIBC = ctypes.CDLL("libc.so.6")
+  _LIBC.mallopt(-8, int(os.environ["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX, before XLA starts its threads
+except (OSError, AttributeError, ValueError):  # not glibc (macOS, musl)
+  _LIBC = None
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -110,16 +121,38 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: processes, multi-process and end-to-end runs (skipped by make test-fast)")
 
 
+# `make test` runs the modules on 2 workers (pytest-xdist, `--dist loadfile`: a module's fixtures are
+# built once), handing each free worker the next module of this order: the longest first (CPU
+# seconds of a cold run), so no long module starts last while the other worker idles.
+LONGEST_FIRST = ["test_distributed", "test_classify", "test_train", "test_reproduce", "test_generate", "test_latent",
+                 "test_diffmae", "test_checkpoint", "test_probe", "test_bad_inputs", "test_bench", "test_main",
+                 "test_dit", "test_loop", "test_model"]
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.originalname in SLOW_TESTS:
+    if _module(item) in SLOW_MODULES or item.originalname in SLOW_TESTS:
       item.add_marker(pytest.mark.slow)
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(_module(item), len(rank)))  # stable: a module's own order is kept
+
+
+def _module(item) -> str:
+  return item.module.__name__.rsplit(".", 1)[-1]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drop each module's compiled programs when it ends (they stay in the on-disk compile cache):
-  the suite's memory is that of one module at a time, not the sum of all of them."""
+  """Drop each module's compiled programs when it ends (they stay in the on-disk compile cache)
+  and hand the freed heap back to the system (glibc keeps it otherwise: a worker that ran the FID
+  tests stayed at 2 GB, 0.75 GB after the trim): the suite's memory is that of one module at a
+  time, not the sum of all of them."""
   yield
   jax.clear_caches()
   gc.collect()
+  _trim_heap()
+
+
+def _trim_heap():
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)

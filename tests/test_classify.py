@@ -325,11 +325,11 @@ def test_classify_reads_unread_parameters_back_unchanged(pretrained, tmp_path):
 
 
 def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path, optimized):
-  """The demo pre-trained (shortened to 400 steps) then, from the same weights: the linear probe on
+  """The demo pre-trained (shortened to 200 steps) then, from the same weights: the linear probe on
   its frozen features, and end-to-end fine-tuning with MAE's recipe (60 epochs)."""
   pre = tmp_path / "demo"
-  train.pretrain(demo.get_config("400"), str(pre))
-  config = demo.get_config("400")
+  train.pretrain(demo.get_config("200"), str(pre))
+  config = demo.get_config("200")
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = weights.load(config, str(pre), mesh)
   extractor = probe.Extractor(config, graphdef, t=-1, blocks=[-1], mesh=mesh)
@@ -340,7 +340,7 @@ def test_fine_tuning_the_demo_beats_its_linear_probe(tmp_path, optimized):
     tuned.init_from = str(pre)
   result = classify.run(tuned, str(tmp_path / "classify"))
   print(f"fine-tuned top-1 {result['top1']:.4f}, linear probe {linear:.4f}")
-  assert result["top1"] > linear + 0.03, (result["top1"], linear)  # measured: 96.6 against 90.2
+  assert result["top1"] > linear + 0.03, (result["top1"], linear)  # measured: 97.0 against 88.2
   assert result["top1"] > 0.9
 
 

@@ -51,7 +51,7 @@ def test_configs_differ_only_in_the_corruption_and_finetune_follows_spec():
              and c.sample.cfg_scale == 2.0 and c.sample.steps == 50 for c in ft.values())
 
 
-def test_quick_run_writes_the_table_plot_and_numbers(tmp_path, optimized):
+def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   result = reproduce.main(["--quick", "--methods=umd,diffmae", "--out", str(tmp_path)])
   for name in ("reproduce.json", "summary.md", "probe_vs_generation.png"):
     assert (tmp_path / name).exists(), name
@@ -65,6 +65,7 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path, optimized):
   assert 0 <= umd["classifier_accuracy"] <= 1 and umd["digits_fd"] > 0 and 0 <= umd["precision"] <= 1
   assert "classifier_accuracy" not in diffmae and "digits_fd" not in diffmae  # DiffMAE does not generate
   assert diffmae["inpaint"]["center"]["inpainter"] == "diffmae" and umd["inpaint"]["center"]["inpainter"] == "umd"
+  assert diffmae["inpaint"]["center"]["sampler"] == "ddim" and diffmae["inpaint"]["center"]["steps"] == 4  # quick
   assert saved["step_cost"]["umd"]["step_vs_dit"] is None and set(umd["baselines"]) == {"pixels", "random_init"}
   ref = saved["real_reference"]  # real digits scored like samples: close, precise, covering
   assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
