@@ -91,6 +91,14 @@ def _tails(logdir, n) -> str:
   return "\n".join(f"--- process {i}:\n" + (logdir / f"err{i}.txt").read_text()[-1500:] for i in range(n))
 
 
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Each test's one-process references compile programs no other test runs: drop them when it
+  ends, so this process holds one test's programs beside the two processes the next one starts."""
+  yield
+  jax.clear_caches()
+
+
 def test_two_processes_read_disjoint_rows_of_the_same_global_batches(tmp_path):
   port, steps = _free_port(), 13  # 13 batches of 16 from 100 records: two epochs
   worker = os.path.join(ROOT, "tests", "distributed_worker.py")
