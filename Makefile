@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
 
 # The suite on TEST_WORKERS pytest processes (pytest-xdist), a test module to a worker, the longest
-# modules first (tests/conftest.py). 2 workers fit CI's 2 cores and keep the peak under 8 GB; each
-# worker needs ~4 GB at most. TEST_WORKERS=0: one process.
+# modules first (tests/conftest.py). 2 workers fit CI's 2 cores and keep the machine under 8 GB
+# (README, Tests: a worker peaked at 4.3 GB). TEST_WORKERS=0: one process; more for more cores.
 TEST_WORKERS ?= 2
 PYTEST := $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
