@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import processes
 import pytest
-import tensorflow as tf
 from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
@@ -142,6 +141,7 @@ def _main_py(arg, mode, workdir, overrides):
 
 def _scalars(workdir) -> dict:
   """{tag: {step: value}} of a workdir's TensorBoard events."""
+  import tensorflow as tf  # here, not at the top: every test process collects this module
   out = {}
   for path in glob.glob(str(workdir / "events.out.tfevents*")):
     for event in tf.compat.v1.train.summary_iterator(path):

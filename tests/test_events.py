@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -30,6 +29,7 @@ def _write(logdir):
 
 
 def test_scalars_images_and_hparams_read_back_with_tensorflows_reader(tmp_path):
+  import tensorflow as tf  # here, not at the top: every test process collects this module
   grey, rgb = _write(tmp_path)
   [path] = tmp_path.glob("events.out.tfevents.*")
   scalars, pictures, hparams = {}, {}, None
@@ -54,6 +54,7 @@ def test_scalars_images_and_hparams_read_back_with_tensorflows_reader(tmp_path):
 
 
 def test_tensorboard_sees_the_scalar_and_image_tags(tmp_path):
+  import tensorflow as tf
   _write(tmp_path)
   accumulator = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
   accumulator.Reload()
