@@ -32,8 +32,7 @@ def _run_steps(config, devices, batches):
 
 def test_sharded_step_equals_single_device_step_and_params_are_sharded(one_device):
   config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "optim.ema_rate": 0.1})
-  batches = _batches(config, sharding.make_mesh(config.mesh, one_device) if False else
-                     sharding.make_mesh(tiny_config().mesh, one_device), 2)
+  batches = _batches(config, sharding.make_mesh(tiny_config().mesh, one_device), 2)
   sharded, m8 = _run_steps(config, jax.devices(), batches)
   single, m1 = _run_steps(tiny_config(**{"optim.ema_rate": 0.1}), one_device, batches)
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
