@@ -91,7 +91,7 @@ def _tails(logdir, n) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _release_compiled_programs():
+def _release_each_tests_programs():  # beside conftest's module-end release, not in its place
   """Each test's one-process references compile programs no other test runs: drop them when it
   ends, so this process holds one test's programs beside the two processes the next one starts."""
   yield
