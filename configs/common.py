@@ -230,12 +230,28 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg, default_variant: str):
-  """Config argument: a variant ("B/8"), "finetune", or both ("B/8,finetune"); "classify" is
-  read by `wants_classify`."""
+class ConfigArgError(ValueError):
+  """An unknown word in a config argument (`--config=configs/demo.py:abc`)."""
+
+
+def config_args(arg, words=(), variant: bool = True, steps: bool = False) -> list:
+  """The comma-separated parts of a config argument, each one of `words`, a variant ('B/8', with
+  `variant`) or a step count (with `steps`); anything else is refused rather than ignored."""
   parts = [p for p in (arg or "").split(",") if p]
+  for p in parts:
+    if not (p in words or variant and "/" in p or steps and p.isdigit()):
+      forms = [repr(w) for w in words] + (["a variant such as 'B/8'"] if variant else []) + (
+          ["a step count"] if steps else [])
+      raise ConfigArgError(f"config argument {p!r} is not known: use {', '.join(forms) or 'none'} (comma-separated)")
+  return parts
+
+
+def parse_arg(arg, default_variant: str, words=("finetune", "classify")):
+  """Config argument: a variant ("B/8"), "finetune", or both ("B/8,finetune"); "classify" is
+  read by `wants_classify`. Other words are refused (ConfigArgError)."""
+  parts = config_args(arg, words)
   finetune = "finetune" in parts
-  variants = [p for p in parts if p not in ("finetune", "classify")]
+  variants = [p for p in parts if p not in words]
   return (variants[0] if variants else default_variant), finetune
 
 

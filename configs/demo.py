@@ -32,7 +32,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  parts = [p for p in (arg or "").split(",") if p]
+  parts = common.config_args(arg, ("diffmae", "finetune", "classify"), variant=False, steps=True)
   c = common.base_config("diffmae" if "diffmae" in parts else "umd")
   c.batch_size = 128
   finetune, classify = "finetune" in parts, "classify" in parts

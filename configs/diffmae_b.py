@@ -31,7 +31,7 @@ from configs import common
 
 def get_config(arg=None):
   c = common.base_config("diffmae")
-  parts = [p for p in (arg or "").split(",") if p]
+  parts = common.config_args(arg, ("umd64", "classify"))
   comparable = "umd64" in parts
   variants = [p for p in parts if p not in ("umd64", "classify")]
   c.model.variant = variants[0] if variants else ("B/4" if comparable else "B/16")

@@ -21,7 +21,7 @@ from configs.latent_umd_l import latent
 
 
 def get_config(arg=None):
-  parts = [p for p in (arg or "").split(",") if p]
+  parts = common.config_args(arg, ("ddae_cifar10", "ddae_tiny"))
   c = common.base_config("dit_original")
   c.model.variant = next((p for p in parts if "/" in p), "XL/2")
   c.model.num_classes = 1000

@@ -20,7 +20,7 @@ from configs.latent_umd_l import latent
 
 def get_config(arg=None):
   c = common.base_config("dit")
-  c.model.variant, _ = common.parse_arg(arg, "L/2")
+  c.model.variant, _ = common.parse_arg(arg, "L/2", words=())
   common.finetune_recipe(c)                 # labels, β2 0.999, no weight decay, EMA, label dropout 0.1
   c.total_steps = 400 * common.IMAGENET_TRAIN_IMAGES // c.batch_size
   return common.finalize(latent(c))

@@ -72,6 +72,16 @@ CASES = [
      "classify.layer_decay=1.5 must be in (0, 1]"),
     ("cut block", [CLASSIFY, "--mode=classify", "--config.classify.block=6"],
      "classify.block=6 is not a block of this network: use -1 (after the encoder's last block) or 0..5"),
+    # One numeric rule: inf and nan are refused wherever a float is read (they pass `> 0`).
+    ("noise exponent inf", [DEMO, "--config.diffusion.noise_exponent=inf"],
+     "diffusion.noise_exponent=inf must be a finite number"),
+    ("mixup inf", [CLASSIFY, "--mode=classify", "--config.classify.mixup_alpha=inf"],
+     "classify.mixup_alpha=inf must be a finite number"),
+    ("lr nan", [DEMO, "--config.optim.base_lr=nan"], "optim.base_lr=nan must be a finite number"),
+    ("cfg inf", [FINETUNE, "--mode=generate", "--config.sample.cfg_scale=-inf"], "sample.cfg_scale=-inf must be"),
+    ("config argument", ["--config=configs/demo.py:abc"], "config argument 'abc' is not known: use 'diffmae'"),
+    ("config argument typo", ["--config=configs/umd_b.py:finetun"], "config argument 'finetun' is not known"),
+    ("config None", ["--config={tmp}/none.py"], "get_config returned None (a missing `return`?)"),
 ]
 
 
@@ -88,6 +98,7 @@ def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
   (tmp_path / "syntax.py").write_text("def get_config(arg=None):\n  return = 1\n")
   (tmp_path / "raises.py").write_text("def get_config(arg=None):\n  raise RuntimeError('no such recipe')\n")
   (tmp_path / "plain.py").write_text("def get_config(arg=None):\n  return {'batch_size': 8}\n")
+  (tmp_path / "none.py").write_text("def get_config(arg=None):\n  c = 1\n")
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")  # a mask with nothing to fill
   (tmp_path / "busy").mkdir()  # a workdir another run (this test's process) holds
   (tmp_path / "busy" / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")

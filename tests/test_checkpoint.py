@@ -117,6 +117,42 @@ def test_a_live_lock_stops_a_second_run_and_a_dead_one_is_taken_over(tmp_path):
   assert not (workdir / ".lock").exists()
 
 
+LOCK_RACER = """
+import json, sys, time
+from etils import epath
+from umd_jax import lock
+root, start, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+won = []
+for k in range(rounds):
+  while time.time() < start + 0.05 * k:  # both racers leave the line in the same instant
+    pass
+  try:
+    lock.take(epath.Path(root) / str(k), lambda: None)
+    won.append(k)
+  except lock.WorkdirError:
+    pass
+print(json.dumps(won), flush=True)
+"""
+
+
+def test_two_runs_started_at_the_same_instant_never_both_take_the_lock(tmp_path):
+  """The look and the write of the lock are one step: of two processes that try the same new
+  workdir at the same instant, exactly one gets it, in each of 60 rounds. (Both keep running
+  through all rounds, so no lock is ever a dead process's to take over.)"""
+  import json
+  import subprocess
+  import sys
+  import time
+  rounds, start = 60, time.time() + 6  # time to import JAX in both
+  racers = [subprocess.Popen([sys.executable, "-c", LOCK_RACER, str(tmp_path), repr(start), str(rounds)],
+                             stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+            for _ in range(2)]
+  won = [set(json.loads(p.communicate(timeout=120)[0])) for p in racers]
+  assert all(p.returncode == 0 for p in racers)
+  assert not won[0] & won[1], f"both took the lock in rounds {sorted(won[0] & won[1])}"
+  assert won[0] | won[1] == set(range(rounds))
+
+
 def test_read_only_uses_create_nothing(tmp_path):
   assert checkpoint.latest_step(tmp_path / "absent") is None
   with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint"):

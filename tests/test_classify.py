@@ -12,7 +12,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from configs import demo
-from umd_jax import checks, classify, classify_step, methods, mixing, probe, sharding, train, weights
+from umd_jax import checkpoint, checks, classify, classify_step, methods, mixing, probe, sharding, train, weights
 from umd_jax.data import augment
 from umd_jax.models import layers
 
@@ -307,6 +307,40 @@ def test_classify_end_to_end_results_and_exact_resume(pretrained, tmp_path):
       per_epoch, 2 * per_epoch]
   with pytest.raises(Exception, match="classify.layer_decay"):  # another recipe is another run
     classify.run(_classify_config(pre, **{"classify.layer_decay": 0.5, "classify.epochs": 3}), str(resumed))
+  # killed after its first checkpoint, before any evaluation wrote results.json: the checkpoint
+  # itself says where the backbone came from
+  killed = tmp_path / "killed"
+  shutil.copytree(tmp_path / "resumed", killed)
+  shutil.rmtree(killed / "checkpoints" / str(2 * per_epoch))
+  (killed / "classify" / "results.json").unlink()
+  after_kill = classify.run(_classify_config(pre, **{"checkpoint_every": per_epoch}), str(killed))
+  assert after_kill["init"] == {"workdir": str(pre), "step": 4}
+  assert json.loads((killed / "classify" / "results.json").read_text())["init"] == {"workdir": str(pre), "step": 4}
+
+
+def _damage(workdir):
+  """Flip bytes in every array file of every step of a workdir's checkpoints."""
+  for f in workdir.glob("checkpoints/*/state/ocdbt.process_0/d/*"):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 32] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+
+
+def test_a_damaged_init_from_is_refused_before_the_workdir_exists(pretrained, tmp_path):
+  """init_from's weights are read and verified before anything is created: one error that says
+  there is no earlier step, no workdir, nothing compiled for the run first."""
+  import shutil
+  source = tmp_path / "damaged"
+  shutil.copytree(pretrained / "pre", source)
+  _damage(source)
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 2: .*damaged; no earlier step is left: write the "
+                     r"weights of .* again"):
+    classify.run(_classify_config(source), str(tmp_path / "c"))
+  assert not (tmp_path / "c").exists()
+  from test_generate import finetune_config
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 2: .*damaged; no earlier step is left"):
+    train.finetune(finetune_config(source), str(tmp_path / "f"))
+  assert not (tmp_path / "f").exists()
 
 
 def test_classify_reads_unread_parameters_back_unchanged(pretrained, tmp_path):

@@ -425,3 +425,79 @@ def test_grain_workers_die_with_a_killed_run(tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def _odd_mode_files():
+  """{name: (encoded bytes, expected (H, W, 1) grey, expected (H, W, 3) RGB)} of a 16-bit grey PNG,
+  a palette PNG, an LA PNG and a CMYK JPEG, each a uniform 64×64 image, with the pixels the one
+  decode must give (16-bit: value / 257; the others: PIL's conversion)."""
+  import io
+  def encoded(pil, fmt):
+    buffer = io.BytesIO()
+    pil.save(buffer, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+  def expect(pil_rgb, grey):
+    return np.full((64, 64, 1), grey, np.uint8), np.asarray(pil_rgb)[:64, :64]
+  out = {}
+  deep = Image.fromarray(np.full((64, 64), 32896, np.uint16))  # PIL mode I;16: mid grey
+  out["16-bit"] = (encoded(deep, "PNG"), np.full((64, 64, 1), 128, np.uint8), np.full((64, 64, 3), 128, np.uint8))
+  palette = Image.fromarray(np.full((64, 64, 3), (200, 40, 90), np.uint8)).convert("P", palette=Image.ADAPTIVE)
+  out["palette"] = (encoded(palette, "PNG"), *expect(palette.convert("RGB"), np.asarray(palette.convert("L"))[0, 0]))
+  la = Image.fromarray(np.stack([np.full((64, 64), 77, np.uint8), np.full((64, 64), 200, np.uint8)], -1), "LA")
+  out["LA"] = (encoded(la, "PNG"), *expect(la.convert("RGB"), 77))
+  cmyk = Image.fromarray(np.full((64, 64, 3), (30, 160, 220), np.uint8)).convert("CMYK")
+  data_ = encoded(cmyk, "JPEG")
+  decoded = Image.open(io.BytesIO(data_))
+  assert decoded.mode == "CMYK"
+  out["CMYK"] = (data_, *expect(decoded.convert("RGB"), np.asarray(decoded.convert("L"))[0, 0]))
+  return out
+
+
+@pytest.mark.parametrize("name", ["16-bit", "palette", "LA", "CMYK"])
+def test_every_image_path_decodes_16_bit_palette_cmyk_and_la_alike(name, tmp_path):
+  """One decode (encoded.pixels): the full decode, the training crop at a reduced scale, the eval
+  crop, an image folder, a TFDS record and an inpainting mask read the same pixels."""
+  from configs import demo
+  from umd_jax import inpainting
+  from umd_jax.data.encoded import EncodedImage
+  raw, grey, rgb = _odd_mode_files()[name]
+  tolerance = 2 if name == "CMYK" else 0  # JPEG's colour transform rounds a level or two
+  for channels, expected in ((1, grey), (3, rgb)):
+    close = lambda got: np.testing.assert_allclose(got.astype(int), np.broadcast_to(
+        expected[:1, :1], got.shape).astype(int), atol=tolerance, err_msg=f"{name}, {channels} channels")
+    image = EncodedImage(raw, channels)
+    close(image.full())
+    close(EncodedImage(raw, channels).region((0, 0, 64, 64), 8))  # 8× smaller: the reduced-decode path
+    close(EncodedImage(raw, channels, reduced=False).region((8, 8, 40, 40), 16))
+    close(pipeline.center_crop(EncodedImage(raw, channels), 16))
+    tfds_like = object.__new__(sources.TfdsSource)  # a prepared TFDS split of this one record
+    tfds_like.source, tfds_like.channels, tfds_like._repr, tfds_like.reduced = [{"image": raw, "label": 0}], channels, "mock", True
+    got = tfds_like[0]["image"]
+    close(got if isinstance(got, np.ndarray) else got.full())
+  suffix = ".jpg" if name == "CMYK" else ".png"
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    (tmp_path / c / f"0{suffix}").write_bytes(raw)
+  for channels, expected in ((1, grey), (3, rgb)):
+    folder = sources.ImageFolderSource(str(tmp_path), channels)[0]["image"]
+    folder = folder if isinstance(folder, np.ndarray) else folder.full()
+    np.testing.assert_allclose(folder.astype(int), np.broadcast_to(expected[:1, :1], folder.shape).astype(int),
+                               atol=tolerance)
+  # as an inpainting mask (white = fill): each of these uniform images is dark or light as a whole
+  config = demo.get_config()
+  mask = inpainting.inpaint_mask(config, str(tmp_path / "a" / f"0{suffix}"), 1, None)
+  assert (mask == (1.0 if grey[0, 0, 0] < 128 else 0.0)).all(), name
+
+
+def test_a_16_bit_inpainting_mask_keeps_its_dark_grey_known_area(tmp_path):
+  """A dark-grey known area of a 16-bit mask (8000 / 65535: 31 of 255) stays known; only the
+  white 4×4 centre is filled (PIL's convert("L") clipped the grey to white: all 64 pixels filled)."""
+  from configs import demo
+  from umd_jax import inpainting
+  mask16 = np.full((8, 8), 8000, np.uint16)
+  mask16[2:6, 2:6] = 65535
+  Image.fromarray(mask16).save(tmp_path / "mask.png")
+  known = inpainting.inpaint_mask(demo.get_config(), str(tmp_path / "mask.png"), 2, None)
+  assert known.shape == (2, 8, 8, 1)
+  assert int((known[0] == 0).sum()) == 16
+  assert (known[:, 2:6, 2:6] == 0).all()

@@ -269,6 +269,37 @@ def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
   assert scores["inpainter"] == "diffmae" and scores["images"] == 24 and scores["steps"] == 5
   assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] <= 1 and result["inpaint"] == scores
   assert (tmp_path / "samples" / "inpaint.png").exists()
+  _a_checkpoint_is_read_only_with_its_meaning(config, tmp_path, one_device)
+
+
+def _a_checkpoint_is_read_only_with_its_meaning(config, workdir, one_device):
+  """The settings that give these weights their meaning (METHOD.md §12) are the writer's: probe,
+  generate and classify's init_from refuse another target, links or noise exponent by name before
+  writing anything; a resume with another decoder width names the key."""
+  from umd_jax import checkpoint, classify
+  published = sorted(p.name for p in (workdir / "samples").iterdir())
+  for key, value in (("diffmae.target", "eps"), ("diffmae.links", "last"), ("diffusion.noise_exponent", 1.0)):
+    other = tiny_config("diffmae", **{**{k: v for k, v in _flat(config).items() if k != key}, key: value})
+    saved = _flat(config)[key]
+    for run in (probe.run, generate.run):
+      with pytest.raises(checkpoint.CheckpointError, match=rf"written with {key}={saved!r}, read here with "
+                         rf"{key}={value!r} .*run with --config.{key}={saved}$"):
+        run(other, workdir, devices=one_device)
+    cls = tiny_config("diffmae", **{**_flat(other), "init_from": str(workdir), "classify.epochs": 1,
+                                         "classify.warmup_epochs": 0})
+    with pytest.raises(checkpoint.CheckpointError, match=rf"read here with {key}={value!r}"):
+      classify.run(cls, workdir.parent / f"classify_{key}", devices=one_device)
+    assert not (workdir.parent / f"classify_{key}").exists()  # refused before the first write
+  assert sorted(p.name for p in (workdir / "samples").iterdir()) == published  # the last set untouched
+  wider = tiny_config("diffmae", **{**_flat(config), "total_steps": 6, "diffmae.decoder_width": 16})
+  with pytest.raises(checkpoint.CheckpointError, match=r"parameters do not match .*changed config: "
+                     r"diffmae.decoder_width: 32 -> 16"):
+    train.pretrain(wider, workdir, devices=one_device)
+
+
+def _flat(config) -> dict:
+  from umd_jax import rules
+  return {k: v for k, v in rules.flat(config).items() if k not in ("method",)}
 
 
 def test_summary_counts_the_parameters_of_the_architecture(tmp_path):

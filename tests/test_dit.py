@@ -115,7 +115,8 @@ def _folder_copy(tmp_path, edit):
      "differs from block 0's"),
     (lambda s: s.__setitem__("extra.weight", np.zeros(3, np.float32)), "unexpected diffusers keys ['extra.weight']"),
     (lambda s: s.__setitem__("transformer_blocks.0.ff.net.2.weight", np.zeros((32, 64), np.float32)),
-     "do not fit the model"),
+     "blocks.0.mlp.fc2.weight has shape (32, 64) in the file, the model needs (32, 128)"),
+    (lambda s: s.__setitem__("proj_out_2.weight", np.zeros((5, 32), np.float32)), "final_layer.linear has 5 outputs"),
 ])
 def test_a_wrong_or_partial_file_is_one_clear_error_and_writes_nothing(tmp_path, edit, words):
   src = _folder_copy(tmp_path, edit)
@@ -130,8 +131,65 @@ def test_converter_command_line_reports_one_line(tmp_path, capsys):
     cdw.main([str(tmp_path), str(tmp_path / "out")])
   assert "is not a diffusers DiT folder" in str(e.value.code)
   cdw.convert(FIXTURE, str(tmp_path / "w"), config=tiny())
-  with pytest.raises(Exception, match="already holds a checkpoint"):
-    cdw.convert(FIXTURE, str(tmp_path / "w"), config=tiny())
+  with pytest.raises(cdw.ConversionError, match="is not empty .*convert into a new folder"):
+    cdw.convert(FIXTURE, str(tmp_path / "w"), config=tiny())  # run twice
+
+
+def _one_error_line(argv) -> str:
+  with pytest.raises(SystemExit) as e:
+    cdw.main(argv)
+  message = str(e.value.code)
+  assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+  return message
+
+
+def test_every_converter_failure_is_one_line_and_writes_nothing(tmp_path):
+  """A truncated .safetensors, an output that is a file or a pre-training workdir, a wrong tensor
+  shape (named by its DiT key), each one `error:` line; the output is left as it was."""
+  source = os.path.join(FIXTURE, "transformer", "diffusion_pytorch_model.safetensors")
+  truncated = tmp_path / "truncated.safetensors"
+  truncated.write_bytes(open(source, "rb").read()[:5000])
+  assert "could not be read as safetensors" in _one_error_line([str(truncated), str(tmp_path / "a")])
+  assert not (tmp_path / "a").exists()
+  (tmp_path / "file").write_text("x")
+  assert "is a file" in _one_error_line([FIXTURE, str(tmp_path / "file")])
+  pretraining = tmp_path / "pre"
+  (pretraining / "checkpoints" / "4").mkdir(parents=True)
+  assert "is not empty (checkpoints)" in _one_error_line([FIXTURE, str(pretraining)])
+  assert sorted(os.listdir(pretraining)) == ["checkpoints"]
+  src = _folder_copy(tmp_path, lambda s: s.__setitem__("transformer_blocks.1.attn1.to_out.0.weight",
+                                                       np.zeros((32, 16), np.float32)))
+  message = _one_error_line([src, str(tmp_path / "b")])
+  assert "blocks.1.attn.proj.weight has shape (32, 16) in the file, the model needs (32, 32)" in message, message
+  assert not (tmp_path / "b").exists()
+
+
+class _Tensor:
+  """What torch.load gives, as far as the converter reads it: .float().numpy()."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def float(self):
+    return self
+
+  def numpy(self):
+    return self.array.astype(np.float32)
+
+
+def test_what_a_pt_file_holds_is_a_state_dict_or_one_clear_error():
+  """The .pt reader's second half (torch only opens the file): DiT's / REPA's training checkpoint
+  with its argparse args takes "ema"; a list or a dict of non-tensors is one clear line."""
+  import argparse
+  weights_ = {"a.weight": _Tensor(np.ones((2, 2))), "a.bias": _Tensor(np.zeros(2))}
+  checkpoint_ = {"model": {"a.weight": _Tensor(np.zeros((2, 2))), "a.bias": _Tensor(np.zeros(2))}, "ema": weights_,
+                 "opt": {"state": {}}, "args": argparse.Namespace(model="DiT-XL/2"), "steps": 400000}
+  got = cdw.state_dict_of(checkpoint_, "ckpt.pt")
+  assert sorted(got) == ["a.bias", "a.weight"] and got["a.weight"].dtype == np.float32 and got["a.weight"].sum() == 4
+  for held, words in (([1, 2], "holds a list, not a state dict"), ({"a": 1}, "entry 'a' is not a tensor"),
+                      ({}, "holds a dict, not a state dict")):
+    with pytest.raises(cdw.ConversionError, match=words):
+      cdw.state_dict_of(held, "x.pt")
 
 
 def test_xl2_has_the_published_parameter_count():
@@ -251,7 +309,7 @@ def test_sit_weights_are_read_only_as_sit(tmp_path):
   """A workdir converted with --kind sit refuses a config that would feed it DDPM inputs."""
   cdw.convert(FIXTURE, str(tmp_path / "sit"), kind="sit", config=tiny())
   mesh = sharding.make_mesh(tiny().mesh, jax.devices()[:1])
-  with pytest.raises(Exception, match="dit.time='sit': run with --config.dit.time=sit"):
+  with pytest.raises(Exception, match="written with dit.time='sit', read here with dit.time='dit' .*: run with --config.dit.time=sit"):
     weights.load(tiny(), str(tmp_path / "sit"), mesh)
   weights.load(tiny(**{"dit.time": "sit"}), str(tmp_path / "sit"), mesh)
 

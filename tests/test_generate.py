@@ -38,7 +38,9 @@ def test_finetune_starts_from_pretrained_weights_with_a_new_label_embedding(work
   run = train_step.build(config, mesh)
   state = run.state
   fresh_label = jax.device_get(state.params["label_embed"])
-  started = train._init_from(config, state, run.shardings)["params"]
+  read, provenance = train.read_init(config, mesh)
+  assert "label_embed" not in read and provenance == {"workdir": str(pre), "step": 3}
+  started = {**state.params, **read}
   pretrained = checkpoint.restore_params(pre, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                            {k: v for k, v in state.params.items() if k != "label_embed"}))
   for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves({k: started[k] for k in pretrained})):
@@ -46,6 +48,7 @@ def test_finetune_starts_from_pretrained_weights_with_a_new_label_embedding(work
   for a, b in zip(jax.tree.leaves(fresh_label), jax.tree.leaves(started["label_embed"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # label embedding is new
   assert int(state.step) == 0
+  assert checkpoint.load_provenance(workdirs[1]) == {"workdir": str(pre), "step": 3}  # saved with the fine-tuning
 
 
 def test_finetune_needs_init_from_and_classes(tmp_path):

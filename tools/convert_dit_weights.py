@@ -8,12 +8,16 @@ SRC is one of
     or the pipeline folder holding it (facebook/DiT-XL-2-256) -- read with `safetensors` alone;
   * DiT's own checkpoint `DiT-XL-2-256x256.pt` or SiT's `SiT-XL-2-256.pt` (needs `torch`, which the
     package does not require; the file is a pickle, read with `weights_only=True`, so nothing in
-    it runs); a training checkpoint's "ema" (else "model") entry is taken;
+    it runs); a training checkpoint's "ema" (else "model") entry is taken -- DiT's, SiT's and
+    REPA's `train.py` checkpoints, whose `args` (an argparse.Namespace) the weights-only reader
+    is told to allow;
   * a .safetensors file with DiT's own key names.
 Nothing is downloaded. The topology (width, depth, patch, channels, classes, learned sigma, input
-size) is read from the file; every key and shape is checked against the model, DiT's stored
-position table against this code's, and diffusers' per-block copies of the timestep / label
-embedders against each other; a wrong or partial file is one error line. `--kind sit`: SiT's
+size) is read from the file; every key and shape is checked against the model (a wrong shape is
+named by its key), DiT's stored position table against this code's, and diffusers' per-block
+copies of the timestep / label embedders against each other. WORKDIR must be new or empty, and is
+checked before the file is read. Every failure -- a wrong, partial, truncated or foreign file, a
+WORKDIR that holds something, a full disk -- is one `error:` line, and writes nothing. `--kind sit`: SiT's
 weights (the same backbone, trained on the linear interpolant with continuous t in [0, 1];
 `dit.time = "sit"` is recorded in the config).
 """
@@ -21,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -45,33 +50,57 @@ def read_source(src: str):
                             "it or in its transformer/ folder")
     with open(os.path.join(folder, "config.json")) as f:
       meta = json.load(f)
-    from safetensors.numpy import load_file
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     full = [f for f in files if ".fp16." not in f] or files  # the full-precision copy when both are there
     state = {}
     for f in full:
-      state.update(load_file(f))
+      state.update(_safetensors(f))
     return diffusers_to_original(state, meta), meta
   if src.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return {k: np.asarray(v, np.float32) for k, v in load_file(src).items()}, {}
+    return {k: np.asarray(v, np.float32) for k, v in _safetensors(src).items()}, {}
   if src.endswith((".pt", ".pth")):
     try:
       import torch
     except ImportError:
       raise ConversionError(f"{src!r} is a PyTorch file: reading it needs torch (pip install torch), or convert "
                             "the diffusers folder instead") from None
-    try:
-      obj = torch.load(src, map_location="cpu", weights_only=True)
+    try:  # training checkpoints (DiT, SiT, REPA) keep their argparse `args` beside the weights
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
-      raise ConversionError(f"{src!r} could not be read as a weights-only PyTorch file ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]})") from None
-    for key in ("ema", "model"):
-      if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-        obj = obj[key]
-        break
-    return {k: v.float().numpy() for k, v in obj.items()}, {}
+      raise ConversionError(f"{src!r} could not be read as a weights-only PyTorch file ({_first_line(e)})") from None
+    return state_dict_of(obj, src), {}
   raise ConversionError(f"{src!r}: expected a diffusers folder, a .pt / .pth or a .safetensors file")
+
+
+def state_dict_of(obj, src: str) -> dict:
+  """The float32 numpy state dict in what a .pt held: the dict of tensors itself, or a training
+  checkpoint's "ema" (else "model") entry."""
+  for key in ("ema", "model"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+      break
+  if not isinstance(obj, dict) or not obj:
+    raise ConversionError(f"{src!r} holds a {type(obj).__name__}, not a state dict: expected DiT's weights (a "
+                          "dict of tensors) or a training checkpoint with an 'ema' or 'model' entry")
+  bad = [k for k, v in obj.items() if not (isinstance(k, str) and hasattr(v, "float") and hasattr(v, "numpy"))]
+  if bad:
+    raise ConversionError(f"{src!r}: entry {bad[0]!r} is not a tensor: expected DiT's weights (a dict of tensors) "
+                          "or a training checkpoint with an 'ema' or 'model' entry")
+  return {k: v.float().numpy() for k, v in obj.items()}
+
+
+def _safetensors(path: str) -> dict:
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except Exception as e:  # noqa: BLE001 - SafetensorError (truncated, not safetensors), OSError: one line
+    raise ConversionError(f"{path!r} could not be read as safetensors ({_first_line(e)}): the file is damaged or "
+                          "incomplete; download it again") from None
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
 
 
 def diffusers_to_original(d: dict, meta: dict) -> dict:
@@ -166,18 +195,43 @@ def to_params(state: dict, topo: dict, config) -> dict:
              "modulation": linear(f"blocks.{b}.adaLN_modulation.1")} for b in range(v["depth"])]
   if state:
     raise ConversionError(f"unexpected keys {sorted(state)[:4]}: not a DiT of this topology")
+  abstract = nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(dit.from_config(config, nnx.Rngs(0)), nnx.Param)))
+  one_block = abstract["blocks"]["blocks"]
+  one_block = jax.tree.map(lambda x: x.shape[1:], one_block) if config.model.scan_layers else \
+      jax.tree.map(lambda x: x.shape, one_block[0])
+  for b, block in enumerate(blocks):  # before stacking: a wrong shape is named by its key in the file
+    for path, want in _flat(one_block).items():
+      got = _flat(block)[path].shape
+      if got != want:
+        raise ConversionError(f"{_dit_key(b, path)} has shape {_file_shape(path, got)} in the file, the model "
+                              f"needs {_file_shape(path, want)}: not a DiT of this topology")
   if config.model.scan_layers:
     params["blocks"] = {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
   else:
     params["blocks"] = {"blocks": dict(enumerate(blocks))}
-  abstract = nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(dit.from_config(config, nnx.Rngs(0)), nnx.Param)))
-  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  want, got = flat(abstract), flat(params)
+  shapes = lambda tree: {k: getattr(x, "shape", x) for k, x in _flat(tree).items()}
+  want, got = shapes(abstract), shapes(params)
   wrong = [f"{k}: file {got.get(k)}, model {want.get(k)}" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
   if wrong:
     raise ConversionError(f"{len(wrong)} parameters do not fit the model: {'; '.join(wrong[:3])}")
   return params
+
+
+def _flat(tree) -> dict:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
+
+
+def _dit_key(block: int, path: str) -> str:
+  """models/dit.py's block path ('attn/qkv/kernel') -> DiT's key ('blocks.3.attn.qkv.weight')."""
+  *module, leaf = path.split("/")
+  module = ["adaLN_modulation", "1"] if module == ["modulation"] else module
+  return ".".join([f"blocks.{block}", *module, "weight" if leaf == "kernel" else leaf])
+
+
+def _file_shape(path: str, shape) -> tuple:
+  """A kernel's shape as the file stores it (PyTorch's Linear: out × in)."""
+  return tuple(reversed(shape)) if path.endswith("kernel") else tuple(shape)
 
 
 def make_config(topo: dict, kind: str, config_spec: str = "configs/dit_original.py", config=None):
@@ -212,13 +266,28 @@ def convert(src: str, workdir: str, kind: str = "dit", config_spec: str = "confi
   from umd_jax import checkpoint
   if kind not in ("dit", "sit"):
     raise ConversionError(f"--kind={kind!r}: use 'dit' or 'sit'")
+  _check_output(workdir)  # before the (possibly minutes-long) read
   state, meta = read_source(src)
   topo = topology(state, meta)
   config = make_config(topo, kind, config_spec, config)
   params = to_params(state, topo, config)
-  checkpoint.save_weights(workdir, jax.tree.map(jnp.asarray, params), config)
+  try:
+    checkpoint.save_weights(workdir, jax.tree.map(jnp.asarray, params), config)
+  except BaseException:
+    shutil.rmtree(workdir, ignore_errors=True)  # it was new or empty (checked): leave nothing half-written
+    raise
   count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
   return {**topo, "kind": kind, "params": count, "workdir": workdir, "source": os.path.abspath(src)}
+
+
+def _check_output(workdir: str) -> None:
+  """WORKDIR is new or an empty folder: never a file, never a folder that holds anything (a
+  checkpoint of a pre-training, or of an earlier conversion)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConversionError(f"WORKDIR {workdir!r} is a file: name a new folder to convert into")
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise ConversionError(f"WORKDIR {workdir!r} is not empty ({', '.join(sorted(os.listdir(workdir))[:3])}): "
+                          "convert into a new folder")
 
 
 def main(argv=None):
@@ -228,10 +297,14 @@ def main(argv=None):
   ap.add_argument("--kind", default="dit", help="dit, or sit (SiT's weights: the same backbone)")
   ap.add_argument("--config", default="configs/dit_original.py", help="the config the workdir is written with")
   args = ap.parse_args(argv)
-  try:
+  from umd_jax import checkpoint
+  try:  # the one place every failure becomes one line
     info = convert(args.src, args.workdir, args.kind, args.config)
-  except (ConversionError, ValueError, OSError) as e:
+  except (ConversionError, ValueError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
+  except OSError as e:  # a full disk, a folder that cannot be created
+    sys.exit(f"error: {e.strerror or e} ({e.filename or args.workdir})"
+             + (": free space there and run again" if checkpoint._disk_full(e) else ""))
   print(json.dumps(info, indent=2))
   print(f"probe it: python main.py --config=configs/dit_original.py:{info['variant']} --mode=probe "
         f"--workdir={args.workdir} --config.vae.weights=vae.npz" + (" --config.dit.time=sit" if args.kind == "sit" else ""))

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import time
 
 from absl import logging
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from umd_jax import lock
+from umd_jax import lock, methods
 
 # Orbax splits every replicated array over its replicas, which then write in parallel (pods), by
 # eager slices compiled per shape: for small arrays that costs more than it saves (2.4 s per save of
@@ -134,8 +135,9 @@ def _config_changes(manager, step: int, config) -> list:
   old, new = _flat_configs(manager, step, config)
   if old is None:
     return []
-  shaping = lambda k: k.startswith("model.") or k in (
-      "data.image_size", "data.channels", "data.space", "vae.latent_channels", "vae.downsample")
+  meaning = set(methods.get(config).meaning)
+  shaping = lambda k: k.startswith("model.") or k in meaning or k in (
+      "method", "data.image_size", "data.channels", "data.space", "vae.latent_channels", "vae.downsample")
   changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if shaping(k) and old.get(k) != new.get(k)]
   if (old.get("optim.ema_rate", 0) > 0) != (new.get("optim.ema_rate", 0) > 0):
@@ -195,15 +197,24 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, position: dict, config) -> None:
+  def provenance(self, step: int):
+    """What `save` recorded of the run's first weights at `step` (None: started from scratch, or
+    written before provenance was saved)."""
+    return _saved_item(self.manager, step, "provenance")
+
+  def save(self, step: int, state, position: dict, config, provenance: dict | None = None) -> None:
     """Asynchronous save; call `wait()` before the process exits. `position`: JSON describing
-    the data stream's global position (see `data_position`). A full disk (here, or found from the
-    previous asynchronous save) is a CheckpointError that says how much to free."""
+    the data stream's global position (see `data_position`); `provenance`: JSON of where the
+    run's first weights came from (init_from's workdir and step), kept with every step. A full
+    disk (here, or found from the previous asynchronous save) is a CheckpointError that says how
+    much to free."""
     self._state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
                  checksums=ocp.args.JsonSave(fingerprints(state)),
                  position=ocp.args.JsonSave(position))
+    if provenance is not None:
+      items["provenance"] = ocp.args.JsonSave(provenance)
     with self._disk_full_explained():
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -234,8 +245,7 @@ class Checkpointer:
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-      raise CheckpointError(f"{where} could not be restored ({_describe(e)}): its files are damaged "
-                            "(restore_fallback uses the previous step)") from None
+      raise CheckpointError(f"{where} could not be restored ({_describe(e)}): its files are damaged") from None
     if position is not None and saved is not None:
       changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in position.items()
                  if k != "global_batches" and saved.get(k) != v]
@@ -288,7 +298,8 @@ class Checkpointer:
       self.manager.reload()
       logging.warning("%s -- moved it to %s; falling back to step %d (restore_fallback)", error, aside, next_step)
 
-    return first_readable(steps, read, set_aside, fallback=fallback)
+    return first_readable(steps, read, set_aside, fallback=fallback,
+                          start_over=f"move {self.directory} aside to train from the start, or use a new --workdir")
 
   def wait(self) -> None:
     with self._disk_full_explained():
@@ -304,17 +315,24 @@ class Checkpointer:
       self._lock = None
 
 
-def first_readable(steps, read, on_damaged, fallback: bool = True):
+def first_readable(steps, read, on_damaged, fallback: bool = True, start_over: str = ""):
   """(read(step), step) for the first of `steps` (newest first) that reads; a CheckpointError of a
   damaged step calls on_damaged(step, error, next step) and tries the next one: the one fallback
-  loop of training resumes and of weight loaders. A _DifferentRun (another config, not damage), or
-  damage with `fallback` off or no step left, is raised."""
+  loop of training resumes and of weight loaders. A _DifferentRun (another config, not damage) is
+  raised as it is; damage with `fallback` off or no step left with the advice true for the case
+  (`start_over`: what to do when no readable step is left)."""
   for i, step in enumerate(steps):
     try:
       return read(step), step
     except CheckpointError as e:
-      if isinstance(e, _DifferentRun) or not fallback or i == len(steps) - 1:
+      if isinstance(e, _DifferentRun):
         raise
+      if i == len(steps) - 1:
+        earlier = "no earlier step is left" if i else "there is no earlier step to fall back to"
+        raise CheckpointError(f"{e}; {earlier}" + (f": {start_over}" if start_over else "")) from None
+      if not fallback:
+        raise CheckpointError(f"{e}; with restore_fallback=True the run resumes from the previous step, "
+                              f"{steps[i + 1]}") from None
       on_damaged(step, e, steps[i + 1])
   return None, None
 
@@ -336,7 +354,15 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def _describe(e: Exception) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  """One readable line of an orbax / tensorstore error: its first line without the bound-method
+  repr orbax appends, followed by the first line of the error it wraps (where the cause is)."""
+  def line(x):
+    first = str(x).strip().splitlines()[0] if str(x).strip() else ""
+    return re.sub(r"\s*See full TensorStore details:.*$", "", first)[:200]
+  text, cause = f"{type(e).__name__}: {line(e)}", e.__cause__ or e.__context__
+  if cause is not None and line(cause) and line(cause) not in text:
+    text += f" <- {type(cause).__name__}: {line(cause)}"
+  return text
 
 
 def _saved_item(manager, step: int, name: str):
@@ -399,6 +425,18 @@ def load_config(workdir):
   return config
 
 
+def load_provenance(workdir):
+  """Where the latest checkpoint's run took its first weights from ({"workdir", "step"} of its
+  init_from), or None (from scratch, or an older checkpoint)."""
+  if latest_step(workdir) is None:
+    raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint")
+  manager = _reader(workdir)
+  try:
+    return _saved_item(manager, manager.latest_step(), "provenance")
+  finally:
+    manager.close()
+
+
 def check_params(workdir, abstract_params, config=None) -> None:
   """Raise CheckpointError, naming the parameters and the changed config keys, unless the latest
   checkpoint of `workdir` has every parameter of `abstract_params` with its shape and dtype.
@@ -413,12 +451,31 @@ def check_params(workdir, abstract_params, config=None) -> None:
       changes = _config_changes(manager, step, config) if config is not None else []
       raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
                             "use the config the run was trained with")
+    if config is not None:
+      _refuse_other_meaning(manager, step, config, workdir)
   finally:
     manager.close()
 
 
-# Settings that give the same parameters another meaning: a reader must use the writer's values.
-READ_AS = ("dit.time",)
+def _flag_value(value) -> str:
+  return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _refuse_other_meaning(manager, step: int, config, workdir) -> None:
+  """The one rule of every reader of weights: the settings that give a network's numbers their
+  meaning (its method's `meaning`: targets, links, schedule, exponent, conditioning ...) are the
+  ones the weights were written with. A differing one is refused, named with the value to use;
+  keys the saved config lacks (added to the code since) are not compared."""
+  old, new = _flat_configs(manager, step, config)
+  if old is None:
+    return
+  differ = [k for k in methods.get(config).meaning if k in old and k in new and old[k] != new[k]]
+  if differ:
+    raise CheckpointError(
+        f"{str(workdir)!r} step {step} holds weights written with "
+        + ", ".join(f"{k}={old[k]!r}" for k in differ) + ", read here with "
+        + ", ".join(f"{k}={new[k]!r}" for k in differ) + " (another meaning of the same numbers): run with "
+        + " ".join(f"--config.{k}={_flag_value(old[k])}" for k in differ))
 
 
 def restore_params(workdir, abstract_params, prefer_ema: bool = False, config=None):
@@ -442,14 +499,6 @@ def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, 
       key = "ema_params" if saved.get("optim", {}).get("ema_rate", 0) > 0 else "params"
     except Exception:  # noqa: BLE001 - no readable config: the parameters then
       pass
-  if config is not None:  # weights read under another meaning than they were written with
-    old, new = _flat_configs(manager, step, config)
-    differ = [k for k in READ_AS if old is not None and k in old and k in new and old[k] != new[k]]
-    if differ:
-      manager.close()
-      raise CheckpointError(f"{str(workdir)!r} step {step} holds weights written with "
-                            + ", ".join(f"{k}={old[k]!r}" for k in differ) + ": run with "
-                            + " ".join(f"--config.{k}={old[k]}" for k in differ))
   # Checked first: a failed partial restore makes orbax log tracebacks from its threads.
   mismatches = _param_mismatches(manager.directory / str(step), abstract_params, key, extra_ok=True)
   if mismatches:
@@ -457,6 +506,12 @@ def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, 
     manager.close()
     raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
                           "use the config the run was trained with")
+  if config is not None:  # the same shapes read under another meaning than they were written with
+    try:
+      _refuse_other_meaning(manager, step, config, workdir)
+    except CheckpointError:
+      manager.close()
+      raise
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
   steps = sorted((s for s in manager.all_steps() if s <= step), reverse=True)
   try:
@@ -465,14 +520,14 @@ def restore_params_and_step(workdir, abstract_params, prefer_ema: bool = False, 
         restored = manager.restore(at, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"{str(workdir)!r} step {at} could not be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}): it is damaged") from None
+        raise CheckpointError(f"{str(workdir)!r} step {at} could not be read ({_describe(e)}): it is damaged") from None
       _verify(_saved_checksums(manager, at), {key: restored.state[key]}, f"{str(workdir)!r} step {at}")
       return restored.state[key]
 
     def use_previous(at, error, next_step):
       logging.warning("%s -- using the previous step %d instead", error, next_step)
 
-    return first_readable(steps, read, use_previous)  # a damaged step: the previous one, as resumes do
+    return first_readable(steps, read, use_previous,  # a damaged step: the previous one, as resumes do
+                          start_over=f"write the weights of {str(workdir)!r} again (train, or convert, into a new folder)")
   finally:
     manager.close()

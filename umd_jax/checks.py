@@ -237,6 +237,7 @@ def _vae(config, mode: str) -> None:
 def check(config, mode: str) -> None:
   """Raise ConfigError for the first setting `mode` reads that cannot work."""
   _require(mode in MODES, "--mode", mode, f"use one of {MODES}")
+  rules.finite(config)
   try:
     method = methods.get(config)
   except methods.UnknownMethod as e:

@@ -47,25 +47,30 @@ def run(config, workdir, devices=None) -> dict:
   if classify_step.steps_per_epoch(config, len(source)) < 1:
     raise data.DataError(f"batch_size={config.batch_size} is larger than the {len(source)} training records: "
                          "lower batch_size")
+  init = None
   if checkpoint.latest_step(workdir) is None:
     if not config.init_from:
       raise ValueError("classify fine-tunes a pre-trained network: pass --config.init_from=PRETRAINING_WORKDIR "
                        "(or a workdir to resume)")
-    abstract = classify_step.abstract_classifier(config)[1]
-    checkpoint.check_params(config.init_from, nnx.to_pure_dict(abstract)["backbone"], config)
+    init = _read_backbone(config, mesh)  # read and verified before the workdir is created
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
-    return _train(config, workdir, mesh, ckpt, source, eval_source)
+    return _train(config, workdir, mesh, ckpt, source, eval_source, init)
   finally:
     ckpt.close()
 
 
-def _init_backbone(config, state, shardings):
-  """The backbone's weights from init_from (EMA when kept and classify.init_ema) and their step."""
+def _read_backbone(config, mesh):
+  """(backbone weights, provenance {"workdir", "step"}) of init_from (EMA when kept and
+  classify.init_ema), checked by name and meaning, then read and verified against its checksums."""
+  _, abstract = classify_step.abstract_classifier(config)
+  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)["backbone"]
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state.params["backbone"], shardings.params["backbone"])
-  return checkpoint.restore_params_and_step(config.init_from, target, prefer_ema=config.classify.init_ema,
-                                            config=config)
+                        nnx.to_pure_dict(abstract)["backbone"], shardings)
+  checkpoint.check_params(config.init_from, target, config)
+  backbone, step = checkpoint.restore_params_and_step(config.init_from, target, prefer_ema=config.classify.init_ema,
+                                                      config=config)
+  return backbone, {"workdir": str(config.init_from), "step": int(step)}
 
 
 class Evaluator:
@@ -90,7 +95,7 @@ class Evaluator:
     return {"top1": float(hits1) / n, f"top{k}": float(hits5) / n, "images": n}
 
 
-def _train(config, workdir, mesh, ckpt, source, eval_source) -> dict:
+def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) -> dict:
   c = config.classify
   per_epoch = classify_step.steps_per_epoch(config, len(source))
   total = c.epochs * per_epoch
@@ -103,16 +108,17 @@ def _train(config, workdir, mesh, ckpt, source, eval_source) -> dict:
     state, _ = ckpt.restore_latest(abstract, position_at, fallback=config.restore_fallback, config=config,
                                    objective=("classify.", "diffusion."))  # what this mode reads
     previous = json.loads(results_path.read_text()) if results_path.exists() else {}
-    init = previous.get("init", {"workdir": config.init_from})
+    # the checkpoint says where its backbone came from (a kill before the first evaluation leaves no results file)
+    init = ckpt.provenance(int(state.step)) or previous.get("init", {"workdir": config.init_from})
     evals = [e for e in previous.get("evaluations", []) if e["step"] <= int(state.step)]
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
-    backbone, init_step = _init_backbone(config, state, run.shardings)
+    backbone, init = init_weights
     params = {**state.params, "backbone": backbone}
     ema = jax.tree.map(lambda x: x.copy(), params) if state.ema_params is not None else None
     state = state.replace(params=params, ema_params=ema)
-    init, evals = {"workdir": config.init_from, "step": init_step}, []
-    logging.info("initialised the backbone from %s (step %d)", config.init_from, init_step)
+    evals = []
+    logging.info("initialised the backbone from %s (step %d)", init["workdir"], init["step"])
   start = int(state.step)
   batches = data.make_batches(config.data, source, global_batch=config.batch_size, seed=config.seed, train=True,
                               sharding=sharding.batch_sharding(mesh), start=start, augment=augmentation(config))
@@ -160,7 +166,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source) -> dict:
                    on_stop=True),
              Every(config.log_every, log, on_steps=(start + 1, total), on_stop=True),
              Every(every_eval, evaluate, on_steps=(total,)),
-             Every(config.checkpoint_every, lambda step, t, state: ckpt.save(step, state, position_at(step), config),
+             Every(config.checkpoint_every, lambda step, t, state: ckpt.save(step, state, position_at(step), config, init),
                    on_steps=(total,), on_stop=True)]
   step = start
   with multihost.StopRequest() as stop:

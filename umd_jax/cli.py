@@ -14,6 +14,7 @@ command line (`--config.batch_size=256`); an unknown key is an error.
 import json
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 
@@ -87,8 +88,9 @@ def main(argv):
   except ValueError as e:  # checks.ConfigError (a ValueError, as are the modes' errors below)
     _fail(str(e))
   from umd_jax import checkpoint, classify, data, encode, generate, latent, probe, sharding, train
+  from umd_jax import files
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
-                 train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError)
+                 train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError, files.OutputError)
   try:
     if _MODE.value == "summary":
       train.summarize(config, _WORKDIR.value)
@@ -121,6 +123,11 @@ def main(argv):
             f"tensorboard --logdir {result['workdir']})")
   except user_errors as e:
     _fail(str(e))
+  except OSError as e:  # a machinery failure no mode translated (a full disk under a log writer ...)
+    if checkpoint._disk_full(e):
+      _fail(f"no space left on device ({e.filename or _WORKDIR.value}): free space there and run the same command "
+            "again (a training run resumes from its last complete checkpoint)")
+    _fail(f"{type(e).__name__}: {e.strerror or e} ({e.filename or _WORKDIR.value}): fix the path or its permissions")
 
 
 def _config_spec(argv):
@@ -154,13 +161,8 @@ def _parse_flags(argv):
     _check_config_file(spec)
   try:
     parsed = flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = " ".join(str(e).replace("\\n", " ").split()).replace("\\'", "'")
-    sys.exit(f"error: bad flag or config override: {message}")
-  except Exception as e:  # noqa: BLE001 - get_config itself failed: whatever it raised, one line
-    where = next((f"{fr.filename} line {fr.lineno}" for fr in reversed(traceback.extract_tb(e.__traceback__))
-                  if spec and fr.filename.endswith(spec.split(":", 1)[0].lstrip("./"))), spec)
-    sys.exit(f"error: --config={spec}: get_config raised {type(e).__name__}: {e} ({where}): fix the config file")
+  except Exception as e:  # noqa: BLE001 - sorted below: each kind its own line
+    _flag_error(e, spec)
   if spec is not None and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
     sys.exit(f"error: --config={spec}: get_config returned a {type(_CONFIG.value).__name__}, not an "
              "ml_collections.ConfigDict: build it on configs.common.base_config() and return common.finalize(c)")
@@ -168,6 +170,24 @@ def _parse_flags(argv):
     sys.exit("error: --workdir is empty: name the run's directory (e.g. --workdir=workdirs/run1); "
              "an empty one would write into the current directory")
   return parsed
+
+
+def _flag_error(e: Exception, spec) -> None:
+  """Exit with one line for a failure of absl's parser or of the config file's get_config."""
+  # absl re-raises get_config's exceptions as a flag error that quotes their traceback
+  bad_arg = re.search(r"ConfigArgError: (.*)$", str(e).strip())
+  if bad_arg:
+    sys.exit(f"error: --config={spec}: {bad_arg.group(1)}")
+  if spec is not None and "--config must have a value other than None" in str(e):
+    sys.exit(f"error: --config={spec}: get_config returned None (a missing `return`?): return the locked "
+             "ConfigDict, e.g. `return common.finalize(c)`")
+  if isinstance(e, (AttributeError, KeyError, TypeError, ValueError, flags.Error)):
+    message = " ".join(str(e).replace("\\n", " ").split()).replace("\\'", "'")
+    sys.exit(f"error: bad flag or config override: {message}")
+  # get_config itself failed: whatever it raised, one line
+  where = next((f"{fr.filename} line {fr.lineno}" for fr in reversed(traceback.extract_tb(e.__traceback__))
+                if spec and fr.filename.endswith(spec.split(":", 1)[0].lstrip("./"))), spec)
+  sys.exit(f"error: --config={spec}: get_config raised {type(e).__name__}: {e} ({where}): fix the config file")
 
 
 def run():

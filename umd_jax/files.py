@@ -2,6 +2,7 @@
 failed or interrupted run never leaves a half-written file and never destroys the last good one
 before the new one is complete; a mode's outputs as one set (`OutputSet`). Paths may be local or
 remote (etils epath)."""
+import errno
 import io
 import os
 
@@ -11,12 +12,33 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+class OutputError(RuntimeError):
+  """An output could not be written (a full disk, a read-only folder): the message names the file,
+  how much it needed and what to do; the previous outputs are left whole."""
+
+
+def _explained(e: OSError, path, size: int) -> OutputError:
+  if e.errno == errno.ENOSPC or "No space left on device" in str(e):
+    need = f"at least {size / 2 ** 20:.1f} MiB" if size else "space"
+    return OutputError(f"no space left on device writing {path}: free {need} there and run the same command "
+                       "again (the previous results are left whole)")
+  return OutputError(f"cannot write {path} ({e.strerror or e}): make its folder writable or use another --workdir")
+
+
 def write_bytes(path, data: bytes) -> None:
   path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  tmp.replace(path)  # atomic on a local filesystem; a copy-then-delete on object stores
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic on a local filesystem; a copy-then-delete on object stores
+  except OSError as e:
+    try:
+      if tmp.exists():
+        tmp.unlink()
+    except OSError:
+      pass
+    raise _explained(e, path, len(data)) from None
 
 
 def write_text(path, text: str) -> None:
@@ -33,7 +55,8 @@ class OutputSet:
   """The outputs of one run of a mode, published together: written into a staging folder beside
   `target` (`path(name)`), then moved into place by `publish()` (process 0; call it on every
   process). A failed or interrupted run leaves the previous set whole (and its staging folder,
-  removed by the next run). Entries of the previous set matching `keep` (caches) carry over."""
+  removed by the next run). Entries of the previous set matching `keep` (caches) carry over.
+  Used as a context manager, a failure removes the staging folder at once (process 0)."""
 
   def __init__(self, target, keep=()):
     self.target, self.keep = epath.Path(target), tuple(keep)
@@ -46,6 +69,19 @@ class OutputSet:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"staging {self.target} cleared")
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is not None and jax.process_index() == 0:
+      try:
+        _remove(self.staging)
+      except OSError:
+        pass  # the next run removes it
+    if isinstance(error, OSError):  # e.g. a full disk in a writer that is not write_bytes
+      raise _explained(error, self.staging, 0) from None
+    return False
+
   def path(self, name: str) -> epath.Path:
     """Where to write output `name` now (process 0)."""
     return self.staging / name
@@ -56,18 +92,24 @@ class OutputSet:
 
   def publish(self) -> None:
     if jax.process_index() == 0:
-      self.staging.mkdir(parents=True, exist_ok=True)
-      old = self.target.parent / f".{self.target.name}.previous"
-      if self.target.exists():
-        for pattern in self.keep:
-          for entry in self.target.glob(pattern):
-            entry.rename(self.staging / entry.name)
-        _remove(old)
-        self.target.rename(old)
-      self.staging.rename(self.target)  # the new set appears in one rename
-      _remove(old)
+      try:
+        self._publish()
+      except OSError as e:
+        raise _explained(e, self.target, 0) from None
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"{self.target} published")
+
+  def _publish(self) -> None:
+    self.staging.mkdir(parents=True, exist_ok=True)
+    old = self.target.parent / f".{self.target.name}.previous"
+    if self.target.exists():
+      for pattern in self.keep:
+        for entry in self.target.glob(pattern):
+          entry.rename(self.staging / entry.name)
+      _remove(old)
+      self.target.rename(old)
+    self.staging.rename(self.target)  # the new set appears in one rename
+    _remove(old)
 
 
 def _remove(path: epath.Path) -> None:

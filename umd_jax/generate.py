@@ -11,6 +11,7 @@ import json
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 from tqdm import tqdm
@@ -77,18 +78,18 @@ def run(config, workdir, devices=None) -> dict:
   checks.check(config, "generate")  # settings and input files, before anything is sampled or written
   mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, params, step = weights.load_with_step(config, workdir, mesh, prefer_ema=s.use_ema)  # the step read
-  outputs = files.OutputSet(epath.Path(workdir) / "samples")  # published together, at the end
   result = {"method": config.method, "step": step, "num_samples": int(s.num_samples),
             "steps": s.steps, "sampler": s.sampler, "eta": s.eta, "cfg_scale": s.cfg_scale, "seed": s.seed,
             "prediction": s.prediction, "timesteps": s.timesteps, "clip": s.clip, "uint8": s.uint8}
-  if methods.get(config).generates:
-    result.update(_samples(config, graphdef, params, mesh, outputs, workdir))
-  if s.inpaint:
-    result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)
-  result["config"] = json.loads(config.to_json_best_effort())
-  if multihost.is_main():
-    files.write_text(outputs.path("result.json"), json.dumps(result, indent=2))
-  outputs.publish()
+  with files.OutputSet(epath.Path(workdir) / "samples") as outputs:  # published together, at the end
+    if methods.get(config).generates:
+      result.update(_samples(config, graphdef, params, mesh, outputs, workdir))
+    if s.inpaint:
+      result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)
+    result["config"] = json.loads(config.to_json_best_effort())
+    if multihost.is_main():
+      files.write_text(outputs.path("result.json"), json.dumps(result, indent=2))
+    outputs.publish()
   return result
 
 
@@ -117,7 +118,11 @@ def _samples(config, graphdef, params, mesh, outputs, workdir) -> dict:
     if samples is not None:
       files.write_npz(outputs.path(epath.Path(result["npz"]).name), arr_0=host_samples, arr_1=labels)
   if s.classifier_score and samples is not None:
-    result.update(classifier_score(config, host_samples, labels))
+    if config.model.num_classes:
+      result.update(classifier_score(config, host_samples, labels))
+    else:  # no class was asked for: an accuracy per class would score labels nobody gave
+      logging.warning("sample.classifier_score: not computed: the model is unconditional (model.num_classes=0), "
+                      "so its samples have no class to be right about")
   if s.fid and samples is not None:  # else (checked) only the inpainted images are scored
     result.update(fid.evaluate(config, samples, len(labels), mesh, workdir))
   return result

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from umd_jax import corruption, data, diffusion, fid, images, methods, multihost, sharding
+from umd_jax.data import encoded
 from umd_jax.models import umd
 
 
@@ -41,8 +42,8 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
   path = epath.Path(kind)
   if not path.exists():
     raise InpaintError(f"sample.inpaint={kind!r}: use 'random', 'center' or the path of an existing PNG mask")
-  with path.open("rb") as f:
-    gray = np.asarray(Image.open(f).convert("L").resize((size, size), Image.NEAREST))
+  with path.open("rb") as f, Image.open(f) as im:  # the data's decode: a 16-bit mask is scaled, not clipped
+    gray = np.asarray(Image.fromarray(encoded.pixels(im, 1)[..., 0]).resize((size, size), Image.NEAREST))
   return np.broadcast_to((gray < 128).astype(np.float32)[..., None], (batch, size, size, 1)).copy()
 
 

@@ -59,7 +59,15 @@ def run(config, workdir, devices=None) -> dict:
   extractor = Extractor(config, graphdef, t=p.t, blocks=[p.block], mesh=mesh, vae=vae)
   # results.json and sweep.png are published together at the end; the feature cache (features_step*)
   # lives in the published folder and carries over
-  outputs = files.OutputSet(epath.Path(workdir) / "probe", keep=("features_step*",))
+  with files.OutputSet(epath.Path(workdir) / "probe", keep=("features_step*",)) as outputs:
+    results = _probe_into(config, graphdef, params, step, mesh, vae, extractor, outputs)
+  print(format_table(results))
+  return results
+
+
+def _probe_into(config, graphdef, params, step, mesh, vae, extractor, outputs) -> dict:
+  """run's work: every head and table into `outputs`, published at the end."""
+  p = config.probe
   cache = outputs.final(f"features_step{step}{'_ema' if p.use_ema and config.optim.ema_rate > 0 else ''}")
 
   def enough_shots(labels):  # before any features are cached: the shots must exist in the pool
@@ -93,7 +101,6 @@ def run(config, workdir, devices=None) -> dict:
   if multihost.is_main():
     files.write_text(outputs.path("results.json"), json.dumps(results, indent=2))
   outputs.publish()
-  print(format_table(results))
   return results
 
 

@@ -1,5 +1,7 @@
 """The vocabulary of setting checks: `ConfigError` and the one-line rules that raise it, naming the
 key, its value and what to use instead. checks.py and each method's own `check` use them."""
+import math
+
 import ml_collections
 
 
@@ -41,3 +43,24 @@ def unchanged(config, defaults: ml_collections.ConfigDict, keys, why: str) -> No
     for name in names:
       value = lookup(config, name)
       require(value == lookup(defaults, name), name, value, f"is {why}")
+
+
+def flat(config, prefix: str = "") -> dict:
+  """{'a.b': value} of every leaf of a ConfigDict (tuples are leaves)."""
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def finite(config) -> None:
+  """The one numeric rule: every float setting (alone or in a tuple) is finite. inf and nan are
+  never a meaningful setting here (a noise exponent, a learning rate, a mixup alpha ...), and they
+  pass every `>` and `<=` a range check would make of them."""
+  for key, value in flat(config).items():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+    require(not bad, key, value, "must be a finite number")

@@ -78,14 +78,13 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
   # the micro-batch of gradient accumulation must split over the devices too
   sharding.check_batch(config.batch_size // config.grad_accum_steps, mesh,
                        what="the micro-batch batch_size/grad_accum_steps")
-  if config.init_from and not resuming:  # read-only: a mistyped path creates nothing there
-    source_config = checkpoint.load_config(config.init_from)
-    checkpoint.check_params(config.init_from, _init_target(config, source_config), config)
   if mode == "finetune" and not config.init_from and not resuming:
     raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
+  # init_from's weights are read and verified now: a damaged or other source creates nothing here
+  init = read_init(config, mesh) if config.init_from and not resuming else None
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)  # takes the workdir's lock
   try:
-    return _train(config, workdir, mesh, ckpt, source)
+    return _train(config, workdir, mesh, ckpt, source, init)
   finally:
     ckpt.close()  # also on an error: no checkpointer threads left to print after the error line
 
@@ -123,17 +122,22 @@ class Profile:
       self.running = False
 
 
-def _train(config, workdir, mesh, ckpt, source) -> dict:
+def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
   run = train_step.build(config, mesh)
   state, graphdef = run.state, run.graphdef
   position_at = functools.partial(data_position, config, source)
+  provenance = None
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore_latest(train_step.abstract_state(state, run.shardings), position_at,
                                        fallback=config.restore_fallback, config=config)
+    provenance = ckpt.provenance(start)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
-  elif config.init_from:
-    state = state.replace(**_init_from(config, state, run.shardings))
-    logging.info("initialised weights from %s", config.init_from)
+  elif init is not None:
+    params, provenance = init
+    params = {**state.params, **params}
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None  # own buffers: both are donated
+    state = state.replace(params=params, ema_params=ema)
+    logging.info("initialised weights from %s (step %d)", provenance["workdir"], provenance["step"])
   start = int(state.step)
   # One global batch per step: every process starts its rows of the stream at batch `start`,
   # whatever the number of processes that wrote the checkpoint.
@@ -175,7 +179,8 @@ def _train(config, workdir, mesh, ckpt, source) -> dict:
     ema_or_live = lambda state: state.ema_params if state.ema_params is not None else state.params
     actions.append(Every(config.fid_every, lambda step, t, state: _scores(writer, step, fid(ema_or_live(state))),
                          on_steps=(last,)))
-  actions.append(Every(config.checkpoint_every, lambda step, t, state: ckpt.save(step, state, position_at(step), config),
+  actions.append(Every(config.checkpoint_every,
+                       lambda step, t, state: ckpt.save(step, state, position_at(step), config, provenance),
                        on_steps=(last,), on_stop=True))
   profile = None
   if config.profile.steps:  # a trace of `steps` steps from `first_step`: TensorBoard's profile tab
@@ -249,21 +254,19 @@ def _fresh_keys(source_config) -> set:
   return {"label_embed"} if source_config.model.num_classes == 0 else set()
 
 
-def _init_target(config, source_config) -> dict:
-  """The abstract parameters `init_from` must provide (all but the fresh ones)."""
-  params = nnx.to_pure_dict(weights.abstract_model(config)[1])
-  return {k: v for k, v in params.items() if k not in _fresh_keys(source_config)}
-
-
-def _init_from(config, state, shardings) -> dict:
-  """Weights of `config.init_from`'s latest checkpoint. A label embedding the source did not
-  have (fine-tuning a self-supervised model) stays freshly initialised, as does the optimizer."""
+def read_init(config, mesh):
+  """(parameters, provenance) of `config.init_from`'s latest readable step, read and verified
+  against their checksums, sharded for `mesh`: every parameter but a label embedding the source
+  did not have (fine-tuning a self-supervised model), which stays freshly initialised, as does the
+  optimizer. Provenance: {"workdir", "step"}, saved with every checkpoint of the run."""
   fresh = _fresh_keys(checkpoint.load_config(config.init_from))
-  target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings.params[k])
-            for k, v in state.params.items() if k not in fresh}
-  params = {**state.params, **checkpoint.restore_params(config.init_from, target)}
-  ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None  # own buffers: both are donated
-  return dict(params=params, ema_params=ema)
+  _, abstract = weights.abstract_model(config)
+  shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
+  target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings[k])
+            for k, v in nnx.to_pure_dict(abstract).items() if k not in fresh}
+  checkpoint.check_params(config.init_from, target, config)  # names a mismatch or another meaning, reads nothing
+  params, step = checkpoint.restore_params_and_step(config.init_from, target, config=config)
+  return params, {"workdir": str(config.init_from), "step": int(step)}
 
 
 def finetune(config, workdir, devices=None) -> dict:

@@ -41,9 +41,11 @@ HIGH_DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I"
 
 
 def pixels(im: Image.Image, channels: int) -> np.ndarray:
-  """A PIL image -> (H, W, channels) uint8. 16-bit greys (PIL's "I;16*" and "I" modes: 16-bit PNGs)
-  are scaled to 8 bits, value / 257, not clipped (PIL's own convert("L") clips them to white), and
-  float images ("F") are taken as [0, 1]."""
+  """A PIL image -> (H, W, channels) uint8: the one decode of every image path (training crops at
+  every reduction, evaluation, folders, TFDS records, inpainting masks). 16-bit greys (PIL's
+  "I;16*" and "I" modes: 16-bit PNGs) are scaled to 8 bits, value / 257, not clipped (PIL's own
+  convert("L") clips them to white), float images ("F") are taken as [0, 1]; palette, CMYK and
+  alpha modes go through PIL's conversion to L or RGB (alpha dropped)."""
   if im.mode in HIGH_DEPTH or im.mode == "F":
     values = np.asarray(im, np.float64)
     scale = 255.0 if im.mode == "F" else 255.0 / HIGH_DEPTH[im.mode]
@@ -95,14 +97,15 @@ class EncodedImage:
       with self._open() as im:
         width, height = im.size
         spare = min(right - left, bottom - top) / (size * MARGIN)  # how many times larger than needed
-        if not self.reduced or spare < 2:  # no scale reduction possible: exactly the full-decode path
+        if not self.reduced or spare < 2 or im.format != "JPEG":  # no reduced decode: the full-decode path
           crop = pixels(im, self.channels)[top:bottom, left:right]
           return _resize(crop, size)
         # The coarsest 1/2^k scale keeping the region >= MARGIN·size on each side (draft never goes below).
         im.draft("L" if self.channels == 1 else "RGB", (math.ceil(width / spare), math.ceil(height / spare)))
         sx, sy = im.size[0] / width, im.size[1] / height
-        rgb = im.convert("L" if self.channels == 1 else "RGB")
-        out = np.asarray(rgb.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy)))
+        decoded = pixels(im, self.channels)  # the one conversion of every path (CMYK, grey, ...)
+        out = np.asarray(Image.fromarray(decoded[..., 0] if self.channels == 1 else decoded).resize(
+            (size, size), Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy)))
         return to_channels(out, self.channels)
     except DecodeError:
       raise

@@ -13,9 +13,14 @@ from umd_jax.models import umd as model_lib
 FOREIGN = ("diffmae", "dit")
 
 
+# What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
+SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_exponent")
+
+
 class UMDFamily:
   name = "umd"
   generates = True
+  meaning = ("model.variant", "model.conditioning") + SCHEDULE
 
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)
