@@ -88,6 +88,8 @@ SLOW_MODULES = {"test_distributed", "test_bad_inputs", "test_loop", "test_main",
 SLOW_TESTS = {
     "test_a_converted_dit_fine_tunes_into_a_classifier",
     "test_a_full_disk_ends_a_run_with_the_error_as_its_last_line",
+    "test_a_full_disk_in_generate_and_probe_is_one_line_and_leaves_the_last_set",
+    "test_a_damaged_init_from_is_refused_before_the_workdir_exists",
     "test_a_non_finite_loss_stops_without_saving",
     "test_classify_end_to_end_results_and_exact_resume",
     "test_classify_reads_unread_parameters_back_unchanged",

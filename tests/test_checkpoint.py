@@ -206,6 +206,41 @@ def test_a_full_disk_ends_a_run_with_the_error_as_its_last_line(tmp_path):
     subprocess.run(["umount", str(small)], check=False)
 
 
+def test_a_full_disk_in_generate_and_probe_is_one_line_and_leaves_the_last_set(tmp_path):
+  """A real full disk (an 8 MiB tmpfs filled to 40 KiB free) under --mode=generate and
+  --mode=probe: one `error:` line, last, no traceback, no staging folder left, the last set of
+  samples whole. The generate runs are unconditional: no classifier accuracy is published."""
+  import json
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here")
+  try:
+    run = small / "run"
+    common = ["--config=configs/demo.py", f"--workdir={run}", "--config.model.variant=Mu/2", "--config.probe_every=0",
+              "--config.image_every=1000", "--config.sample.cfg_scale=1.0", "--config.sample.steps=2"]
+    assert run_main(*common, "--config.total_steps=2").returncode == 0
+    first = run_main(*common, "--mode=generate", "--config.sample.num_samples=10")
+    assert first.returncode == 0, first.stderr[-2000:]
+    published = json.loads((run / "samples" / "result.json").read_text())
+    assert published["num_samples"] == 10 and not any(k.startswith("classifier") for k in published)
+    assert "model is unconditional" in first.stderr  # why the asked-for score is not there
+    stat = os.statvfs(small)
+    (small / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 40 * 1024))
+    for mode, args, folder in (("generate", ["--config.sample.num_samples=3000"], "samples"),
+                               ("probe", ["--config.probe.linear=False"], "probe")):
+      proc = run_main(*common, f"--mode={mode}", *args)
+      lines = proc.stderr.strip().splitlines()
+      assert proc.returncode == 1 and lines[-1].startswith("error: no space left on device writing "), \
+          f"{mode}: {proc.stderr[-2000:]}"
+      assert "Traceback" not in proc.stderr, f"{mode}: {proc.stderr[-2000:]}"
+      assert not (run / f".{folder}.staging").exists()
+      assert not list(run.glob(f"{folder}/**/.*.tmp-*"))  # no half-written file either
+    assert json.loads((run / "samples" / "result.json").read_text()) == published  # the last set, whole
+  finally:
+    subprocess.run(["umount", str(small)], check=False)
+
+
 def test_resuming_past_a_damaged_step_from_the_command_line_is_quiet(tmp_path):
   """The damaged step is named once and set aside; no traceback, no 'Event loop is closed' noise."""
   common = ["--config=configs/demo.py", f"--workdir={tmp_path}", "--config.model.variant=Mu/2",

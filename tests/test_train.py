@@ -109,13 +109,22 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, one_
   full = train.pretrain(config, tmp_path / "run", devices=one_device)
   _damage(tmp_path / "run" / "checkpoints" / "4")
   strict = tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "restore_fallback": False})
-  with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 4 .* could not be restored"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint step 4 .* could not be restored .*damaged; with "
+                     r"restore_fallback=True the run resumes from the previous step, 2$") as error:
     train.pretrain(strict, tmp_path / "run", devices=one_device)
+  assert "bound method" not in str(error.value)  # orbax's repr of its details method is not a cause
   resumed = train.pretrain(config, tmp_path / "run", devices=one_device)  # falls back to step 2
   assert resumed["start_step"] == 2 and resumed["step"] == 4
   for a, b in zip(_params(full["state"]), _params(resumed["state"])):
     np.testing.assert_array_equal(a, b)
   assert len(list((tmp_path / "run" / "damaged_checkpoints").iterdir())) == 1  # kept, not deleted
+  # the only checkpoint damaged: no advice to fall back to a step that does not exist
+  single = tiny_config(**{"total_steps": 2, "checkpoint_every": 2})
+  train.pretrain(single, tmp_path / "one", devices=one_device)
+  _damage(tmp_path / "one" / "checkpoints" / "2")
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint step 2 .*damaged; there is no earlier step to "
+                     r"fall back to: move .*checkpoints aside to train from the start, or use a new --workdir$"):
+    train.pretrain(tiny_config(**{"total_steps": 4, "checkpoint_every": 2}), tmp_path / "one", devices=one_device)
 
 
 def test_resuming_with_a_different_model_lists_the_parameters_and_moves_nothing(tmp_path, one_device):

@@ -130,7 +130,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
   history, logged, t0 = [], {}, time.monotonic()
 
   def guard(step, t, state):
-    train._check_finite(config, state, step, ckpt, history)
+    train._check_finite(config, state, step, ckpt, history, lr_key="classify.base_lr")
 
   def log(step, t, state):
     since_step, since_t = logged.get("at", (start, t0))

@@ -298,10 +298,10 @@ def _preview_images(config, mesh, vae=None):
   return images_ if vae is None else vae.to_latents(images_)
 
 
-def _check_finite(config, state, step, ckpt, history):
+def _check_finite(config, state, step, ckpt, history, lr_key: str = "optim.base_lr"):
   """Policy for updates skipped because the loss, gradient or update was not finite: "stop" at
   the first, "skip" until more than `max_skips`. Raises without saving, so the latest
-  checkpoint stays the last good state."""
+  checkpoint stays the last good state. `lr_key`: the learning rate the loop reads."""
   bad = int(state.first_nonfinite)
   if bad < 0:
     return
@@ -314,7 +314,7 @@ def _check_finite(config, state, step, ckpt, history):
            f"the first at step {bad + 1}" if config.nonfinite_policy == "skip" else
            f"non-finite loss or gradient at step {bad + 1}")
   raise TrainingError(f"{where}{_describe_bad(history)}; stopped at step {step} without saving (latest good "
-                      f"checkpoint: step {ckpt.latest_step()}): lower optim.base_lr or check the data")
+                      f"checkpoint: step {ckpt.latest_step()}): lower {lr_key} or check the data")
 
 
 def _is_part(key: str) -> bool:
