@@ -94,7 +94,9 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
   c.diffusion.num_timesteps = 1000
-  c.diffusion.noise_exponent = 1.0         # ρ: noise variance 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: 0.8)
+  c.diffusion.noise_exponent = 1.0         # ρ (DiffMAE: 0.8), applied as diffusion.rho_form says
+  c.diffusion.rho_form = "variance"        # "variance": 1 - abar_t -> (1 - abar_t)^ρ (chosen; the paper's text not
+                                           # re-read); "beta": beta_t -> beta_t^ρ (an unofficial re-implementation)
 
   # DiffMAE (config.method = "diffmae", METHOD.md §9): read by that method only; the UMD
   # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
@@ -176,6 +178,7 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.sample.inpaint_ratio = 0.5             # share of patches to fill with "random"
   c.sample.inpaint_resample = 1            # RePaint resampling passes per step (UMD family)
   c.sample.inpaint_images = 1000           # eval images inpainted and scored (PSNR / SSIM; 0: the whole split)
+  c.sample.lpips_weights = ""              # .npz from tools/convert_lpips_weights.py: inpainting also scored in LPIPS
   c.sample.classifier_score = False        # score samples with a classifier fit on the real images
   c.sample.fid = False
   c.sample.inception_weights = ""          # local .npz of pytorch-fid InceptionV3 weights (see README)

@@ -92,3 +92,23 @@ def run(command, idle_seconds: float = 60, **popen_kwargs) -> subprocess.Complet
   with started(command, **popen_kwargs) as (proc, read):
     wait([proc], idle_seconds, lambda: read("err")[-2000:])
     return subprocess.CompletedProcess(command, proc.returncode, read("out"), read("err"))
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+  """A tmpfs of `size` ("8m") mounted at `path` for the block (the test is skipped where mounting is
+  not allowed); unmounted after."""
+  import pytest  # noqa: PLC0415 - only the tests that mount need it
+  path.mkdir(exist_ok=True)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def fill_disk(path, free_bytes: int) -> None:
+  """Leave `free_bytes` free on the filesystem of `path` (a filler file in it)."""
+  stat = os.statvfs(path)
+  (path / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - free_bytes))

@@ -82,6 +82,10 @@ CASES = [
     ("config argument", ["--config=configs/demo.py:abc"], "config argument 'abc' is not known: use 'diffmae'"),
     ("config argument typo", ["--config=configs/umd_b.py:finetun"], "config argument 'finetun' is not known"),
     ("config None", ["--config={tmp}/none.py"], "get_config returned None (a missing `return`?)"),
+    ("lpips not weights", [FINETUNE, "--mode=generate", "--config.sample.inpaint=center",
+                           "--config.sample.lpips_weights={tmp}/notes.txt"], "is not an LPIPS weights file"),
+    ("lpips without inpainting", [FINETUNE, "--mode=generate", "--config.sample.lpips_weights={tmp}/notes.txt"],
+     "scores inpainting: set sample.inpaint too"),
 ]
 
 

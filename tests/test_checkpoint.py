@@ -5,11 +5,14 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
+import processes
 from conftest import tiny_config
 from test_main import run_main
 from umd_jax import checkpoint, sharding, train, train_step, weights
@@ -139,10 +142,6 @@ def test_two_runs_started_at_the_same_instant_never_both_take_the_lock(tmp_path)
   """The look and the write of the lock are one step: of two processes that try the same new
   workdir at the same instant, exactly one gets it, in each of 60 rounds. (Both keep running
   through all rounds, so no lock is ever a dead process's to take over.)"""
-  import json
-  import subprocess
-  import sys
-  import time
   rounds, start = 60, time.time() + 6  # time to import JAX in both
   racers = [subprocess.Popen([sys.executable, "-c", LOCK_RACER, str(tmp_path), repr(start), str(rounds)],
                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -192,30 +191,21 @@ def test_a_full_disk_ends_a_run_with_the_error_as_its_last_line(tmp_path):
   """A real full disk (a 3 MiB tmpfs; skipped where mounting is not allowed): the run ends with
   one `error:` line, last, no traceback, the lock released."""
   small = tmp_path / "small"
-  small.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here")
-  try:
+  with processes.small_disk(small, "3m"):
     proc = run_main("--config=configs/demo.py", f"--workdir={small / 'run'}", "--config.total_steps=20",
                     "--config.checkpoint_every=10", "--config.probe_every=0", "--config.image_every=1000")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and lines[-1].startswith("error: no space left on device"), proc.stderr[-2000:]
     assert "free at least" in lines[-1] and "Traceback" not in proc.stderr
     assert not (small / "run" / ".lock").exists()
-  finally:
-    subprocess.run(["umount", str(small)], check=False)
 
 
 def test_a_full_disk_in_generate_and_probe_is_one_line_and_leaves_the_last_set(tmp_path):
   """A real full disk (an 8 MiB tmpfs filled to 40 KiB free) under --mode=generate and
   --mode=probe: one `error:` line, last, no traceback, no staging folder left, the last set of
   samples whole. The generate runs are unconditional: no classifier accuracy is published."""
-  import json
   small = tmp_path / "small"
-  small.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here")
-  try:
+  with processes.small_disk(small, "8m"):
     run = small / "run"
     common = ["--config=configs/demo.py", f"--workdir={run}", "--config.model.variant=Mu/2", "--config.probe_every=0",
               "--config.image_every=1000", "--config.sample.cfg_scale=1.0", "--config.sample.steps=2"]
@@ -225,8 +215,7 @@ def test_a_full_disk_in_generate_and_probe_is_one_line_and_leaves_the_last_set(t
     published = json.loads((run / "samples" / "result.json").read_text())
     assert published["num_samples"] == 10 and not any(k.startswith("classifier") for k in published)
     assert "model is unconditional" in first.stderr  # why the asked-for score is not there
-    stat = os.statvfs(small)
-    (small / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 40 * 1024))
+    processes.fill_disk(small, 40 * 1024)
     for mode, args, folder in (("generate", ["--config.sample.num_samples=3000"], "samples"),
                                ("probe", ["--config.probe.linear=False"], "probe")):
       proc = run_main(*common, f"--mode={mode}", *args)
@@ -237,8 +226,6 @@ def test_a_full_disk_in_generate_and_probe_is_one_line_and_leaves_the_last_set(t
       assert not (run / f".{folder}.staging").exists()
       assert not list(run.glob(f"{folder}/**/.*.tmp-*"))  # no half-written file either
     assert json.loads((run / "samples" / "result.json").read_text()) == published  # the last set, whole
-  finally:
-    subprocess.run(["umount", str(small)], check=False)
 
 
 def test_resuming_past_a_damaged_step_from_the_command_line_is_quiet(tmp_path):

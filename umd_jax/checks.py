@@ -8,7 +8,7 @@ import jax
 from etils import epath
 from PIL import Image
 
-from umd_jax import data, diffusion, fid, images, inpainting, latent, methods, rules
+from umd_jax import data, diffusion, fid, images, inpainting, latent, methods, perceptual, rules
 from umd_jax.modes import MODES
 from umd_jax.models import layers, umd
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
@@ -45,7 +45,7 @@ def _model_and_data(config) -> None:
     raise ConfigError(str(e)) from None
   _require(m.remat in layers.REMAT_POLICIES, "model.remat", m.remat, f"use one of {sorted(layers.REMAT_POLICIES)}")
   _require(m.attention in layers.ATTENTION, "model.attention", m.attention, f"use one of {list(layers.ATTENTION)}")
-  diffusion.check_schedule(config.diffusion.schedule, config.diffusion.noise_exponent)
+  diffusion.check_schedule(config.diffusion.schedule, config.diffusion.noise_exponent, config.diffusion.rho_form)
   _int(config, "diffusion.num_timesteps", 2)
   _int(config, "mesh.fsdp", 1)
   _require(config.mesh.data == -1 or isinstance(config.mesh.data, int) and config.mesh.data >= 1, "mesh.data",
@@ -200,6 +200,13 @@ def _generate(config) -> None:
     try:  # a mask that leaves nothing to fill is found now, not after the samples were written
       inpainting.masked_patch_count(config, inpainting.inpaint_mask(config, s.inpaint, 1, jax.random.PRNGKey(0)))
     except inpainting.InpaintError as e:
+      raise ConfigError(str(e)) from None
+  if s.lpips_weights:
+    _require(bool(s.inpaint), "sample.lpips_weights", s.lpips_weights,
+             "scores inpainting: set sample.inpaint too (or leave it '')")
+    try:
+      perceptual.load(s.lpips_weights)
+    except perceptual.LpipsError as e:
       raise ConfigError(str(e)) from None
   if s.fid:
     _require(s.num_samples >= 2 or s.num_samples == 0 and bool(s.inpaint), "sample.fid", s.fid,

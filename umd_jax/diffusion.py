@@ -11,14 +11,20 @@ import numpy as np
 from umd_jax.rules import ConfigError
 
 SCHEDULES = ("cosine", "linear")
+# Where the noise exponent ρ acts (METHOD.md §9): "variance": 1 - ᾱ_t -> (1 - ᾱ_t)^ρ (this code's
+# reading); "beta": β_t -> β_t^ρ, ᾱ_t = Π(1 - β_s^ρ) (one unofficial DiffMAE re-implementation's).
+RHO_FORMS = ("variance", "beta")
 
 
-def check_schedule(name: str, noise_exponent: float = 1.0) -> None:
-  """The rule on diffusion.schedule and diffusion.noise_exponent (checks.py calls it before work)."""
+def check_schedule(name: str, noise_exponent: float = 1.0, rho_form: str = "variance") -> None:
+  """The rule on diffusion.schedule, noise_exponent and rho_form (checks.py calls it before work)."""
   if name not in SCHEDULES:
     raise ConfigError(f"diffusion.schedule={name!r}: use 'cosine' (pixels) or 'linear' (latents)")
   if not noise_exponent > 0:
     raise ConfigError(f"diffusion.noise_exponent={noise_exponent!r} must be > 0 (1: the plain schedule)")
+  if rho_form not in RHO_FORMS:
+    raise ConfigError(f"diffusion.rho_form={rho_form!r}: use 'variance' (1 - abar -> (1 - abar)^rho) or "
+                      "'beta' (beta -> beta^rho)")
 
 
 def check_steps(steps: int, num_timesteps: int) -> None:
@@ -59,14 +65,19 @@ class Schedule:
     return int(self.betas.shape[0])
 
 
-def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 1.0) -> Schedule:
-  """The tables of schedule `name`. `noise_exponent` ρ raises the noise variance to
-  1 - abar'_t = (1 - abar_t)^ρ (ρ < 1: more noise at every t; ρ = 1: the schedule itself), the
-  exponent DiffMAE puts on the linear schedule (METHOD.md §9)."""
-  check_schedule(name, noise_exponent)
+def make_schedule(name: str, num_timesteps: int = 1000, noise_exponent: float = 1.0,
+                  rho_form: str = "variance") -> Schedule:
+  """The tables of schedule `name` with the exponent ρ DiffMAE puts on the linear schedule
+  (METHOD.md §9), read as `rho_form` says: "variance" raises the noise variance,
+  1 - abar'_t = (1 - abar_t)^ρ; "beta" raises each step's beta, abar'_t = Π_{s<=t} (1 - β_s^ρ).
+  ρ < 1 adds noise at every t under both; ρ = 1 is the schedule itself under both."""
+  check_schedule(name, noise_exponent, rho_form)
   abar = cosine_alphas_cumprod(num_timesteps) if name == "cosine" else linear_alphas_cumprod(num_timesteps)
-  if noise_exponent != 1.0:
+  if noise_exponent != 1.0 and rho_form == "variance":
     abar = 1.0 - (1.0 - abar) ** noise_exponent
+  elif noise_exponent != 1.0:
+    betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+    abar = np.cumprod(1.0 - betas ** noise_exponent)
   return schedule_from_alphas_cumprod(abar)
 
 
@@ -87,7 +98,7 @@ def schedule_from_alphas_cumprod(abar: np.ndarray) -> Schedule:
 def from_config(config) -> Schedule:
   """The schedule of `config.diffusion` (every mode builds it here)."""
   d = config.diffusion
-  return make_schedule(d.schedule, d.num_timesteps, d.noise_exponent)
+  return make_schedule(d.schedule, d.num_timesteps, d.noise_exponent, d.rho_form)
 
 
 CLEAN_INDEX = 0  # the timestep index of the clean step (UMD, MAE); never used while sampling

@@ -156,9 +156,7 @@ def extract_cached(extractor: Extractor, params, split, *, max_images=0, cache=N
     check(feats.y)
   if path is not None:
     x = multihost.to_host(feats.x)[:, :feats.n]  # collective: every process takes part
-    if multihost.is_main():
-      path.parent.mkdir(parents=True, exist_ok=True)
-      files.write_npz(path, features=x, labels=feats.y)
+    files.on_main(lambda: files.write_npz(path, features=x, labels=feats.y))
   return feats
 
 

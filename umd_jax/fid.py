@@ -149,8 +149,7 @@ def reference_statistics(config, net: Inception, mesh, workdir=None):
   real = sharding.concatenate([to_uint8(next(batches)["image"]) for _ in range(-(-len(source) // batch))],
                               _rows(mesh))
   mu, sigma = statistics(activations(net, real, mesh)[0], len(source))
-  if multihost.is_main():
-    files.write_npz(path, mu=mu, sigma=sigma)
+  files.on_main(lambda: files.write_npz(path, mu=mu, sigma=sigma))
   return mu, sigma
 
 

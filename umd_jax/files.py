@@ -41,6 +41,27 @@ def write_bytes(path, data: bytes) -> None:
     raise _explained(e, path, len(data)) from None
 
 
+def on_main(write) -> None:
+  """`write()` on process 0 -- the one writer of a mode's outputs -- with its outcome agreed by
+  every process (a collective: all of them call this at the same point). A failure (a full disk,
+  a read-only folder) is an OutputError raised on every process, so no process waits for one that
+  stopped writing."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      write()
+    except OutputError as e:
+      error = e
+    except OSError as e:
+      error = _explained(e, getattr(e, "filename", None) or "an output", 0)
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = OutputError("process 0 could not write this mode's outputs: see its error line")
+  if error is not None:
+    raise error
+
+
 def write_text(path, text: str) -> None:
   write_bytes(path, text.encode())
 

@@ -87,8 +87,7 @@ def run(config, workdir, devices=None) -> dict:
     if s.inpaint:
       result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)
     result["config"] = json.loads(config.to_json_best_effort())
-    if multihost.is_main():
-      files.write_text(outputs.path("result.json"), json.dumps(result, indent=2))
+    files.on_main(lambda: files.write_text(outputs.path("result.json"), json.dumps(result, indent=2)))
     outputs.publish()
   return result
 
@@ -99,7 +98,6 @@ def _samples(config, graphdef, params, mesh, outputs, workdir) -> dict:
   classes = classes_to_sample(config)
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
   sampler = make_sampler(config, graphdef, mesh)
-  is_main = multihost.is_main()
   as_label = lambda c: 0 if c is None else c
   labels = np.array([as_label(classes[i % len(classes)]) for i in range(s.num_samples)], np.int32)
   result = {}
@@ -112,11 +110,13 @@ def _samples(config, graphdef, params, mesh, outputs, workdir) -> dict:
   host_samples = multihost.to_host(samples)[:len(labels)] if samples is not None else None
   if samples is not None:
     result["npz"] = str(outputs.final("samples_{}x{}x{}x{}.npz".format(*host_samples.shape)))
-  if is_main:
+
+  def write():
     picture = images.grid(rows)
     images.save_png(outputs.path("grid.png"), picture, upscale=max(1, 512 // picture.shape[1]))
     if samples is not None:
       files.write_npz(outputs.path(epath.Path(result["npz"]).name), arr_0=host_samples, arr_1=labels)
+  files.on_main(write)
   if s.classifier_score and samples is not None:
     if config.model.num_classes:
       result.update(classifier_score(config, host_samples, labels))

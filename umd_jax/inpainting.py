@@ -2,14 +2,13 @@
 `sample.inpaint_images` images of data.eval_split, a mask per batch (`sample.inpaint`: random
 patches, the centre box or a PNG), the unknown region filled by the method's own inpainter
 (methods/: RePaint-style for the UMD family, the masked-patch denoiser for DiffMAE), then PSNR
-and SSIM of the filled region, FID / IS of the inpainted images when sample.fid is set, and a
+and SSIM of the filled region, LPIPS of the whole image when sample.lpips_weights is set (as DiffMAE
+scores inpainting; perceptual.py), FID / IS of the inpainted images when sample.fid is set, and a
 PNG grid (masked input, mask, filled, original) of the first images.
 
 Multi-host: images, masks and fills stay sharded on the devices; the scores are sums reduced on
 device (padding rows weighted out), only scalars and the grid's rows reach the hosts.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +17,9 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from umd_jax import corruption, data, diffusion, fid, images, methods, multihost, sharding
+from umd_jax import corruption, data, diffusion, fid, files, images, methods, multihost, perceptual, sharding
 from umd_jax.data import encoded
-from umd_jax.models import umd
+from umd_jax.models import lpips, umd
 
 
 class InpaintError(ValueError):
@@ -101,11 +100,16 @@ def region_scores(filled, original, known, data_range: float = 2.0):
   return psnr, ssim
 
 
-def _score_sums(filled, original, known, index, n):
-  """Sums over the real rows (index < n, not padding) of the per-image PSNR and SSIM."""
-  psnr, ssim = region_scores(jnp.clip(filled, -1, 1), original, known)
+def _score_sums(filled, original, known, index, lpips_net, n):
+  """Sums over the real rows (index < n, not padding) of the per-image PSNR and SSIM of the filled
+  region and, with an LPIPS network, the LPIPS of the whole image (as DiffMAE reports it)."""
+  filled = jnp.clip(filled, -1, 1)
+  psnr, ssim = region_scores(filled, original, known)
   real = (index < n).astype(jnp.float32)
-  return {"psnr": jnp.sum(psnr * real), "ssim": jnp.sum(ssim * real)}
+  sums = {"psnr": jnp.sum(psnr * real), "ssim": jnp.sum(ssim * real)}
+  if lpips_net is not None:
+    sums["lpips"] = jnp.sum(perceptual.distance(lpips_net, filled, original) * real)
+  return sums
 
 
 def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
@@ -122,7 +126,15 @@ def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
   inpainter, sums, grid_rows, filled_all = None, {"psnr": 0.0, "ssim": 0.0}, None, []
   replicated = sharding.replicated(mesh)
   first_rows = jax.jit(lambda *a: tuple(x[:8] for x in a), out_shardings=replicated)
-  score_sums = jax.jit(functools.partial(_score_sums, n=n), out_shardings=replicated)
+  lpips_net = perceptual.load(s.lpips_weights) if s.lpips_weights else None
+  if lpips_net is not None:  # its weights replicated: every device scores its rows of the batch
+    graph, weights = nnx.split(lpips_net)
+    weights = jax.device_put(weights, replicated)
+    score = lambda f, x, k, i, w: _score_sums(f, x, k, i, nnx.merge(graph, w), n=n)
+    sums["lpips"] = 0.0
+  else:
+    weights, score = None, lambda f, x, k, i, w: _score_sums(f, x, k, i, None, n=n)
+  score_sums = jax.jit(score, out_shardings=replicated)
   for i in tqdm(range(-(-n // batch)), desc="inpainting", disable=not multihost.is_main()):
     b = next(batches)
     key = jax.random.fold_in(jax.random.PRNGKey(s.seed), i)
@@ -132,7 +144,7 @@ def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
     known = multihost.global_array(known_host, bs)
     labels = b["label"] if config.model.num_classes else multihost.global_array(np.zeros((batch,), np.int32), bs)
     filled = inpainter(params, b["image"], known, labels, key)
-    part = score_sums(filled, b["image"], known, b["index"])
+    part = score_sums(filled, b["image"], known, b["index"], weights)
     sums = {k: sums[k] + v for k, v in part.items()}
     if grid_rows is None:
       grid_rows = multihost.to_host(first_rows(b["image"], known, filled))  # collective: every process
@@ -140,13 +152,15 @@ def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
       filled_all.append(images.to_uint8_device(jnp.clip(filled, -1, 1), s.uint8))
   x, k, f = grid_rows
   picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, np.clip(f, -1, 1), x])
-  if multihost.is_main():
-    images.save_png(outputs.path("inpaint.png"), picture, upscale=max(1, 256 // picture.shape[1]))
-  scores = {"mask": s.inpaint, "images": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n,
+  files.on_main(lambda: images.save_png(outputs.path("inpaint.png"), picture, upscale=max(1, 256 // picture.shape[1])))
+  scores = {"mask": s.inpaint, "images": int(n), **{k: float(v) / n for k, v in sums.items()},
             "inpainter": methods.get(config).name, "steps": methods.get(config).inpaint_steps(config),
             "sampler": s.sampler, "grid": str(outputs.final("inpaint.png"))}
   if s.inpaint == "random":
     scores["ratio"] = s.inpaint_ratio
+  if lpips_net is not None:  # what the LPIPS was computed on
+    size = max(lpips.MIN_SIZE[lpips_net.net], config.data.image_size)
+    scores["lpips_net"], scores["lpips_size"] = lpips_net.net, size
   if s.fid:
     fid_scores = fid.evaluate(config, sharding.concatenate(filled_all, bs), n, mesh, workdir)
     scores.update(fid_scores)

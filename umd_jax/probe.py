@@ -98,8 +98,7 @@ def _probe_into(config, graphdef, params, step, mesh, vae, extractor, outputs) -
     raw = "latents" if config.data.space == "latents" else "pixels"  # the model's raw input
     results["baselines"] = {raw: _heads(config, tr, te),
                             "random_init": probe_backbone(random_backbone(config, mesh)[1])}
-  if multihost.is_main():
-    files.write_text(outputs.path("results.json"), json.dumps(results, indent=2))
+  files.on_main(lambda: files.write_text(outputs.path("results.json"), json.dumps(results, indent=2)))
   outputs.publish()
   return results
 
@@ -119,8 +118,8 @@ def sweep(config, graphdef, params, mesh, heatmap=None, cache=None, vae=None):
       grid[i, j] = fewshot(tr.feature(i), tr.y, te.feature(i), te.y, shots=[p.sweep_shots], seeds=p.fewshot_seeds,
                            l2=p.fewshot_l2, num_classes=config.data.num_classes)[p.sweep_shots]["mean"]
   names = ["rep"] + [f"block {b}" for b in blocks[1:]]
-  if heatmap is not None and multihost.is_main():
-    heatmap_png(grid, names, list(p.sweep_ts), heatmap)
+  if heatmap is not None:
+    files.on_main(lambda: heatmap_png(grid, names, list(p.sweep_ts), heatmap))
   i, j = np.unravel_index(np.argmax(grid), grid.shape)
   return {"ts": list(p.sweep_ts), "blocks": blocks, "shots": p.sweep_shots, "accuracy": grid.tolist(),
           "best": {"block": blocks[i], "t": p.sweep_ts[j], "accuracy": float(grid[i, j])}}

@@ -52,7 +52,7 @@ class DiffMAEMethod:
   # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
   meaning = ("model.variant", "diffmae.target", "diffmae.links", "diffmae.decoder", "diffmae.decoder_width",
              "diffmae.decoder_depth", "diffmae.decoder_heads", "diffusion.schedule", "diffusion.num_timesteps",
-             "diffusion.noise_exponent")
+             "diffusion.noise_exponent", "diffusion.rho_form")
 
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)

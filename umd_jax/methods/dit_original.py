@@ -23,7 +23,7 @@ class OriginalDiT:
   generates = True
   # What a checkpoint's numbers mean (METHOD.md §12): dit.time tells DiT's weights from SiT's.
   meaning = ("model.variant", "dit.time", "dit.learn_sigma", "dit.mlp_norm_eps", "diffusion.schedule",
-             "diffusion.num_timesteps", "diffusion.noise_exponent")
+             "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
 
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)

@@ -14,7 +14,7 @@ FOREIGN = ("diffmae", "dit")
 
 
 # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
-SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_exponent")
+SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
 
 
 class UMDFamily:
