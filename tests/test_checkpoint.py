@@ -260,3 +260,19 @@ def test_small_replicated_arrays_are_written_whole_big_ones_split_over_replicas(
   restored = checkpoint.restore_params(tmp_path / "w", target)
   for k in params:
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(params[k]))
+
+
+def test_a_config_saved_before_a_key_existed_reads_with_that_keys_default():
+  """A checkpoint written before `diffusion.rho_form` (or any later key) existed: its config reads
+  back with the key at its default -- what the code did before -- and every saved value kept."""
+  import json as json_lib
+  from umd_jax import diffusion
+  saved = json_lib.loads(tiny_config("diffmae", **{"diffusion.noise_exponent": 0.8}).to_json_best_effort())
+  del saved["diffusion"]["rho_form"], saved["sample"]["lpips_weights"]
+  config = checkpoint.with_defaults(saved)
+  assert config.diffusion.rho_form == "variance" and config.sample.lpips_weights == ""
+  assert config.diffusion.noise_exponent == 0.8 and config.model.variant == "Mu/2" and config.method == "diffmae"
+  np.testing.assert_array_equal(np.asarray(diffusion.from_config(config).alphas_cumprod),
+                                np.asarray(diffusion.make_schedule("linear", 1000, 0.8).alphas_cumprod))
+  with pytest.raises(AttributeError):  # locked, as every config
+    config.diffusion.rho = 1

@@ -420,7 +420,20 @@ def load_config(workdir):
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   finally:
     manager.close()
-  config = ml_collections.ConfigDict(saved)
+  return with_defaults(saved)
+
+
+def with_defaults(saved: dict):
+  """A saved config as a locked ConfigDict, with every key added to the code since it was written
+  at its default (configs/common.py) -- each such key defaults to what the code did before it."""
+  from configs import common  # noqa: PLC0415 - the config defaults, wherever this module is imported
+  base = common.base_config(saved.get("method", "umd")).to_dict() if saved.get("method") in common.METHODS else {}
+  def merged(defaults, values):
+    out = dict(defaults)
+    for k, v in values.items():
+      out[k] = merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+  config = ml_collections.ConfigDict(merged(base, saved))
   config.lock()
   return config
 

@@ -156,8 +156,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
     result = {"step": step, "epoch": step / per_epoch, "total_steps": total, **scores, "init": init,
               "cut": {"block": classify_step.cut_block(config), "t": c.t}, "evaluations": evals,
               "config": json.loads(config.to_json_best_effort())}
-    if multihost.is_main():
-      files.write_text(results_path, json.dumps(result, indent=2))
+    files.on_main(lambda: files.write_text(results_path, json.dumps(result, indent=2)))
     logged["result"] = result
 
   every_eval = c.eval_every_epochs * per_epoch

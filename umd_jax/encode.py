@@ -92,8 +92,8 @@ def run(config, workdir: str) -> dict:
                         "use an empty workdir")
   multihost.barrier("encode_checked")
   shards = -(-len(source) // e.shard_records)
-  if multihost.is_main() and not meta_path.exists():
-    files.write_text(meta_path, json.dumps({**settings, "complete": False}, indent=2))
+  files.on_main(lambda: meta_path.exists() or files.write_text(meta_path, json.dumps({**settings, "complete": False},
+                                                                                     indent=2)))
   local = jax.local_device_count()
   batch = max(local, -(-config.vae.batch_size // local) * local)
   fn = _encode_fn(vae, e.views, NamedSharding(mesh, P("data")))
@@ -109,9 +109,7 @@ def run(config, workdir: str) -> dict:
   summary = _channel_statistics(stats)
   meta = {**settings, "splits": {d.train_split: {"records": len(source), "shards": shards}},
           "channel_statistics": summary, "complete": True}
-  if multihost.is_main():
-    files.write_text(meta_path, json.dumps(meta, indent=2))
-  multihost.barrier("encode_written")
+  files.on_main(lambda: files.write_text(meta_path, json.dumps(meta, indent=2)))  # agreed: also the barrier
   return meta
 
 

@@ -232,9 +232,8 @@ def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
     if vae is not None:
       rows = [vae.to_pixels(r) for r in rows]
     picture = images.grid(multihost.to_host(rows))  # collective: every process takes part
-    if multihost.is_main():
-      images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
-                      upscale=max(1, 256 // picture.shape[0]))
+    files.on_main(lambda: images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
+                                          upscale=max(1, 256 // picture.shape[0])))
     writer.write_images(step, {"reconstruction": picture[None]})
   return action
 
