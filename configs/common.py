@@ -93,21 +93,22 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
-  c.diffusion.num_timesteps = 1000
+  c.diffusion.num_timesteps = 1000         # (DiffMAE: recalled)
   c.diffusion.noise_exponent = 1.0         # ρ (DiffMAE: 0.8), applied as diffusion.rho_form says
-  c.diffusion.rho_form = "variance"        # "variance": 1 - abar_t -> (1 - abar_t)^ρ (chosen; the paper's text not
-                                           # re-read); "beta": beta_t -> beta_t^ρ (an unofficial re-implementation)
+  c.diffusion.rho_form = "variance"        # "variance": 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: chosen);
+                                           # "beta": beta_t -> beta_t^ρ (an unofficial re-implementation's reading)
 
   # DiffMAE (config.method = "diffmae", METHOD.md §9): read by that method only; the UMD
   # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
   c.diffmae = ml_collections.ConfigDict()
-  c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised
-  c.diffmae.decoder = "cross_self"         # "cross_self" | "cross" | "joint" (MAE-like self-attention)
-  c.diffmae.links = "top_down"             # cross decoders: "top_down" (block i <- encoder block E-1-i·E/D) | "last"
-  c.diffmae.target = "x0"                  # what the decoder predicts: "x0" (pixels, the paper's) | "eps"
-  c.diffmae.decoder_width = 512            # MAE's decoder: 8 blocks of width 512, 16 heads
-  c.diffmae.decoder_depth = 8
-  c.diffmae.decoder_heads = 16
+  # Sources (METHOD.md §9's table): "recalled" = chosen, recalled from the paper, its text not re-read.
+  c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised (recalled)
+  c.diffmae.decoder = "cross_self"         # "cross_self" | "cross" | "joint" (MAE-like self-attention) (recalled)
+  c.diffmae.links = "top_down"             # "top_down" (block i <- encoder block E-1-i·E/D) | "last" (recalled)
+  c.diffmae.target = "x0"                  # what the decoder predicts: "x0" (pixels) | "eps" (recalled)
+  c.diffmae.decoder_width = 512            # MAE's decoder: 8 blocks of width 512, 16 heads (MAE's code)
+  c.diffmae.decoder_depth = 8              # (MAE's code)
+  c.diffmae.decoder_heads = 16             # (MAE's code)
 
   # The original DiT (config.method = "dit_original", configs/dit_original.py): read by that method only.
   c.dit = ml_collections.ConfigDict()
@@ -187,12 +188,12 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.fid_samples = 10_000
 
   if method == "diffmae":
-    c.model.num_registers = 1              # MAE's single class token: rep is its output
-    c.diffusion.schedule = "linear"        # the paper's linear schedule with exponent ρ = 0.8
-    c.diffusion.noise_exponent = 0.8
+    c.model.num_registers = 1              # MAE's single class token (MAE's code): rep is its output
+    c.diffusion.schedule = "linear"        # a linear β schedule (recalled)
+    c.diffusion.noise_exponent = 0.8       # with the exponent ρ = 0.8 (recalled; where it acts: rho_form, chosen)
     c.sample.num_samples = 0               # not a class-conditional generator: --mode=generate inpaints
     c.sample.inpaint = "center"
-    c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps, as the paper samples
+    c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps (recalled)
 
   # Recognition fine-tuning (--mode=classify, METHOD.md §10: MAE's recipe for B; `classify_recipe` sets L's).
   # Global keys it reads too: batch_size (1024), seed, init_from, log/checkpoint cadence, data.crop_area_*.

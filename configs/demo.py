@@ -71,7 +71,7 @@ def get_config(arg=None):
   c.sample.classifier_score = True
   c.sample.prediction = "x0"      # BENCHMARKS.md: x0 head 92% classified with or without clipping; eps 91% clipped, 31% not
   if c.method == "diffmae":
-    c.diffmae.decoder_width = 64  # the encoder's width (Ti); the paper's 512 would dwarf it
+    c.diffmae.decoder_width = 64  # the encoder's width (Ti); MAE's 512 would dwarf it
     c.diffmae.decoder_depth = 2
     c.diffmae.decoder_heads = 4
     c.sample.num_samples = 0      # it inpaints, unguided (no labels)

@@ -46,6 +46,23 @@ def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, ma
   return loss, dict(loss_masked=loss, bucket_sum=onehot.T @ per_image, bucket_count=onehot.sum(axis=0))
 
 
+# Where each DiffMAE default comes from, in one wording (METHOD.md §9's table, configs/common.py's
+# comments and the README say the same; tests/test_docs.py checks it). "read in the paper" is used
+# only with the passage quoted in METHOD.md; the paper's text could not be re-read here, so what was
+# recalled from it is labelled as such and counts as chosen.
+RECALLED = "chosen (recalled from the paper, its text not re-read)"
+CHOSEN = "chosen"
+MAE_CODE = "from MAE's reference code (facebookresearch/mae)"
+SOURCES = {
+    "diffmae.mask_ratio": RECALLED, "diffmae.decoder": RECALLED, "diffmae.links": RECALLED,
+    "diffmae.target": RECALLED, "diffmae.decoder_width": MAE_CODE, "diffmae.decoder_depth": MAE_CODE,
+    "diffmae.decoder_heads": MAE_CODE, "model.num_registers": MAE_CODE, "diffusion.schedule": RECALLED,
+    "diffusion.num_timesteps": RECALLED, "diffusion.noise_exponent": RECALLED, "diffusion.rho_form": CHOSEN,
+    "sample.sampler": RECALLED,
+}
+TAGS = {RECALLED: "recalled", CHOSEN: "chosen", MAE_CODE: "MAE's"}  # the word each comment carries
+
+
 class DiffMAEMethod:
   name = "diffmae"
   generates = False
