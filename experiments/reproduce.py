@@ -5,6 +5,8 @@ scored, over several seeds, in one command.
   python experiments/reproduce.py                        # digits, 5 methods × 3 seeds (~2 h, 2 CPU cores)
   make reproduce                                         # the same
   python experiments/reproduce.py --quick --out /tmp/r   # 1 seed, a few steps (run by the test suite)
+  python experiments/reproduce.py --methods=diffmae --set diffusion.rho_form=beta \
+      --lpips_weights=lpips_alex.npz --out experiments/results_rho_beta   # an ablation: one setting changed
   python experiments/reproduce.py --dataset=imagenet2012 --data_dir=/data/tensorflow_datasets \
       --image_size=64 --variant=B/4 --batch_size=1024 --pretrain_steps=1000000 --finetune_steps=250000 \
       --num_samples=10000 --sample_steps=125 --cfg_scale=1.5 --inception_weights=inception_fid.npz \
@@ -17,7 +19,8 @@ MAE's recipe, METHOD.md §10; the encoder's output on the clean image, or for Di
 input noised to t = 0) and score top-1 on the test split; inpaint the test images with the pre-trained network and
 the method's own inpainter (centre box and 50% random patches; RePaint with the same DDIM sampler
 and the eps head for UMD, DiT and MaskDiT, MAE's one-shot fill, DiffMAE's masked-patch DDPM over
-all T steps) and score the filled region (PSNR, SSIM); fine-tune class-conditionally with the METHOD.md §5 recipe (same
+all T steps) and score the filled region (PSNR, SSIM; with --lpips_weights the whole image's LPIPS
+too); fine-tune class-conditionally with the METHOD.md §5 recipe (same
 steps for all); sample with the same sampler, steps and guidance; score the samples. On the digits
 the scores are the demo's classifier accuracy (a logistic regression on real training digits) and a
 Fréchet distance, precision and recall in the hidden layer of a small MLP classifier trained once on
@@ -31,6 +34,7 @@ reproduce.json (every number, the command, commit and machine), summary.md (the 
 probe_vs_generation.png.
 """
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -78,9 +82,15 @@ def parse_args(argv=None):
   p.add_argument("--sample_steps", type=int, default=50)
   p.add_argument("--cfg_scale", type=float, default=2.0)
   p.add_argument("--inception_weights", default="", help="pytorch-fid weights (.npz): FID / IS of the samples")
+  p.add_argument("--lpips_weights", default="", help="tools/convert_lpips_weights.py's .npz: inpainting also in LPIPS")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config value for every run of every stage (an ablation: --set diffusion.rho_form=beta)")
   p.add_argument("--timing_rounds", type=int, default=10)
   p.add_argument("--quick", action="store_true", help="1 seed, a few steps: checks that the script runs")
   args = p.parse_args(argv)
+  for item in args.set:
+    if "=" not in item:
+      p.error(f"--set {item!r}: use KEY=VALUE, e.g. --set diffusion.rho_form=beta")
   if args.quick:
     args.seeds, args.pretrain_steps, args.finetune_steps = 1, 6, 4
     args.num_samples, args.sample_steps, args.timing_rounds = 40, 4, 2
@@ -90,6 +100,24 @@ def parse_args(argv=None):
 
 
 # --- configs ------------------------------------------------------------------------------------
+
+
+def _overrides(c, args):
+  """--set KEY=VALUE on an unlocked config (values parsed as Python literals, else strings); a key
+  the config does not have is an error."""
+  for item in args.set:
+    key, raw = item.split("=", 1)
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      sys.exit(f"error: --set {item!r}: the config has no key {key!r}")
+    node[leaf] = value
 
 
 def _method(c, method):
@@ -159,6 +187,8 @@ def make_config(args, method, seed, finetune=False, init_from=""):
     p.max_train_images = 200_000
   if args.quick:
     p.linear_epochs, p.linear_warmup_epochs, p.sweep_ts, p.fewshot_seeds = 2, 1, (0, 100), 1
+  s.lpips_weights = args.lpips_weights
+  _overrides(c, args)
   c.lock()
   return c
 
@@ -183,6 +213,7 @@ def make_classify_config(args, method, seed, init_from):
     c.classify.warmup_epochs = min(c.classify.warmup_epochs, args.classify_epochs - 1)
     c.classify.eval_every_epochs = min(c.classify.eval_every_epochs, args.classify_epochs)
   c.seed, c.init_from = seed, init_from
+  _overrides(c, args)
   c.lock()
   return c
 
@@ -315,8 +346,10 @@ METRICS = [("classify_top1", "fine-tuned top-1 (end to end, METHOD.md §10)", 10
            ("precision", "precision", 100), ("recall", "recall", 100), ("fid", "FID ↓", 1),
            ("inception_score", "IS", 1), ("inpaint.center.psnr", "centre inpainting PSNR (dB)", 1),
            ("inpaint.center.ssim", "centre inpainting SSIM ×100", 100),
+           ("inpaint.center.lpips", "centre inpainting LPIPS ×100 ↓", 100),
            ("inpaint.random.psnr", "50% random-patch inpainting PSNR (dB)", 1),
-           ("inpaint.random.ssim", "50% random-patch inpainting SSIM ×100", 100)]
+           ("inpaint.random.ssim", "50% random-patch inpainting SSIM ×100", 100),
+           ("inpaint.random.lpips", "50% random-patch inpainting LPIPS ×100 ↓", 100)]
 
 
 def _get(run, key):

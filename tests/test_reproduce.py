@@ -95,3 +95,18 @@ def test_the_paper_setting_builds_the_imagenet_recipes():
     assert pre.probe.max_train_images == 200_000 and not pre.sample.classifier_score and not pre.sample.fid
     checks.check(pre, "pretrain")
     checks.check(ft, "finetune")
+
+
+def test_an_ablation_setting_and_lpips_weights_reach_every_stage():
+  """--set KEY=VALUE (the ρ ablation: --set diffusion.rho_form=beta) goes into the pre-training and
+  the recognition fine-tuning configs alike; --lpips_weights into the inpainting; an unknown key or
+  a malformed item is an error."""
+  args = reproduce.parse_args(["--set", "diffusion.rho_form=beta", "--set", "diffusion.noise_exponent=1.0",
+                               "--lpips_weights=w.npz"])
+  pre, cls = reproduce.make_config(args, "diffmae", 0), reproduce.make_classify_config(args, "diffmae", 0, "x")
+  assert pre.diffusion.rho_form == cls.diffusion.rho_form == "beta"
+  assert pre.diffusion.noise_exponent == cls.diffusion.noise_exponent == 1.0 and pre.sample.lpips_weights == "w.npz"
+  with pytest.raises(SystemExit, match="the config has no key 'diffusion.rho'"):
+    reproduce.make_config(reproduce.parse_args(["--set", "diffusion.rho=1"]), "umd", 0)
+  with pytest.raises(SystemExit):
+    reproduce.parse_args(["--set", "diffusion.rho_form"])
