@@ -128,7 +128,7 @@ def pytest_configure(config):
 # seconds of a cold run), so no long module starts last while the other worker idles.
 LONGEST_FIRST = ["test_distributed", "test_classify", "test_train", "test_reproduce", "test_generate", "test_latent",
                  "test_diffmae", "test_checkpoint", "test_probe", "test_bad_inputs", "test_bench", "test_main",
-                 "test_dit", "test_loop", "test_model"]
+                 "test_dit", "test_lpips", "test_loop", "test_model"]
 
 
 def pytest_collection_modifyitems(config, items):
