@@ -9,7 +9,7 @@ import json
 import numpy as np
 from etils import epath
 
-from umd_jax import checks, files, images, latent, multihost, sharding, weights
+from umd_jax import checks, files, images, latent, sharding, weights
 from umd_jax.features import (  # noqa: F401 (the probe API, used by the notebook and the tests)
     Extractor, Features, ProbeError, cache_key, check_request, extract_cached, load_backbone, make_feature_fn,
     model_inputs, num_blocks, pixel_features, random_backbone, rows_sharding)
