@@ -187,7 +187,7 @@ def make_config(args, method, seed, finetune=False, init_from=""):
     p.max_train_images = 200_000
   if args.quick:
     p.linear_epochs, p.linear_warmup_epochs, p.sweep_ts, p.fewshot_seeds = 2, 1, (0, 100), 1
-  s.lpips_weights = args.lpips_weights
+  s.lpips_weights = "" if finetune else args.lpips_weights  # scores the pre-trained network's inpainting
   _overrides(c, args)
   c.lock()
   return c

@@ -106,6 +106,8 @@ def test_an_ablation_setting_and_lpips_weights_reach_every_stage():
   pre, cls = reproduce.make_config(args, "diffmae", 0), reproduce.make_classify_config(args, "diffmae", 0, "x")
   assert pre.diffusion.rho_form == cls.diffusion.rho_form == "beta"
   assert pre.diffusion.noise_exponent == cls.diffusion.noise_exponent == 1.0 and pre.sample.lpips_weights == "w.npz"
+  fine = reproduce.make_config(args, "umd", 0, finetune=True, init_from="x")  # samples: no inpainting to score
+  assert fine.sample.lpips_weights == "" and fine.diffusion.rho_form == "beta"
   with pytest.raises(SystemExit, match="the config has no key 'diffusion.rho'"):
     reproduce.make_config(reproduce.parse_args(["--set", "diffusion.rho=1"]), "umd", 0)
   with pytest.raises(SystemExit):
