@@ -427,7 +427,8 @@ def with_defaults(saved: dict):
   """A saved config as a locked ConfigDict, with every key added to the code since it was written
   at its default (configs/common.py) -- each such key defaults to what the code did before it."""
   from configs import common  # noqa: PLC0415 - the config defaults, wherever this module is imported
-  base = common.base_config(saved.get("method", "umd")).to_dict() if saved.get("method") in common.METHODS else {}
+  method = saved.get("method")
+  base = common.base_config(method).to_dict() if method in common.METHODS else {}
   def merged(defaults, values):
     out = dict(defaults)
     for k, v in values.items():
@@ -446,26 +447,6 @@ def load_provenance(workdir):
   manager = _reader(workdir)
   try:
     return _saved_item(manager, manager.latest_step(), "provenance")
-  finally:
-    manager.close()
-
-
-def check_params(workdir, abstract_params, config=None) -> None:
-  """Raise CheckpointError, naming the parameters and the changed config keys, unless the latest
-  checkpoint of `workdir` has every parameter of `abstract_params` with its shape and dtype.
-  Reads metadata only (before a run creates anything)."""
-  step = latest_step(workdir)
-  if step is None:
-    raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoint: pre-train there first")
-  manager = _reader(workdir)
-  try:
-    mismatches = _param_mismatches(manager.directory / str(step), abstract_params, "params", extra_ok=True)
-    if mismatches:
-      changes = _config_changes(manager, step, config) if config is not None else []
-      raise CheckpointError(f"{str(workdir)!r} step {step}: {_mismatch_message(mismatches, changes)}: "
-                            "use the config the run was trained with")
-    if config is not None:
-      _refuse_other_meaning(manager, step, config, workdir)
   finally:
     manager.close()
 

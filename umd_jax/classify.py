@@ -67,7 +67,6 @@ def _read_backbone(config, mesh):
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)["backbone"]
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(abstract)["backbone"], shardings)
-  checkpoint.check_params(config.init_from, target, config)
   backbone, step = checkpoint.restore_params_and_step(config.init_from, target, prefer_ema=config.classify.init_ema,
                                                       config=config)
   return backbone, {"workdir": str(config.init_from), "step": int(step)}

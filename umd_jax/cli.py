@@ -87,8 +87,7 @@ def main(argv):
     checks.check(config, _MODE.value)  # the check every mode starts with (it runs again there: no cost)
   except ValueError as e:  # checks.ConfigError (a ValueError, as are the modes' errors below)
     _fail(str(e))
-  from umd_jax import checkpoint, classify, data, encode, generate, latent, probe, sharding, train
-  from umd_jax import files
+  from umd_jax import checkpoint, classify, data, encode, files, generate, latent, probe, sharding, train
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
                  train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError, files.OutputError)
   try:

@@ -33,10 +33,15 @@ def _digest(net: str, arrays: dict) -> str:
   return h.hexdigest()
 
 
+def _flat(tree) -> dict:
+  """{'convs/0/kernel': leaf} of a pure-dict tree: the names a weights file uses."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _abstract(net: str) -> dict:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape for path, leaf in
-          jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.eval_shape(
-              lambda: nnx.state(lpips.LPIPS(net, rngs=nnx.Rngs(0)), nnx.Param))))[0]}
+  abstract = nnx.eval_shape(lambda: nnx.state(lpips.LPIPS(net, rngs=nnx.Rngs(0)), nnx.Param))
+  return {name: leaf.shape for name, leaf in _flat(nnx.to_pure_dict(abstract)).items()}
 
 
 def check_arrays(net: str, arrays: dict) -> None:
@@ -81,9 +86,7 @@ def load(path) -> lpips.LPIPS:
   model = lpips.LPIPS(net, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model, nnx.Param)
   pure = nnx.to_pure_dict(state)
-  flat = jax.tree_util.tree_flatten_with_path(pure)[0]
-  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
-  leaves = [jnp.asarray(arrays[n]) for n in names]
+  leaves = [jnp.asarray(arrays[name]) for name in _flat(pure)]  # in the tree's own leaf order
   nnx.replace_by_pure_dict(state, jax.tree.unflatten(jax.tree.structure(pure), leaves))
   return nnx.merge(graphdef, state)
 

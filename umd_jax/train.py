@@ -263,7 +263,6 @@ def read_init(config, mesh):
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
   target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings[k])
             for k, v in nnx.to_pure_dict(abstract).items() if k not in fresh}
-  checkpoint.check_params(config.init_from, target, config)  # names a mismatch or another meaning, reads nothing
   params, step = checkpoint.restore_params_and_step(config.init_from, target, config=config)
   return params, {"workdir": str(config.init_from), "step": int(step)}
 
