@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import jax
 import jax.numpy as jnp
 
-from umd_jax.models.umd import DTYPES, compute_dtype
+from umd_jax.models.layers import DTYPES, compute_dtype
 
 
 def load_config(spec: str, overrides=()):

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from umd_jax import generate, inpainting, methods, multihost, sharding, weights
-from umd_jax.models import umd
+from umd_jax import generate, geometry, inpainting, methods, multihost, sharding, weights
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
   if args.inpainting:
     return inpainting_row(args)
   config = load_config(args.config, args.set)
-  if not methods.get(config).generates:
+  if not isinstance(methods.get(config), methods.Sampler):
     raise SystemExit(f"error: {args.config} is a {config.method} config, which does not sample: use --inpainting")
   s = config.sample
   mesh = sharding.make_mesh(config.mesh)
@@ -48,7 +47,7 @@ def main():
   sampler = generate.make_sampler(config, graphdef, mesh)
   guided = config.model.num_classes > 0 and s.cfg_scale != 1.0
   rows = 2 * b if guided else b  # guidance runs the conditional and null halves together
-  size, channels = umd.input_shape(config)
+  size, channels = geometry.input_shape(config)
   x = jax.device_put(jnp.zeros((rows, size, size, channels)), sharding.batch_sharding(mesh))
   y = jnp.zeros((rows,), jnp.int32) if config.model.num_classes else None
   forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, jnp.full((rows,), 500), y)["x0"])

@@ -29,9 +29,8 @@ from common import load_config, make_parser, matmul_call, median_ratio, profile,
 import jax
 import numpy as np
 
-from umd_jax import flops, sharding, train_step
-from umd_jax.models import umd
-from umd_jax.models.umd import compute_dtype
+from umd_jax import geometry, methods, sharding, train_step
+from umd_jax.models.layers import compute_dtype
 
 
 def xla_flops(config, batch) -> float:
@@ -67,7 +66,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   run = train_step.build(config, mesh)
   d = config.data
   rng = np.random.default_rng(0)
-  size, channels = umd.input_shape(config)  # pixels, or latents (data.space="latents")
+  size, channels = geometry.input_shape(config)  # pixels, or latents (data.space="latents")
   batch = {"image": rng.uniform(-1, 1, (config.batch_size, size, size, channels)).astype(np.float32),
            "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
   if d.space == "latents":  # posterior moments: the step draws z = mean + std·ε
@@ -76,7 +75,7 @@ def build(config, *, xla_check=True, compiler_options=None):
   start = time.perf_counter()
   compiled = run.step.lower(run.state, batch).compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - start
-  model_flops = flops.train_flops_per_image(config) * config.batch_size
+  model_flops = methods.get(config).train_flops_per_image(config) * config.batch_size
   xla = xla_flops(config, batch) if xla_check else float("nan")
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, "temp_size_in_bytes", None)

@@ -1,28 +1,20 @@
-"""Shared config defaults and the method presets of METHOD.md §1 (variants live in `umd_jax.models.umd`).
+"""Shared config defaults; each method adds its own keys and preset (umd_jax/methods: the registry).
 
 Every `configs/*.py` builds on `base_config()` and returns it locked, so a typo in a key
 (in a file or on the command line, `--config.batch_sise=8`) is an error, not a silent default.
 """
 import ml_collections
 
-# METHOD.md §1 table: the baselines are values of the same corruption, not code paths.
-METHODS = {
-    "umd": dict(clean_fraction=0.5, clean_mask_ratio=0.75, noised_mask_ratio=0.375, conditioning="adaln"),
-    "dit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
-    "maskdit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.5, conditioning="adaln"),
-    "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
-    # Not a UMD preset: DiffMAE's own keys are `diffmae.*`; these UMD-family keys stay unread (refused if set).
-    "diffmae": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
-    # The original DiT (METHOD.md §11, converted public weights): its own architecture, not trained here.
-    "dit_original": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
-}
+from umd_jax import methods
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def base_config(method: str = "umd") -> ml_collections.ConfigDict:
-  """All keys a run may use, with the METHOD.md §5 ImageNet 64 px pre-training recipe as defaults."""
-  preset = METHODS[method]
+def base_config(method: str = "") -> ml_collections.ConfigDict:
+  """All keys a run may use, with the METHOD.md §5 ImageNet 64 px pre-training recipe as defaults,
+  every registered method's own keys, and `method`'s preset ("": the registry's first, UMD)."""
+  method = method or next(iter(methods.REGISTRY))
+  registered = methods.named(method)
   c = ml_collections.ConfigDict()
   c.method = method
   c.seed = 0
@@ -77,19 +69,14 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/4"
   c.model.num_registers = 4
-  c.model.conditioning = preset["conditioning"]   # "adaln" | "in_context"
   c.model.num_classes = 0                  # 0: self-supervised, no label embedding
   c.model.dtype = "auto"                   # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
   c.model.scan_layers = False              # unrolled layers step faster (BENCHMARKS.md); L scans (compile time)
   c.model.remat = "none"                   # "none" | "full" | "dots"
   c.model.attention = "auto"               # "auto" (cuDNN flash on GPU in bf16/fp16, else XLA) | "xla" | "cudnn"
 
-  c.corruption = ml_collections.ConfigDict()
-  c.corruption.clean_fraction = preset["clean_fraction"]
-  c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
-  c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
+  c.corruption = ml_collections.ConfigDict()  # the UMD family's corruption (its keys: methods/umd.py)
   c.corruption.loss_buckets = 10           # per-timestep-bucket loss in the logs
-  c.corruption.label_dropout = 0.0         # class-conditional training: P(label -> null class)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"          # "cosine" (pixels) | "linear" (latents)
@@ -97,26 +84,6 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.diffusion.noise_exponent = 1.0         # ρ (DiffMAE: 0.8), applied as diffusion.rho_form says
   c.diffusion.rho_form = "variance"        # "variance": 1 - abar_t -> (1 - abar_t)^ρ (DiffMAE: chosen);
                                            # "beta": beta_t -> beta_t^ρ (an unofficial re-implementation's reading)
-
-  # DiffMAE (config.method = "diffmae", METHOD.md §9): read by that method only; the UMD
-  # family refuses them changed, and DiffMAE refuses the UMD-only corruption keys.
-  c.diffmae = ml_collections.ConfigDict()
-  # Sources (METHOD.md §9's table): "recalled" = chosen, recalled from the paper, its text not re-read.
-  c.diffmae.mask_ratio = 0.75              # share of patches masked, noised and denoised (recalled)
-  c.diffmae.decoder = "cross_self"         # "cross_self" | "cross" | "joint" (MAE-like self-attention) (recalled)
-  c.diffmae.links = "top_down"             # "top_down" (block i <- encoder block E-1-i·E/D) | "last" (recalled)
-  c.diffmae.target = "x0"                  # what the decoder predicts: "x0" (pixels) | "eps" (recalled)
-  c.diffmae.decoder_width = 512            # MAE's decoder: 8 blocks of width 512, 16 heads (MAE's code)
-  c.diffmae.decoder_depth = 8              # (MAE's code)
-  c.diffmae.decoder_heads = 16             # (MAE's code)
-
-  # The original DiT (config.method = "dit_original", configs/dit_original.py): read by that method only.
-  c.dit = ml_collections.ConfigDict()
-  c.dit.learn_sigma = True                 # 2C output channels: eps and the variance interpolation v
-  c.dit.mlp_norm_eps = 1e-6                # the MLP branch's LayerNorm eps: 1e-6 (DiT's code); diffusers' port 1e-5
-  c.dit.cfg_channels = 3                   # guidance on the first 3 eps channels (DiT's forward_with_cfg); 4: all
-  c.dit.time = "dit"                       # "dit": DDPM timesteps; "sit": SiT's weights (continuous t, 1 = data;
-                                           # probes noise by the linear interpolant at s = 1 - t/T)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4                 # peak LR = base_lr * batch_size / 256
@@ -187,21 +154,13 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   c.fid_every = 0                          # FID during fine-tuning every N steps (0: off)
   c.fid_samples = 10_000
 
-  if method == "diffmae":
-    c.model.num_registers = 1              # MAE's single class token (MAE's code): rep is its output
-    c.diffusion.schedule = "linear"        # a linear β schedule (recalled)
-    c.diffusion.noise_exponent = 0.8       # with the exponent ρ = 0.8 (recalled; where it acts: rho_form, chosen)
-    c.sample.num_samples = 0               # not a class-conditional generator: --mode=generate inpaints
-    c.sample.inpaint = "center"
-    c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps (recalled)
-
   # Recognition fine-tuning (--mode=classify, METHOD.md §10: MAE's recipe for B; `classify_recipe` sets L's).
   # Global keys it reads too: batch_size (1024), seed, init_from, log/checkpoint cadence, data.crop_area_*.
   c.classify = ml_collections.ConfigDict()
   c.classify.block = -1                    # -1: after the encoder's last block (MAE); k: DDAE's cut after block k
                                            # (numbered as probe.block: encoder, then decoder blocks)
-  c.classify.t = 0 if method in ("dit", "maskdit", "dit_original") else -1   # -1: the clean image (timestep index 0); t >= 0:
-                                           # noised to t, told t + 1 (DDAE; DiT and MaskDiT never saw index 0)
+  c.classify.t = -1                        # -1: the clean image (timestep index 0); t >= 0: noised to t, told
+                                           # t + 1 (DDAE; methods whose network never saw index 0 preset 0)
   c.classify.init_ema = True               # start from init_from's EMA weights when it kept them
   c.classify.epochs = 100
   c.classify.warmup_epochs = 5
@@ -231,6 +190,8 @@ def base_config(method: str = "umd") -> ml_collections.ConfigDict:
   # Logical parameter axis -> mesh axis (None: replicated). Data lives on ("data", "fsdp").
   c.mesh.rules = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("patch", None),
                   ("layers", None), ("seq", None), ("vocab", None))
+  methods.add_all_keys(c)                  # every method's own section (diffmae.*, dit.*, the corruption)
+  registered.configure(c)                  # and this method's preset
   return c
 
 
@@ -294,7 +255,8 @@ def finetune_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.ema_rate = 1e-4 * c.batch_size / 256
   c.data.crop_area_min = 0.95
   c.corruption.noised_mask_ratio = 0.0
-  c.corruption.clean_fraction = 0.05 if c.method in ("umd", "mae") else 0.0
+  # a clean sub-batch of 5% for the methods that have one (UMD, MAE), none for those without (DiT, MaskDiT)
+  c.corruption.clean_fraction = 0.05 if c.corruption.clean_fraction > 0 else 0.0
   c.corruption.label_dropout = 0.1
   return c
 

@@ -27,13 +27,20 @@ layer decay 0.65, drop path 0.1, label smoothing 0.1, mixup / cutmix; no RandAug
 erasing: at 8×8 px a 45% translation or a 27° rotation leaves no digit), scored on the test digits:
   python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
 `diffmae,classify` does the same from the DiffMAE demo (init_from workdirs/demo_diffmae).
+
+Any method that trains here is a first word with the same meaning: `configs/demo.py:maskdit`
+pre-trains MaskDiT at the demo's scale (its preset; workdirs/demo_maskdit for `finetune` and
+`classify`), as experiments/reproduce.py does for every method.
 """
 from configs import common
+from umd_jax import methods
 
 
 def get_config(arg=None):
-  parts = common.config_args(arg, ("diffmae", "finetune", "classify"), variant=False, steps=True)
-  c = common.base_config("diffmae" if "diffmae" in parts else "umd")
+  names = methods.trainable()
+  parts = common.config_args(arg, (*names, "finetune", "classify"), variant=False, steps=True)
+  c = common.base_config(next((p for p in parts if p in names), names[0]))
+  home = "workdirs/demo" + ("" if c.method == names[0] else f"_{c.method}")  # its pre-training workdir
   c.batch_size = 128
   finetune, classify = "finetune" in parts, "classify" in parts
   steps = next((int(p) for p in parts if p.isdigit()), None)
@@ -78,7 +85,7 @@ def get_config(arg=None):
     c.sample.cfg_scale = 1.0
     c.sample.inpaint_images = 0   # the whole test split
   if finetune:                    # class-conditional fine-tuning of the pre-trained demo model
-    c.init_from = "workdirs/demo"
+    c.init_from = home
     c.model.num_classes = 10
     c.total_steps = steps or 800
     c.checkpoint_every = c.image_every = 400
@@ -86,11 +93,11 @@ def get_config(arg=None):
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.0
     c.optim.ema_rate = 0.01       # a short run: the ImageNet EMA step (1e-4) would barely move
-    c.corruption.clean_fraction = 0.05
+    c.corruption.clean_fraction = 0.05 if c.corruption.clean_fraction > 0 else 0.0  # METHOD.md §5 (none: DiT, MaskDiT)
     c.corruption.noised_mask_ratio = 0.0
     c.corruption.label_dropout = 0.1
   if classify:                    # recognition fine-tuning of the pre-trained demo (--mode=classify)
-    c.init_from = "workdirs/demo_diffmae" if c.method == "diffmae" else "workdirs/demo"
+    c.init_from = home
     c.probe_every = 0
     c.checkpoint_every = 500
     c.classify.epochs = steps or 100

@@ -30,6 +30,8 @@ decoder block i reads encoder block E-1-floor(i·E/D) (evenly spaced from the to
 """
 from configs import common
 
+COMPARABLE = "umd64"  # the argument for the setting comparable with configs/umd_b.py (experiments/reproduce.py)
+
 
 def get_config(arg=None):
   c = common.base_config("diffmae")

@@ -57,10 +57,10 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 
 import train_step as bench_train_step  # noqa: E402  (bench/train_step.py)
 from common import machine, time_rounds  # noqa: E402  (bench/common.py)
-from configs import common as config_common, demo  # noqa: E402
-from umd_jax import classify, fid, files, flops, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
+from configs import demo  # noqa: E402
+from umd_jax import classify, fid, files, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
 
-METHODS = ("umd", "dit", "maskdit", "mae", "diffmae")
+METHODS = tuple(methods.trainable())  # the registry's methods that train here
 INPAINT = (("center", 0.5), ("random", 0.5))  # (mask, share of patches for "random")
 
 
@@ -120,22 +120,11 @@ def _overrides(c, args):
     node[leaf] = value
 
 
-def _method(c, method):
-  """METHOD.md §1: the methods are values of the same corruption (configs/common.METHODS)."""
-  preset = config_common.METHODS[method]
-  c.method = method
-  c.corruption.clean_fraction = preset["clean_fraction"]
-  c.corruption.clean_mask_ratio = preset["clean_mask_ratio"]
-  c.corruption.noised_mask_ratio = preset["noised_mask_ratio"]
-  c.model.conditioning = preset["conditioning"]
-  return c
-
-
 def _paper_config(args, method, recipe):
   """configs/<method>_b.py with `recipe` ("", "finetune", "classify"), unlocked, on the requested data
-  (DiffMAE in its 64 px setting, comparable with UMD's)."""
+  (in the setting comparable with UMD's where the file has another: its COMPARABLE argument)."""
   module = importlib.import_module(f"configs.{method}_b")
-  setting = "umd64" if method == "diffmae" else ""
+  setting = getattr(module, "COMPARABLE", "")
   c = module.get_config(",".join(p for p in (args.variant or "B/4", recipe, setting) if p))
   c.unlock()
   c.data.name, c.data.data_dir = args.dataset, args.data_dir
@@ -145,11 +134,8 @@ def _paper_config(args, method, recipe):
 
 def make_config(args, method, seed, finetune=False, init_from=""):
   """The pre-training (or fine-tuning) config of one run."""
-  if args.dataset == "digits" and method == "diffmae":  # the demo's scale, DiffMAE's own preset
-    c = demo.get_config("diffmae")
-    c.unlock()
-  elif args.dataset == "digits":  # the demo's settings, then the method's corruption
-    c = _method(demo.get_config("finetune" if finetune else None), method)
+  if args.dataset == "digits":  # the demo's settings with the method's preset (configs/demo.py:METHOD)
+    c = demo.get_config(method + (",finetune" if finetune else ""))
     c.unlock()
   else:  # the ImageNet recipe of configs/<method>_b.py (METHOD.md §5; DiffMAE's 64 px setting), on the requested data
     c = _paper_config(args, method, "finetune" if finetune else "")
@@ -164,23 +150,20 @@ def make_config(args, method, seed, finetune=False, init_from=""):
   c.total_steps = args.finetune_steps if finetune else args.pretrain_steps
   c.checkpoint_every = c.image_every = max(1, c.total_steps // 2)
   c.probe_every = 0
-  if finetune:  # METHOD.md §5: clean sub-batch 5% for UMD and MAE, none for DiT and MaskDiT
-    c.corruption.clean_fraction = 0.05 if method in ("umd", "mae") else 0.0
-    c.corruption.noised_mask_ratio = 0.0
   s = c.sample
-  if methods.get(c).generates:
+  if isinstance(methods.get(c), methods.Sampler):
     s.num_samples, s.steps, s.cfg_scale = args.num_samples, args.sample_steps, args.cfg_scale
   else:  # DiffMAE: inpainting only, ancestral DDPM over all T steps (its preset), no guidance
     s.num_samples, s.steps = 0, args.sample_steps
     if args.quick:  # a few steps for every method: DDIM instead of the 1000-step ancestral chain
       s.sampler = "ddim"
   s.seed = seed
-  s.classifier_score = args.dataset == "digits" and methods.get(c).generates
+  s.classifier_score = args.dataset == "digits" and isinstance(methods.get(c), methods.Sampler)
   s.fid = bool(args.inception_weights)
   s.inception_weights = args.inception_weights
   p = c.probe
   s.inpaint_images = 0 if args.dataset == "digits" else 10_000  # scored on the first images of eval_split
-  p.sweep, p.baselines = True, method == "umd"  # raw pixels and a random network, beside UMD's runs
+  p.sweep, p.baselines = True, method == METHODS[0]  # raw pixels and a random network, beside UMD's runs
   p.sweep_ts = (0, 25, 50, 100, 200, 400)
   p.fewshot_shots = (1, 5, 10, 25, 100)  # METHOD.md §7 reports 100-shot
   if args.dataset != "digits":  # the sweep keeps every block's features of the pool: cap the pool
@@ -197,11 +180,8 @@ def make_classify_config(args, method, seed, init_from):
   """Recognition fine-tuning (METHOD.md §10) of a pre-trained run: the demo's `classify` setting on the
   digits, configs/<method>_b.py:classify (MAE's recipe) otherwise; the same for every method."""
   if args.dataset == "digits":
-    c = demo.get_config("diffmae,classify" if method == "diffmae" else "classify")
+    c = demo.get_config(f"{method},classify")  # the method's classify.t: DiT / MaskDiT read DDAE's noised input
     c.unlock()
-    if method != "diffmae":
-      c = _method(c, method)
-      c.classify.t = config_common.base_config(method).classify.t  # DiT / MaskDiT: DDAE's noised input
   else:
     c = _paper_config(args, method, "classify")
   if args.variant:
@@ -232,7 +212,7 @@ def run_one(args, method, seed, scorer) -> dict:
   inpainted = {kind: inpaint(pre, pre_dir, kind, ratio) for kind, ratio in INPAINT}
   tuned = classify.run(make_classify_config(args, method, seed, pre_dir), os.path.join(work, "classify"))
   sampled = {}
-  if methods.get(pre).generates:
+  if isinstance(methods.get(pre), methods.Sampler):
     ft = make_config(args, method, seed, finetune=True, init_from=pre_dir)
     train.finetune(ft, ft_dir)
     result_file = os.path.join(ft_dir, "samples", "result.json")
@@ -241,7 +221,7 @@ def run_one(args, method, seed, scorer) -> dict:
          "linear_top1": probed["linear"]["top1"], "classify_top1": tuned["top1"],
          "fewshot": {str(k): v["mean"] for k, v in probed["fewshot"].items()},
          "sweep_best": probed["sweep"]["best"],
-         "train_gflop_per_image": flops.train_flops_per_image(pre) / 1e9, "wall_s": time.time() - start}
+         "train_gflop_per_image": methods.get(pre).train_flops_per_image(pre) / 1e9, "wall_s": time.time() - start}
   if "baselines" in probed:
     out["baselines"] = {name: {"linear_top1": r["linear"]["top1"], "fewshot": {str(k): v["mean"] for k, v in
                                                                               r["fewshot"].items()}}
@@ -328,13 +308,15 @@ class DigitsScorer:
 # --- step cost --------------------------------------------------------------------------------------
 
 
-def step_times(args, methods) -> dict:
-  """Median step time of each method's pre-training step, all timed in the same rounds."""
-  calls = {m: bench_train_step.build(make_config(args, m, 0), xla_check=False)[1] for m in methods}
+def step_times(args, names) -> dict:
+  """Median step time of each method's pre-training step, all timed in the same rounds, and its ratio
+  to the step of the method of most FLOPs per image (the unmasked one: DiT's objective)."""
+  configs = {m: make_config(args, m, 0) for m in names}
+  calls = {m: bench_train_step.build(c, xla_check=False)[1] for m, c in configs.items()}
   times = time_rounds(calls, repeats=args.timing_rounds, warmup=2)
-  dit = times.get("dit")
-  return {m: {"step_ms": 1e3 * statistics.median(t),
-              "step_vs_dit": statistics.median(a / b for a, b in zip(t, dit)) if dit else None}
+  reference = max(names, key=lambda m: methods.get(configs[m]).train_flops_per_image(configs[m]))
+  return {m: {"step_ms": 1e3 * statistics.median(t), "reference": reference,
+              "step_vs_reference": statistics.median(a / b for a, b in zip(t, times[reference]))}
           for m, t in times.items()}
 
 
@@ -384,8 +366,9 @@ def summarize(runs, methods, cost, reference) -> str:
       f"{_get([r for r in runs if r['method'] == m][0], 'train_gflop_per_image'):.3f}" for m in methods) + " |")
   if cost:
     lines.append("| step time (ms), one interleaved run | " + " | ".join(f"{cost[m]['step_ms']:.1f}" for m in methods) + " |")
-    if all(cost[m]["step_vs_dit"] for m in methods):
-      lines.append("| step time / DiT's | " + " | ".join(f"{cost[m]['step_vs_dit']:.2f}" for m in methods) + " |")
+    slowest = cost[methods[0]]["reference"]
+    lines.append(f"| step time / {slowest}'s (most FLOPs per image) | " + " | ".join(
+        f"{cost[m]['step_vs_reference']:.2f}" for m in methods) + " |")
   baselines = [r["baselines"] for r in runs if "baselines" in r]
   if baselines:
     lines += ["", "| baseline | linear top-1 | 10-shot | 100-shot |", "|---|---|---|---|"]
@@ -424,7 +407,7 @@ def main(argv=None):
     sys.exit(f"error: --methods {sorted(unknown)}: use some of {','.join(METHODS)}")
   os.makedirs(args.out, exist_ok=True)
   started = time.time()
-  scorer = DigitsScorer(make_config(args, "umd", 0, finetune=True)) if args.dataset == "digits" else None
+  scorer = DigitsScorer(make_config(args, METHODS[0], 0, finetune=True)) if args.dataset == "digits" else None
   runs = []
   for seed in range(args.seeds):
     for m in methods:

@@ -13,7 +13,7 @@ import train_step as bench_train_step
 from conftest import tiny_config
 from PIL import Image
 
-from umd_jax import flops
+from umd_jax import methods
 
 
 def test_rounds_alternate_the_calls_and_ratios_pair_rounds():
@@ -32,7 +32,7 @@ def test_train_step_rows_are_consistent():
   config = tiny_config()
   rows = bench_train_step.measure_all([config, tiny_config(grad_accum_steps=2)], repeats=2, xla_check=False)
   for row in rows:
-    assert row["model_gflop"] == pytest.approx(flops.train_flops_per_image(config) * config.batch_size / 1e9)
+    assert row["model_gflop"] == pytest.approx(methods.get(config).train_flops_per_image(config) * config.batch_size / 1e9)
     assert row["images_per_s"] == pytest.approx(config.batch_size / (row["step_ms"] / 1e3))
     assert row["achieved_gflops"] == pytest.approx(row["model_gflop"] / (row["step_ms"] / 1e3))
     assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from configs import demo
-from umd_jax import checkpoint, checks, classify, classify_step, methods, mixing, probe, sharding, train, weights
+from umd_jax import checkpoint, checks, classify, classify_step, methods, loop, mixing, probe, sharding, train, weights
 from umd_jax.data import augment
 from umd_jax.models import layers
 
@@ -395,6 +395,6 @@ def test_a_non_finite_loss_stops_without_saving(pretrained, tmp_path):
   run stops at the next log or checkpoint step, saving nothing."""
   config = _classify_config(pretrained / "pre", **{"classify.base_lr": 1e38, "classify.warmup_epochs": 0,
                                                    "log_every": 2, "checkpoint_every": 4})
-  with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step .*lower classify.base_lr "):
+  with pytest.raises(loop.TrainingError, match="non-finite loss or gradient at step .*lower classify.base_lr "):
     classify.run(config, str(tmp_path / "nan"))
   assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import common, demo, diffmae_b, umd_b
 from conftest import tiny_config
-from umd_jax import (checks, corruption, diffusion, flops, generate, inpainting, methods, probe, sharding, train,
+from umd_jax import (checks, corruption, diffusion, generate, inpainting, methods, probe, sharding, summary, train,
                      train_step)
 from umd_jax.methods import diffmae as method_lib
 from umd_jax.models import diffmae as model_lib
@@ -187,16 +187,16 @@ def test_analytic_flops_match_xla_cost_analysis():
     forward = jax.jit(lambda p, x: loss(nnx.merge(graphdef, p), x, None, jax.random.PRNGKey(0))[0])
     cost = forward.lower(params, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    analytic = flops.train_flops_per_image(config) / 3 * 4
+    analytic = methods.get(config).train_flops_per_image(config) / 3 * 4
     assert 0.9 < analytic / cost["flops"] < 1.1, (decoder, analytic, cost["flops"])
 
 
 @pytest.mark.parametrize("make,overrides,message", [
-    (lambda: tiny_config("umd"), {"diffmae.decoder": "cross"}, r"diffmae.decoder='cross' is read only by DiffMAE"),
-    (lambda: tiny_config("dit"), {"diffmae.mask_ratio": 0.9}, r"diffmae.mask_ratio=0.9 is read only by DiffMAE"),
+    (lambda: tiny_config("umd"), {"diffmae.decoder": "cross"}, r"diffmae.decoder='cross' is read only by method diffmae; this config's method is 'umd'"),
+    (lambda: tiny_config("dit"), {"diffmae.mask_ratio": 0.9}, r"diffmae.mask_ratio=0.9 is read only by method diffmae"),
     (lambda: tiny_config("diffmae"), {"corruption.clean_fraction": 0.5},
-     r"corruption.clean_fraction=0.5 is read only by the UMD family"),
-    (lambda: tiny_config("diffmae"), {"model.num_classes": 10}, r"model.num_classes=10 is read only by the UMD family"),
+     r"corruption.clean_fraction=0.5 is read only by method umd / dit / maskdit / mae"),
+    (lambda: tiny_config("diffmae"), {"model.num_classes": 10}, r"model.num_classes=10 must be 0: DiffMAE is self-supervised"),
     (lambda: tiny_config("diffmae"), {"diffmae.decoder": "self"}, r"diffmae.decoder='self': use one of"),
     (lambda: tiny_config("diffmae"), {"diffmae.mask_ratio": 0.99}, r"diffmae.mask_ratio=0.99 must keep at least one"),
     (lambda: tiny_config("diffmae"), {"diffmae.decoder_width": 30}, r"diffmae.decoder_width=30 must be divisible"),
@@ -215,11 +215,11 @@ def test_keys_of_the_other_method_are_one_clear_error(make, overrides, message):
 
 
 def test_modes_diffmae_does_not_have_are_refused():
-  with pytest.raises(checks.ConfigError, match="no class-conditional fine-tuning"):
+  with pytest.raises(checks.ConfigError, match="--mode='finetune': method 'diffmae' does not sample \\(it is no Sampler"):
     checks.check(tiny_config("diffmae"), "finetune")
-  with pytest.raises(checks.ConfigError, match="sample.num_samples=10 must be 0: DiffMAE is not"):
+  with pytest.raises(checks.ConfigError, match="sample.num_samples=10: method 'diffmae' does not sample"):
     checks.check(tiny_config("diffmae", **{"sample.num_samples": 10}), "generate")
-  with pytest.raises(checks.ConfigError, match="sample.inpaint='' is what --mode=generate does"):
+  with pytest.raises(checks.ConfigError, match="sample.num_samples=0: with sample.inpaint='' leaves nothing to generate"):
     checks.check(tiny_config("diffmae", **{"sample.inpaint": ""}), "generate")
   checks.check(tiny_config("diffmae"), "generate")
   checks.check(tiny_config("diffmae"), "probe")
@@ -242,7 +242,7 @@ def test_configs_follow_the_paper_and_the_comparable_setting():
   for config in (paper, comparable, demo.get_config("diffmae")):
     for mode in ("pretrain", "probe", "generate", "summary"):
       checks.check(config, mode)
-  assert common.METHODS.keys() >= {"umd", "dit", "maskdit", "mae", "diffmae"}
+  assert methods.REGISTRY.keys() >= {"umd", "dit", "maskdit", "mae", "diffmae"}
 
 
 def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
@@ -266,7 +266,7 @@ def test_pretrain_probe_and_inpaint_end_to_end(tmp_path, one_device):
   saved = json.loads((tmp_path / "samples" / "result.json").read_text())
   assert saved["method"] == "diffmae" and saved["step"] == 4 and "npz" not in saved  # inpainting only
   scores = saved["inpaint"]
-  assert scores["inpainter"] == "diffmae" and scores["images"] == 24 and scores["steps"] == 5
+  assert scores["inpainter"] == "masked-patch diffusion" and scores["images"] == 24 and scores["steps"] == 5
   assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] <= 1 and result["inpaint"] == scores
   assert (tmp_path / "samples" / "inpaint.png").exists()
   _a_checkpoint_is_read_only_with_its_meaning(config, tmp_path, one_device)
@@ -313,7 +313,7 @@ def test_summary_counts_the_parameters_of_the_architecture(tmp_path):
                 + 2 * dw + 8 * dw * dw + 5 * dw + dw * 9 * dw + 9 * dw)                  # MLP, adaLN-Zero
   decoder = (p_dim * dw + dw + 4 * dw * dw + 3 * dw + d * cross_self + 2 * dw + dw * 2 * dw + 2 * dw
              + dw * p_dim + p_dim)                                     # embed, t MLP, blocks, norm, final, head
-  result = train.summarize(config, tmp_path)
+  result = summary.summarize(config, tmp_path)
   assert result["params"] == encoder + decoder
   assert result["train_flops_per_image"] == methods.get(config).train_flops_per_image(config) > 0
 

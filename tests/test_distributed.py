@@ -348,7 +348,7 @@ def test_diffmae_pretraining_probing_and_inpainting_on_two_processes_equal_one_p
   _run_together(_main_py("diffmae,12", "generate", multi, DIFFMAE_PRETRAIN + DIFFMAE_INPAINT), tmp_path / "logs_gen")
   got = json.loads((multi / "samples" / "result.json").read_text())
   expected = generate.run(_config("diffmae,12", DIFFMAE_PRETRAIN + DIFFMAE_INPAINT), str(copy))
-  assert got["inpaint"]["inpainter"] == "diffmae" and got["inpaint"]["images"] == 40
+  assert got["inpaint"]["inpainter"] == "masked-patch diffusion" and got["inpaint"]["images"] == 40
   for key in ("psnr", "ssim"):
     assert got["inpaint"][key] == pytest.approx(expected["inpaint"][key], rel=1e-4), key
   np.testing.assert_array_equal(_png(multi / "samples" / "inpaint.png"), _png(copy / "samples" / "inpaint.png"))

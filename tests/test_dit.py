@@ -274,7 +274,7 @@ def test_sit_inputs_follow_the_linear_interpolant():
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_the_original_dit_is_not_trained_here(mode):
-  with pytest.raises(checks.ConfigError, match="loads converted public weights"):
+  with pytest.raises(checks.ConfigError, match="does not train"):
     checks.check(tiny(), mode)
 
 

@@ -39,7 +39,8 @@ BANNED = r"(?i)(taken|certain) from the paper|from the paper:|as the paper sampl
 
 def test_diffmae_defaults_say_where_they_come_from_in_one_wording():
   """methods/diffmae.SOURCES is the one table: METHOD.md §9 lists every default with its value and
-  source word for word, configs/common.py's line of each carries its tag, and no DiffMAE text claims
+  source word for word, the line that sets each (configs/common.py, or the method's add_keys /
+  configure) carries its tag, and no DiffMAE text claims
   "from the paper" what was only recalled (the paper's text was not re-read)."""
   from configs import common
   from umd_jax import rules
@@ -51,14 +52,16 @@ def test_diffmae_defaults_say_where_they_come_from_in_one_wording():
   for key, source in diffmae.SOURCES.items():
     row = f"| `{key}` | {rules.lookup(base, key)} | {source} |"
     assert row in section9, row
-  config_lines = read("configs", "common.py").splitlines()
+  config_lines = (read("configs", "common.py") + read("umd_jax", "methods", "diffmae.py")).splitlines()
   for key, source in diffmae.SOURCES.items():
     section, name = key.split(".")
-    lines = [l for l in config_lines if re.match(rf"\s*c\.{section}\.{name} = ", l)]
+    own = "|d" if section == "diffmae" else ""  # add_keys: d = c.diffmae
+    lines = [l for l in config_lines if re.match(rf"\s*(c\.{section}{own})\.{name} = ", l)]
     assert any(diffmae.TAGS[source] in l.split("#", 1)[-1] for l in lines), (key, lines)
   readme_diffmae = readme[readme.index("### DiffMAE"):readme.index("### Latent diffusion")]
   for where, text in (("METHOD.md §9", section9), ("README DiffMAE", readme_diffmae),
                       ("configs/diffmae_b.py", read("configs", "diffmae_b.py")),
-                      ("configs/common.py", read("configs", "common.py"))):
+                      ("configs/common.py", read("configs", "common.py")),
+                      ("methods/diffmae.py", read("umd_jax", "methods", "diffmae.py"))):
     assert not re.search(BANNED, text), (where, re.search(BANNED, text))
   assert "chosen (recalled from the paper, its text not re-read)" in readme_diffmae.replace("Chosen (", "chosen (")

@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_config
 from test_main import ROOT, main_env, run_main
 from umd_jax import checkpoint, diffusion, fid, generate, inpainting, sharding, train, train_step, weights
+from umd_jax.methods import umd_loss
 
 
 def finetune_config(init_from, **overrides):
@@ -65,7 +66,7 @@ def test_label_dropout_replaces_labels_with_the_null_class():
     seen.append(labels)
     return dict(x0=x, eps=x)
   labels = jnp.zeros((4000,), jnp.int32)
-  corruption.umd_loss(apply, diffusion.make_schedule("cosine"), jnp.zeros((4000, 4, 4, 1)), jax.random.PRNGKey(0),
+  umd_loss.loss(apply, diffusion.make_schedule("cosine"), jnp.zeros((4000, 4, 4, 1)), jax.random.PRNGKey(0),
                       num_patches=4, clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0,
                       labels=labels, label_dropout=0.1, null_label=10)
   dropped = float(jnp.mean(seen[0] == 10))
@@ -114,7 +115,7 @@ def test_inpainting_keeps_the_known_pixels(workdirs, tmp_path):
                         devices=jax.devices()[:1])
   assert (fine / "samples" / "inpaint.png").exists() and result["inpaint"]["grid"].endswith("inpaint.png")
   scores = json.loads((fine / "samples" / "result.json").read_text())["inpaint"]
-  assert scores["mask"] == "center" and scores["images"] == 20 and scores["inpainter"] == "umd"
+  assert scores["mask"] == "center" and scores["images"] == 20 and scores["inpainter"] == "repaint"
   assert 0 < scores["psnr"] < 60 and -1 < scores["ssim"] < 1
   assert 0 < scores["lpips"] < 1 and (scores["lpips_net"], scores["lpips_size"]) == ("alexnet", 32)
 

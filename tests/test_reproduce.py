@@ -64,7 +64,7 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   umd, diffmae = saved["runs"]
   assert 0 <= umd["classifier_accuracy"] <= 1 and umd["digits_fd"] > 0 and 0 <= umd["precision"] <= 1
   assert "classifier_accuracy" not in diffmae and "digits_fd" not in diffmae  # DiffMAE does not generate
-  assert diffmae["inpaint"]["center"]["inpainter"] == "diffmae" and umd["inpaint"]["center"]["inpainter"] == "umd"
+  assert diffmae["inpaint"]["center"]["inpainter"] == "masked-patch diffusion" and umd["inpaint"]["center"]["inpainter"] == "repaint"
   assert diffmae["inpaint"]["center"]["sampler"] == "ddim" and diffmae["inpaint"]["center"]["steps"] == 4  # quick
   assert saved["step_cost"]["umd"]["step_vs_dit"] is None and set(umd["baselines"]) == {"pixels", "random_init"}
   ref = saved["real_reference"]  # real digits scored like samples: close, precise, covering

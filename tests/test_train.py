@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import demo
 from conftest import tiny_config
-from umd_jax import checkpoint, data, sharding, train, train_step, weights
+from umd_jax import checkpoint, data, loop, sharding, summary, train, train_step, weights
 
 
 def _batches(config, mesh, n):
@@ -198,7 +198,7 @@ def test_demo_lowers_the_loss(tmp_path, one_device, optimized):
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path, one_device):
   config = tiny_config(**{"optim.base_lr": 1e38, "checkpoint_every": 1})
-  with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at step 1 \(loss .*update_norm inf\)"):
+  with pytest.raises(loop.TrainingError, match=r"non-finite loss or gradient at step 1 \(loss .*update_norm inf\)"):
     train.pretrain(config, tmp_path / "run", devices=one_device)
   assert not os.listdir(tmp_path / "run" / "checkpoints")
 
@@ -215,17 +215,17 @@ def test_skip_policy_drops_bad_updates_then_stops_after_max_skips(tmp_path, one_
     np.testing.assert_array_equal(a, b)
   config = tiny_config(**{"optim.base_lr": 1e38, "nonfinite_policy": "skip", "max_skips": 2,
                           "total_steps": 4, "checkpoint_every": 2, "log_every": 1})
-  with pytest.raises(train.TrainingError, match="3 updates skipped .* more than max_skips=2"):
+  with pytest.raises(loop.TrainingError, match="3 updates skipped .* more than max_skips=2"):
     train.pretrain(config, tmp_path / "stop", devices=one_device)
 
 
 def test_summary_reports_params_and_flops(tmp_path):
   config = tiny_config()
-  result = train.summarize(config, tmp_path)
+  result = summary.summarize(config, tmp_path)
   assert json.loads((tmp_path / "summary.json").read_text()) == result
   from test_model import expected_param_count
   assert result["params"] == expected_param_count(32, 2, 1, 2, 1, 16)
-  dit = train.summarize(tiny_config("dit"), tmp_path)["train_flops_per_image"]
+  dit = summary.summarize(tiny_config("dit"), tmp_path)["train_flops_per_image"]
   assert 0 < result["train_flops_per_image"] < dit  # UMD drops tokens; DiT runs all 16 in both halves
 
 

@@ -7,7 +7,7 @@ import re
 from etils import epath
 
 from conftest import tiny_config
-from umd_jax import checkpoint, generate, probe, train
+from umd_jax import checkpoint, generate, probe, summary, train
 
 
 def test_checkpoint_paths_keep_a_remote_scheme_and_make_local_ones_absolute():
@@ -34,7 +34,7 @@ def test_every_output_of_pretrain_probe_and_generate_is_written_through_epath(tm
   workdir = epath.Path(tmp_path / "run")
   with epath.testing.mock_epath(open=recording_open):
     train.pretrain(config, workdir, devices=one_device)
-    train.summarize(config, workdir)
+    summary.summarize(config, workdir)
     probe.run(config, workdir, devices=one_device)
     generate.run(config, workdir, devices=one_device)
   files = [os.path.join(d, f) for d, _, names in os.walk(tmp_path / "run") for f in names]

@@ -109,12 +109,12 @@ def _flat_configs(manager, step: int, config):
   return flat(saved), flat(json.loads(config.to_json_best_effort()))
 
 
-OBJECTIVE = ("corruption.", "diffusion.", "diffmae.", "optim.")
+OBJECTIVE = methods.objective_prefixes()  # the shared diffusion. and optim., and each method's own
 
 
 def _objective(key: str, sections=OBJECTIVE) -> bool:
   """Keys that define what a run optimises and how: the method and the `sections` its mode reads
-  (pre-training: its corruption, the diffusion schedule, DiffMAE's settings and the optimizer).
+  (pre-training: the diffusion schedule, the optimizer and each method's own objective keys).
   Resuming with any of them changed is another run."""
   return key == "method" or key.startswith(sections) and key != "corruption.loss_buckets"
 
@@ -428,7 +428,7 @@ def with_defaults(saved: dict):
   at its default (configs/common.py) -- each such key defaults to what the code did before it."""
   from configs import common  # noqa: PLC0415 - the config defaults, wherever this module is imported
   method = saved.get("method")
-  base = common.base_config(method).to_dict() if method in common.METHODS else {}
+  base = common.base_config(method).to_dict() if method in methods.REGISTRY else {}
   def merged(defaults, values):
     out = dict(defaults)
     for k, v in values.items():

@@ -8,9 +8,11 @@ import jax
 from etils import epath
 from PIL import Image
 
-from umd_jax import data, diffusion, fid, images, inpainting, latent, methods, perceptual, rules
+from configs import common
+from umd_jax import data, diffusion, fid, geometry, images, inpainting, latent, methods, perceptual, rules
+from umd_jax.methods import interface
 from umd_jax.modes import MODES
-from umd_jax.models import layers, umd
+from umd_jax.models import layers
 from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raises)
 
 _require, _int, _fraction = rules.require, rules.integer, rules.fraction
@@ -19,10 +21,10 @@ _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 def _model_and_data(config) -> None:
   d, m = config.data, config.model
   try:
-    variant = methods.get(config).variant(config)
+    patch = methods.get(config).patch(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _require(variant["patch"] >= 1, "model.variant", m.variant, "the patch size must be a positive integer ('B/4')")
+  _require(patch >= 1, "model.variant", m.variant, "the patch size must be a positive integer ('B/4')")
   _int(config, "data.image_size", 1)
   _int(config, "data.channels", 1)
   _int(config, "data.num_classes", 0)
@@ -33,14 +35,14 @@ def _model_and_data(config) -> None:
     _require(d.channels == 3, "data.channels", d.channels, "must be 3: the VAE encodes RGB images")
     _require(d.image_size % config.vae.downsample == 0, "data.image_size", d.image_size,
              f"is not divisible by the VAE's downsampling vae.downsample={config.vae.downsample}")
-  size = umd.input_shape(config)[0]
+  size = geometry.input_shape(config)[0]
   what = f"gives latents of size {size}, which are" if d.space == "latents" else "is"
-  _require(size % variant["patch"] == 0, "data.image_size", d.image_size,
-           f"{what} not divisible by the patch size {variant['patch']} of model.variant={m.variant!r}")
+  _require(size % patch == 0, "data.image_size", d.image_size,
+           f"{what} not divisible by the patch size {patch} of model.variant={m.variant!r}")
   _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
   _int(config, "model.num_classes", 0)
   try:
-    umd.compute_dtype(m.dtype)
+    layers.compute_dtype(m.dtype)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _require(m.remat in layers.REMAT_POLICIES, "model.remat", m.remat, f"use one of {sorted(layers.REMAT_POLICIES)}")
@@ -241,6 +243,26 @@ def _vae(config, mode: str) -> None:
              "is for pixel-space models: use '' with data.space='latents'")
 
 
+def _capabilities(config, method, mode: str) -> None:
+  """What `mode` asks of the method (interface.MODE_NEEDS; generate: a Sampler for samples, an
+  Inpainter for sample.inpaint), and no key only another method reads set."""
+  for need in interface.MODE_NEEDS[mode]:
+    interface.require(method, need, "--mode", mode)
+  s = config.sample
+  if mode == "generate":
+    if s.num_samples:
+      interface.require(method, interface.Sampler, "sample.num_samples", s.num_samples,
+                        "set 0 and inpaint (sample.inpaint)")
+    if s.inpaint:
+      interface.require(method, interface.Inpainter, "sample.inpaint", s.inpaint, "use ''")
+  defaults = common.base_config(config.method)
+  for key in methods.foreign_keys(method):
+    readers = [n for n, m in methods.REGISTRY.items() if key in methods.own_keys(m)]
+    value = rules.lookup(config, key)
+    _require(value == rules.lookup(defaults, key), key, value,
+             f"is read only by method {' / '.join(readers)}; this config's method is {config.method!r}: leave it unset")
+
+
 def check(config, mode: str) -> None:
   """Raise ConfigError for the first setting `mode` reads that cannot work."""
   _require(mode in MODES, "--mode", mode, f"use one of {MODES}")
@@ -249,6 +271,7 @@ def check(config, mode: str) -> None:
     method = methods.get(config)
   except methods.UnknownMethod as e:
     raise ConfigError(str(e)) from None
+  _capabilities(config, method, mode)
   _model_and_data(config)
   method.check(config, mode)
   _vae(config, mode)
@@ -263,3 +286,6 @@ def check(config, mode: str) -> None:
     _classify(config)
   if mode == "generate" or mode == "finetune" and config.fid_every:
     _generate(config)
+  if mode == "generate":
+    _require(config.sample.num_samples or config.sample.inpaint, "sample.num_samples", config.sample.num_samples,
+             "with sample.inpaint='' leaves nothing to generate: set a sample count or an inpainting mask")

@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from umd_jax import checkpoint, checks, classify_step, data, files, latent, multihost, sharding, train
+from umd_jax import checkpoint, checks, classify_step, data, files, latent, loop, multihost, sharding
 from umd_jax.data import augment
 
 
@@ -42,7 +42,7 @@ def run(config, workdir, devices=None) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.batch_size, mesh)
   sharding.check_batch(config.classify.eval_batch_size, mesh, what="classify.eval_batch_size")
-  source = train.training_source(config)
+  source = loop.training_source(config)
   eval_source = data.make_source(config.data, config.data.eval_split)
   if classify_step.steps_per_epoch(config, len(source)) < 1:
     raise data.DataError(f"batch_size={config.batch_size} is larger than the {len(source)} training records: "
@@ -100,7 +100,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
   total = c.epochs * per_epoch
   run = classify_step.build_run(config, mesh, len(source))
   state = run.state
-  position_at = functools.partial(train.data_position, config, source)
+  position_at = functools.partial(loop.data_position, config, source)
   results_path = workdir / "classify" / "results.json"
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, run.shardings)
@@ -123,19 +123,19 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
                               sharding=sharding.batch_sharding(mesh), start=start, augment=augmentation(config))
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
   evaluator = Evaluator(config, run, eval_source, vae)
-  writer = train._writer(workdir)
+  writer = loop.event_writer(workdir)
   if start == 0:
-    writer.write_hparams(train._flat(config.to_dict()))
+    writer.write_hparams(loop.flat_config(config.to_dict()))
   history, logged, t0 = [], {}, time.monotonic()
 
   def guard(step, t, state):
-    train._check_finite(config, state, step, ckpt, history, lr_key="classify.base_lr")
+    loop.check_finite(config, state, step, ckpt, history, lr_key="classify.base_lr")
 
   def log(step, t, state):
     since_step, since_t = logged.get("at", (start, t0))
     fetched = jax.device_get(history)
     history.clear()
-    scalars = {k: train._finite_mean([m[k] for m in fetched]) for k in ("loss", "grad_norm", "lr")}
+    scalars = {k: loop.finite_mean([m[k] for m in fetched]) for k in ("loss", "grad_norm", "lr")}
     rate = (step - since_step) / max(t - since_t, 1e-9)
     writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "images_per_sec": rate * config.batch_size,
                                 "nonfinite_skipped": float(state.nonfinite_steps)})
@@ -159,7 +159,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
     logged["result"] = result
 
   every_eval = c.eval_every_epochs * per_epoch
-  Every = train.Every
+  Every = loop.Every
   actions = [Every((config.log_every, config.checkpoint_every, every_eval), guard, on_steps=(start + 1, total),
                    on_stop=True),
              Every(config.log_every, log, on_steps=(start + 1, total), on_stop=True),

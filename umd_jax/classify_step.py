@@ -44,7 +44,7 @@ class Classifier(nnx.Module):
 
 def build(config, rngs: nnx.Rngs) -> Classifier:
   backbone = methods.get(config).build(config, rngs)
-  width = methods.get(config).variant(config)["width"]
+  width = methods.get(config).width(config)
   return Classifier(backbone, width, config.data.num_classes, rngs=rngs)
 
 

@@ -87,12 +87,12 @@ def main(argv):
     checks.check(config, _MODE.value)  # the check every mode starts with (it runs again there: no cost)
   except ValueError as e:  # checks.ConfigError (a ValueError, as are the modes' errors below)
     _fail(str(e))
-  from umd_jax import checkpoint, classify, data, encode, files, generate, latent, probe, sharding, train
+  from umd_jax import checkpoint, classify, data, encode, files, generate, latent, loop, probe, sharding, summary, train
   user_errors = (ValueError, data.DataError, sharding.ShardingError, checkpoint.CheckpointError,
-                 train.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError, files.OutputError)
+                 loop.TrainingError, probe.ProbeError, generate.SampleError, latent.LatentError, files.OutputError)
   try:
     if _MODE.value == "summary":
-      train.summarize(config, _WORKDIR.value)
+      summary.summarize(config, _WORKDIR.value)
     elif _MODE.value == "encode":
       meta = encode.run(config, _WORKDIR.value)
       split = config.data.train_split

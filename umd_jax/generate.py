@@ -16,8 +16,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from umd_jax import checks, data, diffusion, fid, files, images, inpainting, latent, methods, multihost, sharding, weights
-from umd_jax.models import umd
+from umd_jax import checks, data, diffusion, fid, files, images, geometry, inpainting, latent, methods, multihost, sharding, weights
 
 
 class SampleError(ValueError):
@@ -36,7 +35,7 @@ def make_sampler(config, graphdef, mesh):
   for latent models the model-space latents (decoded by `sample_many`), rows sharded over the
   batch. Build it once and reuse it: every new sampler compiles anew."""
   s = config.sample
-  size, channels = umd.input_shape(config)
+  size, channels = geometry.input_shape(config)
   latent_space = config.data.space == "latents"
   schedule, method = diffusion.from_config(config), methods.get(config)
   bs = sharding.batch_sharding(mesh)
@@ -82,7 +81,7 @@ def run(config, workdir, devices=None) -> dict:
             "steps": s.steps, "sampler": s.sampler, "eta": s.eta, "cfg_scale": s.cfg_scale, "seed": s.seed,
             "prediction": s.prediction, "timesteps": s.timesteps, "clip": s.clip, "uint8": s.uint8}
   with files.OutputSet(epath.Path(workdir) / "samples") as outputs:  # published together, at the end
-    if methods.get(config).generates:
+    if isinstance(methods.get(config), methods.Sampler):
       result.update(_samples(config, graphdef, params, mesh, outputs, workdir))
     if s.inpaint:
       result["inpaint"] = inpainting.evaluate(config, graphdef, params, mesh, outputs, workdir)

@@ -17,9 +17,9 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from umd_jax import corruption, data, diffusion, fid, files, images, methods, multihost, perceptual, sharding
+from umd_jax import corruption, data, diffusion, fid, files, geometry, images, methods, multihost, perceptual, sharding
 from umd_jax.data import encoded
-from umd_jax.models import lpips, umd
+from umd_jax.models import lpips
 
 
 class InpaintError(ValueError):
@@ -35,7 +35,7 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
     m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
     return np.broadcast_to(m, (batch, size, size, 1)).copy()
   if kind == "random":
-    num_patches = (umd.input_shape(config)[0] // methods.get(config).variant(config)["patch"]) ** 2
+    num_patches = geometry.num_tokens(config, methods.get(config).patch(config))
     m = corruption.random_mask(key, batch, num_patches, config.sample.inpaint_ratio)
     return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
   path = epath.Path(kind)
@@ -48,7 +48,7 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
 
 def masked_patch_count(config, known: np.ndarray) -> int:
   """Patches with an unknown pixel, the same in every image of `known` (B, H, W, 1)."""
-  patch = methods.get(config).variant(config)["patch"]
+  patch = methods.get(config).patch(config)
   counts = corruption.known_patches(known, patch).sum(axis=1).round().astype(int)
   if counts.min() != counts.max():
     raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} masks {counts.min()}..{counts.max()} patches per "
@@ -154,7 +154,8 @@ def evaluate(config, graphdef, params, mesh, outputs, workdir) -> dict:
   picture = images.grid([x * k, 2 * np.broadcast_to(k, x.shape) - 1, np.clip(f, -1, 1), x])
   files.on_main(lambda: images.save_png(outputs.path("inpaint.png"), picture, upscale=max(1, 256 // picture.shape[1])))
   scores = {"mask": s.inpaint, "images": int(n), **{k: float(v) / n for k, v in sums.items()},
-            "inpainter": methods.get(config).name, "steps": methods.get(config).inpaint_steps(config),
+            "method": config.method, "inpainter": methods.get(config).inpainter(config),
+            "steps": methods.get(config).inpaint_steps(config),
             "sampler": s.sampler, "grid": str(outputs.final("inpaint.png"))}
   if s.inpaint == "random":
     scores["ratio"] = s.inpaint_ratio

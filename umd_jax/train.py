@@ -7,23 +7,17 @@ SIGTERM / SIGINT save a checkpoint and return cleanly, on every process at the s
 (multihost.StopRequest), even when the signal reached only some of them.
 """
 import functools
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import parameter_overview
 from etils import epath
 from flax import nnx
 
-from umd_jax import (checkpoint, checks, data, diffusion, events, files, flops, generate, images, latent, methods,
+from umd_jax import (checkpoint, checks, data, diffusion, files, generate, images, latent, loop, methods,
                      multihost, probe, sharding, train_step, weights)
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a non-finite loss); the message says what happened and what to do."""
 
 
 def validate_config(config, mode: str = "pretrain") -> None:
@@ -47,17 +41,11 @@ def _reconstruction_fn(config, graphdef, mesh):
   return reconstruct
 
 
-def _finite_mean(values) -> float:
-  values = np.asarray(values, np.float64)
-  values = values[np.isfinite(values)]
-  return float(values.mean()) if values.size else float("nan")
-
-
 def _mean_metrics(history):
   """Average the per-step metric dicts fetched since the last log; buckets are pooled properly."""
   fetched = jax.device_get(history)
   # Skipped (non-finite) steps are left out of the means; the skip count is logged instead.
-  out = {k: _finite_mean([m[k] for m in fetched]) for k in fetched[0] if not k.startswith("bucket_")}
+  out = {k: loop.finite_mean([m[k] for m in fetched]) for k in fetched[0] if not k.startswith("bucket_")}
   sums = np.sum([m["bucket_sum"] for m in fetched], axis=0)
   counts = np.sum([m["bucket_count"] for m in fetched], axis=0)
   for i, (s, n) in enumerate(zip(sums, counts)):
@@ -73,7 +61,7 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
   workdir = epath.Path(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.batch_size, mesh)
-  source = training_source(config)  # also checks its class count (and latents their encoding)
+  source = loop.training_source(config)  # also checks its class count (and latents their encoding)
   resuming = checkpoint.latest_step(workdir) is not None
   # the micro-batch of gradient accumulation must split over the devices too
   sharding.check_batch(config.batch_size // config.grad_accum_steps, mesh,
@@ -89,43 +77,10 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
     ckpt.close()  # also on an error: no checkpointer threads left to print after the error line
 
 
-class Every:
-  """callback(step, t, **kwargs) after every step that one of `periods` divides (0: none), on
-  `on_steps` and, with `on_stop`, on the step at which a signal stops the run (t: time.monotonic())."""
-
-  def __init__(self, periods, callback, *, on_steps=(), on_stop=False):
-    self.periods = tuple(p for p in (periods if isinstance(periods, tuple) else (periods,)) if p)
-    self.callback, self.on_steps, self.on_stop = callback, set(on_steps), on_stop
-
-  def __call__(self, step, stopping=False, **kwargs):
-    if (stopping and self.on_stop) or step in self.on_steps or any(step % p == 0 for p in self.periods):
-      self.callback(step, time.monotonic(), **kwargs)
-
-
-class Profile:
-  """A jax.profiler trace (TensorBoard's profile tab) into `logdir`: started after step `first`,
-  stopped after step `first + steps`, or by `close()` when the run ends inside it."""
-
-  def __init__(self, logdir, first: int, steps: int):
-    self.logdir, self.first, self.steps, self.running = str(logdir), first, steps, False
-
-  def __call__(self, step):
-    if step == self.first and not self.running:
-      jax.profiler.start_trace(self.logdir)
-      self.running = True
-    elif self.running and step >= self.first + self.steps:
-      self.close()
-
-  def close(self):
-    if self.running:
-      jax.profiler.stop_trace()
-      self.running = False
-
-
 def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
   run = train_step.build(config, mesh)
   state, graphdef = run.state, run.graphdef
-  position_at = functools.partial(data_position, config, source)
+  position_at = functools.partial(loop.data_position, config, source)
   provenance = None
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore_latest(train_step.abstract_state(state, run.shardings), position_at,
@@ -144,15 +99,15 @@ def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
   batches = data.make_batches(config.data, source, global_batch=config.batch_size,
                               sharding=sharding.batch_sharding(mesh), seed=config.seed, train=True, start=start)
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
-  writer = _writer(workdir)
+  writer = loop.event_writer(workdir)
   if start == 0:
-    writer.write_hparams(_flat(config.to_dict()))
+    writer.write_hparams(loop.flat_config(config.to_dict()))
 
   history, logged = [], {}
   last, first, t0 = config.total_steps, start + 1, time.monotonic()
 
   def guard(step, t, state):
-    _check_finite(config, state, step, ckpt, history)
+    loop.check_finite(config, state, step, ckpt, history)
 
   def log(step, t, state):  # the means since the last log line
     since_step, since_t = logged.get("at", (start, t0))
@@ -160,31 +115,31 @@ def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
     history.clear()
     rate = (step - since_step) / max(t - since_t, 1e-9)
     writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "images_per_sec": rate * config.batch_size})
-    parts = ", ".join(f"{k[5:]} {v:.5f}" for k, v in scalars.items() if _is_part(k))
+    parts = ", ".join(f"{k[5:]} {v:.5f}" for k, v in scalars.items() if loop.is_loss_part(k))
     logging.info("step %d/%d: loss %.5f (%s), %.2f steps/s", step, last, scalars["loss"], parts, rate)
     logged.update(last=scalars, at=(step, t))
     logged.setdefault("first_loss", scalars["loss"])
 
   # The finiteness guard runs before every log line and checkpoint: nothing logs or saves a bad state.
-  actions = [Every((config.log_every, config.checkpoint_every), guard, on_steps=(first, last), on_stop=True),
-             Every(config.log_every, log, on_steps=(first, last), on_stop=True),
-             Every(config.image_every, _reconstruction_action(config, graphdef, mesh, workdir, writer, vae),
+  actions = [loop.Every((config.log_every, config.checkpoint_every), guard, on_steps=(first, last), on_stop=True),
+             loop.Every(config.log_every, log, on_steps=(first, last), on_stop=True),
+             loop.Every(config.image_every, _reconstruction_action(config, graphdef, mesh, workdir, writer, vae),
                    on_steps=(last,))]
   if config.probe_every:
     fewshot = probe.FewShotEval(config, graphdef, mesh, vae)
-    actions.append(Every(config.probe_every, lambda step, t, state: _scores(writer, step, fewshot(state.params)),
+    actions.append(loop.Every(config.probe_every, lambda step, t, state: _scores(writer, step, fewshot(state.params)),
                          on_steps=(last,)))
   if config.fid_every:
     fid = generate.FidEval(config, graphdef, mesh, workdir, vae)
     ema_or_live = lambda state: state.ema_params if state.ema_params is not None else state.params
-    actions.append(Every(config.fid_every, lambda step, t, state: _scores(writer, step, fid(ema_or_live(state))),
+    actions.append(loop.Every(config.fid_every, lambda step, t, state: _scores(writer, step, fid(ema_or_live(state))),
                          on_steps=(last,)))
-  actions.append(Every(config.checkpoint_every,
+  actions.append(loop.Every(config.checkpoint_every,
                        lambda step, t, state: ckpt.save(step, state, position_at(step), config, provenance),
                        on_steps=(last,), on_stop=True))
   profile = None
   if config.profile.steps:  # a trace of `steps` steps from `first_step`: TensorBoard's profile tab
-    profile = Profile(workdir / "profile" / f"process_{jax.process_index()}", config.profile.first_step,
+    profile = loop.Profile(workdir / "profile" / f"process_{jax.process_index()}", config.profile.first_step,
                       config.profile.steps)
 
   step = start
@@ -209,12 +164,6 @@ def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
               stopped_by=stop.signal, workdir=str(workdir), state=state)
 
 
-def _writer(workdir):
-  """TensorBoard (scalars, images, hyperparameters) from process 0, written asynchronously; the
-  console gets the loop's one line per log step instead of every scalar again."""
-  return events.Writer(workdir) if multihost.is_main() else events.NullWriter()
-
-
 def _scores(writer, step, scores: dict) -> None:
   """An evaluation's results: to TensorBoard, and one log line."""
   writer.write_scalars(step, {k: v for k, v in scores.items() if k != "fid_samples"})
@@ -236,16 +185,6 @@ def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
                                           upscale=max(1, 256 // picture.shape[0])))
     writer.write_images(step, {"reconstruction": picture[None]})
   return action
-
-
-def data_position(config, source, step: int) -> dict:
-  """The training stream's global position after `step` steps and what defines the stream
-  (the same on every process and for any number of them)."""
-  d = config.data
-  return {"global_batches": int(step), "batch_size": config.batch_size, "seed": config.seed, "data": d.name,
-          "split": d.train_split, "records": len(source), "image_size": d.image_size,
-          "crop_area": [d.crop_area_min, d.crop_area_max], "flip": d.flip,
-          **({"space": "latents"} if d.space == "latents" else {})}
 
 
 def _fresh_keys(source_config) -> set:
@@ -272,18 +211,6 @@ def finetune(config, workdir, devices=None) -> dict:
   return pretrain(config, workdir, devices, mode="finetune")
 
 
-def training_source(config):
-  """The records training reads: the images of data.train_split, or their encoded latents."""
-  d = config.data
-  if d.space != "latents":
-    return data.make_source(d, d.train_split)
-  source = data.LatentSource(d.latents, d.train_split, latent.expected_metadata(config))
-  if d.num_classes and source.num_classes and source.num_classes != d.num_classes:
-    raise data.DataError(f"data.latents={d.latents!r} holds {source.num_classes} classes but data.num_classes="
-                         f"{d.num_classes}: set --config.data.num_classes={source.num_classes} or encode the right set")
-  return source
-
-
 def _preview_images(config, mesh, vae=None):
   """A fixed batch (>= 8 images) for the reconstruction grid: the test split of the digits, else
   train; for latent models (`vae`) their latents."""
@@ -296,61 +223,3 @@ def _preview_images(config, mesh, vae=None):
   return images_ if vae is None else vae.to_latents(images_)
 
 
-def _check_finite(config, state, step, ckpt, history, lr_key: str = "optim.base_lr"):
-  """Policy for updates skipped because the loss, gradient or update was not finite: "stop" at
-  the first, "skip" until more than `max_skips`. Raises without saving, so the latest
-  checkpoint stays the last good state. `lr_key`: the learning rate the loop reads."""
-  bad = int(state.first_nonfinite)
-  if bad < 0:
-    return
-  skipped = int(state.nonfinite_steps)
-  if config.nonfinite_policy == "skip" and skipped <= config.max_skips:
-    logging.warning("step %d: %d non-finite updates skipped so far (first at step %d)", step, skipped, bad + 1)
-    return
-  ckpt.wait()
-  where = (f"{skipped} updates skipped for a non-finite loss or gradient, more than max_skips={config.max_skips}; "
-           f"the first at step {bad + 1}" if config.nonfinite_policy == "skip" else
-           f"non-finite loss or gradient at step {bad + 1}")
-  raise TrainingError(f"{where}{_describe_bad(history)}; stopped at step {step} without saving (latest good "
-                      f"checkpoint: step {ckpt.latest_step()}): lower {lr_key} or check the data")
-
-
-def _is_part(key: str) -> bool:
-  """A loss part of the method's metrics ("loss_clean", "loss_masked"; not the per-bucket "loss_t3")."""
-  return key.startswith("loss_") and not (key[5:6] == "t" and key[6:].isdigit())
-
-
-def _describe_bad(history) -> str:
-  """Loss parts and norms of the first non-finite step still in the unlogged history."""
-  fetched = jax.device_get(history)
-  keys = ["loss"] + [k for k in (fetched[0] if fetched else {}) if _is_part(k)] + ["grad_norm", "update_norm"]
-  for m in fetched:
-    if not all(np.isfinite(m[k]) for k in keys):
-      return " (" + ", ".join(f"{k} {float(m[k]):.4g}" for k in keys) + ")"
-  return ""
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
-
-
-def summarize(config, workdir: str) -> dict:
-  """Parameter overview, parameter count and training FLOPs per image; writes summary.json."""
-  validate_config(config, "summary")
-  _, abstract_params = weights.abstract_model(config)
-  params = nnx.to_pure_dict(abstract_params)
-  overview = parameter_overview.get_parameter_overview(params, include_stats=False)
-  count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-  result = {"params": count, "train_flops_per_image": flops.train_flops_per_image(config)}
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  files.write_text(workdir / "summary.json", json.dumps(result, indent=2))
-  print(overview)
-  print(f"parameters: {count:,}   training FLOPs per image (fwd+bwd): {result['train_flops_per_image']:.4g}")
-  return result

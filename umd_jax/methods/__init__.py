@@ -1,64 +1,82 @@
-"""The method interface: what the loop, the preview, probing, sampling, inpainting, FLOPs, the
-summary, the checks and weight loading know of a method. `get(config)` returns the method of
-`config.method`; nothing outside `umd_jax/methods/` and `umd_jax/models/` names one.
+"""The method registry: every method of this code, one line each. Config sections, presets, the
+keys a method refuses as another's, the resume objective check and every method list are derived
+from it; nothing outside `umd_jax/methods/` and `umd_jax/models/` names a method.
 
-A method is an object with:
-  name, generates            its name; whether it samples class-conditionally (generate's grid,
-                             .npz and FID) -- DiffMAE does not, it only inpaints
-  build(config, rngs)        the nnx model (every leaf an nnx.Param)
-  row_split(config)          share of the batch in its first sub-batch: gradient accumulation
-                             gives every micro-batch an equal part of each sub-batch
-  loss_fn(config, schedule)  loss(model, images, labels, key, sample_ids) -> (loss, metrics); the
-                             metrics hold "loss_*" parts (one log line) and per-timestep buckets
-  num_blocks(config)         blocks a probe may read (features' block indices 0 .. n-1)
-  features(model, x, t_index, blocks)
-                             (len(blocks), B, D) probe features, REP (-1) for the representation
-  preview(config, schedule, model, x0, key)
-                             (input shown to the model, its prediction) for the reconstruction grid
-  denoiser(config, make_model, labels)
-                             denoise(x_t, t) -> (x0, eps) for diffusion.py's samplers (generates)
-  sample(config, schedule, make_model, labels, noise, key)
-                             class-conditional samples from `noise` with sample.sampler (generates)
-  inpaint(config, schedule, make_model, images, known, labels, key, num_masked)
-                             images with the unknown pixels (known == 0) filled, known ones copied;
-                             num_masked: patches with an unknown pixel, the same in every image
-  inpaint_steps(config)      network calls of one inpainting (the sampling benchmark's unit)
-  train_flops_per_image(config)
-                             analytic forward + backward FLOPs of one training image
-  check(config, mode)        the method's own settings (raises checks.ConfigError)
-  variant(config)            model.variant parsed: width, patch, depths, heads (ValueError if bad)
-  noised(config, schedule, images, t, eps)
-                             (input, what the network is told) for probes and classifiers: the
-                             clean images (t None) or noised to timesteps t (B,) with eps (UMD
-                             family, DiffMAE: told t + 1, the clean step 0; DiT: t; SiT: its time)
-  encoder_depth(config)      blocks of its encoder (the classifier's default cut: after the last)
-  classify_tokens(model, x, t_index, block, drop)
-                             (B, L, D) patch tokens after `block` of the unmasked forward (numbered
-                             as `features` numbers them); drop (block + 1, 2, B) stochastic depth
-  classify_layers(config, block)
-                             {top-level parameter: layer id, or ("stack", id of its block 0)} of
-                             what that cut reads (MAE's layer-wise LR decay); others stay frozen
-`make_model()` merges the weights where it is called (inside a sampling scan: newer Flax refuses
-a module built at an outer trace level inside the model's own nnx.scan).
+A method satisfies `interface.Method` (core) and some of `interface.Trainable`, `Backbone`,
+`Sampler`, `Inpainter`; shared modules ask for a capability with `interface.require`.
+Adding a method: its module here (and its network in models/), then one line in REGISTRY.
 """
-from umd_jax import rules
-from umd_jax.methods import diffmae, dit_original, umd
-from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
+import ml_collections
 
-METHODS = {"umd": umd.METHOD, "dit": umd.METHOD, "maskdit": umd.METHOD, "mae": umd.METHOD,
-           "diffmae": diffmae.METHOD, "dit_original": dit_original.METHOD}
+from umd_jax import rules
+from umd_jax.methods import diffmae, dit_original, interface, umd
+from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
+from umd_jax.methods.interface import Backbone, Inpainter, Sampler, Trainable  # noqa: F401 (re-exported)
+
+REGISTRY = {m.name: m for m in (
+    umd.UMD, umd.DIT, umd.MASKDIT, umd.MAE,
+    diffmae.METHOD,
+    dit_original.METHOD,
+)}
+SHARED_OBJECTIVE = ("diffusion.", "optim.")  # what every trained method's loss depends on
 
 
 class UnknownMethod(ValueError):
   pass
 
 
+def named(name: str):
+  """The registered method `name`."""
+  try:
+    return REGISTRY[name]
+  except KeyError:
+    raise UnknownMethod(f"method={name!r}: use one of {sorted(REGISTRY)}") from None
+
+
 def get(config):
   """The method of `config.method`."""
-  try:
-    return METHODS[config.method]
-  except KeyError:
-    raise UnknownMethod(f"method={config.method!r}: use one of {sorted(METHODS)}") from None
+  return named(config.method)
+
+
+def trainable() -> list:
+  """Names of the methods that train here, in registry order."""
+  return [n for n, m in REGISTRY.items() if interface.has(m, Trainable)]
+
+
+def add_all_keys(c) -> None:
+  """Every method's own keys, each once (methods that share a class share their keys)."""
+  for m in {type(m): m for m in REGISTRY.values()}.values():
+    m.add_keys(c)
+
+
+def own_keys(method) -> set:
+  """Dotted keys `method.add_keys` adds (on an empty config with the shared sections it may extend)."""
+  c = ml_collections.ConfigDict()
+  for section in ("corruption", "model", "diffusion", "sample", "classify", "data", "optim"):
+    c[section] = ml_collections.ConfigDict()
+  method.add_keys(c)
+  return set(_flatten(c.to_dict()))
+
+
+def foreign_keys(method) -> list:
+  """Keys other methods add and `method` does not: it must leave them at their defaults."""
+  mine = own_keys(method)
+  return sorted(set().union(*(own_keys(m) for m in REGISTRY.values())) - mine)
+
+
+def objective_prefixes() -> tuple:
+  """Key prefixes a resumed training may not change: the shared ones and every method's own."""
+  return SHARED_OBJECTIVE + tuple(dict.fromkeys(p for m in REGISTRY.values() for p in m.objective))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def check_cut(config, blocks, ts, block_key: str = "probe.block", t_key: str = "probe.t") -> None:

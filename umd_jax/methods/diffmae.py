@@ -9,18 +9,16 @@ visible pixels are copied. It is not a class-conditional generator.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from configs import common
 from umd_jax import corruption, diffusion, flops, rules
 from umd_jax.methods.common import REP, ddpm_noised, pick
 from umd_jax.models import diffmae as model_lib
 from umd_jax.models import layers
-from umd_jax.models.umd import input_shape, parse_variant
+from umd_jax.geometry import input_shape
+from umd_jax.models.umd import parse_variant
 
 TARGETS = ("x0", "eps")
-# Keys only the UMD family reads; the checks refuse them set on a DiffMAE config.
-FOREIGN = ("dit", "corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
-           "corruption.label_dropout", "model.conditioning", "model.num_classes")
 
 
 def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, mask_ratio: float, target: str = "x0",
@@ -46,7 +44,7 @@ def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, ma
   return loss, dict(loss_masked=loss, bucket_sum=onehot.T @ per_image, bucket_count=onehot.sum(axis=0))
 
 
-# Where each DiffMAE default comes from, in one wording (METHOD.md §9's table, configs/common.py's
+# Where each DiffMAE default comes from, in one wording (METHOD.md §9's table, add_keys'
 # comments and the README say the same; tests/test_docs.py checks it). "read in the paper" is used
 # only with the passage quoted in METHOD.md; the paper's text could not be re-read here, so what was
 # recalled from it is labelled as such and counts as chosen.
@@ -65,14 +63,42 @@ TAGS = {RECALLED: "recalled", CHOSEN: "chosen", MAE_CODE: "MAE's"}  # the word e
 
 class DiffMAEMethod:
   name = "diffmae"
-  generates = False
   # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
   meaning = ("model.variant", "diffmae.target", "diffmae.links", "diffmae.decoder", "diffmae.decoder_width",
              "diffmae.decoder_depth", "diffmae.decoder_heads", "diffusion.schedule", "diffusion.num_timesteps",
              "diffusion.noise_exponent", "diffusion.rho_form")
 
+  objective = ("diffmae.",)
+
+  def add_keys(self, c) -> None:
+    """DiffMAE's own keys (METHOD.md §9). Sources (METHOD.md §9's table): "recalled" = chosen,
+    recalled from the paper, its text not re-read."""
+    c.diffmae = d = ml_collections.ConfigDict()
+    d.mask_ratio = 0.75              # share of patches masked, noised and denoised (recalled)
+    d.decoder = "cross_self"         # "cross_self" | "cross" | "joint" (MAE-like self-attention) (recalled)
+    d.links = "top_down"             # "top_down" (block i <- encoder block E-1-i·E/D) | "last" (recalled)
+    d.target = "x0"                  # what the decoder predicts: "x0" (pixels) | "eps" (recalled)
+    d.decoder_width = 512            # MAE's decoder: 8 blocks of width 512, 16 heads (MAE's code)
+    d.decoder_depth = 8              # (MAE's code)
+    d.decoder_heads = 16             # (MAE's code)
+
+  def configure(self, c) -> None:
+    c.model.num_registers = 1              # MAE's single class token (MAE's code): rep is its output
+    c.diffusion.schedule = "linear"        # a linear β schedule (recalled)
+    c.diffusion.noise_exponent = 0.8       # with the exponent ρ = 0.8 (recalled; where it acts: rho_form, chosen)
+    c.diffusion.num_timesteps = 1000       # (recalled)
+    c.sample.num_samples = 0               # not a class-conditional generator: --mode=generate inpaints
+    c.sample.inpaint = "center"
+    c.sample.sampler = "ddpm"              # ancestral DDPM over all T steps (recalled)
+
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)
+
+  def patch(self, config) -> int:
+    return parse_variant(config.model.variant)["patch"]
+
+  def width(self, config) -> int:
+    return parse_variant(config.model.variant)["width"]
 
   def row_split(self, config) -> float:
     return 0.0  # one kind of row
@@ -96,9 +122,6 @@ class DiffMAEMethod:
     if tuple(blocks) == (REP,):
       return model.encode(x)["rep"][None]
     return pick(model.features(x), blocks)
-
-  def variant(self, config) -> dict:
-    return parse_variant(config.model.variant)
 
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
@@ -130,9 +153,6 @@ class DiffMAEMethod:
     filled = _fill(x0, x0_pred, mask, patch, model.grid)
     return x0 * visible, filled
 
-  def denoiser(self, config, make_model, labels):
-    raise ValueError("DiffMAE is not a class-conditional generator: it inpaints (sample.inpaint)")
-
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
     """Encoder once on the known patches; the `num_masked` unknown patches of every image (those
     with any unknown pixel) start from Gaussian noise and are denoised alone, ancestral DDPM over
@@ -161,6 +181,10 @@ class DiffMAEMethod:
       x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, grid=s.timesteps, **kw)
     return known * images + (1 - known) * _fill(images, x, mask, patch, grid)
 
+  def inpainter(self, config) -> str:
+    """Only the masked patches denoised, given the clean encoder's context."""
+    return "masked-patch diffusion"
+
   def inpaint_steps(self, config) -> int:
     return config.diffusion.num_timesteps if config.sample.sampler == "ddpm" else config.sample.steps
 
@@ -168,11 +192,9 @@ class DiffMAEMethod:
     return 3.0 * forward_flops(config)
 
   def check(self, config, mode) -> None:
-    rules.unchanged(config, common.base_config("diffmae"), FOREIGN,
-                    "read only by the UMD family (umd, dit, maskdit, mae); DiffMAE's keys are diffmae.*")
     d = config.diffmae
-    rules.require(mode != "finetune", "--mode", mode, "DiffMAE has no class-conditional fine-tuning: pre-train, "
-                  "probe, fine-tune a classifier (--mode=classify) or inpaint with --mode=generate")
+    rules.require(config.model.num_classes == 0, "model.num_classes", config.model.num_classes,
+                  "must be 0: DiffMAE is self-supervised (no label embedding)")
     rules.require(d.decoder in model_lib.DECODERS, "diffmae.decoder", d.decoder, f"use one of {model_lib.DECODERS}")
     rules.require(d.links in model_lib.LINKS, "diffmae.links", d.links, f"use one of {model_lib.LINKS}")
     rules.require(d.target in TARGETS, "diffmae.target", d.target, f"use one of {TARGETS}")
@@ -190,12 +212,6 @@ class DiffMAEMethod:
                   f"must be divisible by 4 (sin-cos positions) and by diffmae.decoder_heads={d.decoder_heads}")
     rules.require(variant["width"] % 4 == 0, "model.variant", config.model.variant,
                   "needs a width divisible by 4 (sin-cos positions)")
-    if mode == "generate":
-      s = config.sample
-      rules.require(s.num_samples == 0, "sample.num_samples", s.num_samples,
-                    "must be 0: DiffMAE is not a class-conditional generator (it inpaints: sample.inpaint)")
-      rules.require(bool(s.inpaint), "sample.inpaint", s.inpaint,
-                    "is what --mode=generate does with DiffMAE: use 'random', 'center' or a PNG mask")
 
 
 def _fill(images, masked_patches, mask, patch, grid):

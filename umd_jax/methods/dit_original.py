@@ -8,32 +8,40 @@ channels). It is not trained here: DiT's objective adds a variational bound for 
 import jax
 import jax.numpy as jnp
 
-from configs import common
+import ml_collections
+
 from umd_jax import diffusion, flops, rules
 from umd_jax.methods.common import pick
 from umd_jax.models import dit as model_lib
-from umd_jax.models.umd import input_shape
-
-FOREIGN = ("diffmae", "corruption.clean_fraction", "corruption.clean_mask_ratio", "corruption.noised_mask_ratio",
-           "model.conditioning")
-
+from umd_jax.geometry import input_shape
 
 class OriginalDiT:
   name = "dit_original"
-  generates = True
   # What a checkpoint's numbers mean (METHOD.md §12): dit.time tells DiT's weights from SiT's.
   meaning = ("model.variant", "dit.time", "dit.learn_sigma", "dit.mlp_norm_eps", "diffusion.schedule",
              "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
 
+  objective = ("dit.",)
+
+  def add_keys(self, c) -> None:
+    c.dit = d = ml_collections.ConfigDict()
+    d.learn_sigma = True             # 2C output channels: eps and the variance interpolation v
+    d.mlp_norm_eps = 1e-6            # the MLP branch's LayerNorm eps: 1e-6 (DiT's code); diffusers' port 1e-5
+    d.cfg_channels = 3               # guidance on the first 3 eps channels (DiT's forward_with_cfg); 4: all
+    d.time = "dit"                   # "dit": DDPM timesteps; "sit": SiT's weights (continuous t, 1 = data;
+                                     # probes noise by the linear interpolant at s = 1 - t/T)
+
+  def configure(self, c) -> None:
+    c.classify.t = 0  # DiT never saw the clean index: DDAE's image noised to t = 0
+
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)
 
-  def row_split(self, config) -> float:
-    return 0.0
+  def patch(self, config) -> int:
+    return model_lib.parse_variant(config.model.variant)["patch"]
 
-  def loss_fn(self, config, schedule):
-    raise ValueError("method='dit_original' holds converted public weights; it is not trained here "
-                     "(tools/convert_dit_weights.py)")
+  def width(self, config) -> int:
+    return model_lib.parse_variant(config.model.variant)["width"]
 
   def num_blocks(self, config) -> int:
     return model_lib.parse_variant(config.model.variant)["depth"]
@@ -41,9 +49,6 @@ class OriginalDiT:
   def features(self, model, x, t_index, blocks):
     """Every block's mean-pooled tokens told t_index with the null label; rep is the last block's."""
     return pick(model.features(x, model.condition(t_index)), blocks)
-
-  def variant(self, config) -> dict:
-    return model_lib.parse_variant(config.model.variant)
 
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input. DiT: the image noised to t (q_sample) told t itself, the clean
@@ -58,9 +63,6 @@ class OriginalDiT:
     if t is None:
       return images, jnp.zeros((b,), jnp.int32)
     return diffusion.q_sample(schedule, images, t, eps), t
-
-  def preview(self, config, schedule, model, x0, key):
-    raise ValueError("method='dit_original' is not trained here: no reconstruction preview")
 
   def _model_out(self, config, make_model, labels):
     """(x_t, t) -> (eps, v) with classifier-free guidance as DiT's forward_with_cfg: the conditional
@@ -80,7 +82,7 @@ class OriginalDiT:
       return jnp.concatenate([guided, cond[..., k:]], axis=-1), o["v"][:b]
     return out
 
-  def denoiser(self, config, make_model, labels):
+  def _denoiser(self, config, make_model, labels):
     out = self._model_out(config, make_model, labels)
 
     def denoise(x, t):
@@ -95,15 +97,18 @@ class OriginalDiT:
     if s.sampler == "ddpm":
       return diffusion.learned_variance_sample(self._model_out(config, make_model, labels), schedule, noise, key,
                                                steps=s.steps, clip=s.clip)
-    return diffusion.ddim_sample(self.denoiser(config, make_model, labels), schedule, noise, key, steps=s.steps,
+    return diffusion.ddim_sample(self._denoiser(config, make_model, labels), schedule, noise, key, steps=s.steps,
                                  eta=s.eta, clip=s.clip, prediction="eps", grid=s.timesteps)
 
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
     s = config.sample
     k_noise, k_sample = jax.random.split(key)
-    return diffusion.inpaint_sample(self.denoiser(config, make_model, labels), schedule, images, known,
+    return diffusion.inpaint_sample(self._denoiser(config, make_model, labels), schedule, images, known,
                                     jax.random.normal(k_noise, images.shape), k_sample, steps=s.steps, eta=s.eta,
                                     clip=s.clip, resample=s.inpaint_resample, prediction="eps", grid=s.timesteps)
+
+  def inpainter(self, config) -> str:
+    return "repaint"
 
   def inpaint_steps(self, config) -> int:
     return config.sample.steps * config.sample.inpaint_resample
@@ -127,11 +132,6 @@ class OriginalDiT:
     return {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "blocks": ("stack", 1)}
 
   def check(self, config, mode) -> None:
-    rules.unchanged(config, common.base_config("dit_original"), FOREIGN,
-                    "not read by the original DiT (method='dit_original')")
-    rules.require(mode not in ("pretrain", "finetune"), "--mode", mode,
-                  "method='dit_original' loads converted public weights (tools/convert_dit_weights.py): probe, "
-                  "classify or generate them")
     try:
       model_lib.parse_variant(config.model.variant)
     except ValueError as e:

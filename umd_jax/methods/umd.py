@@ -1,26 +1,59 @@
 """The UMD method (METHOD.md §1-§4) and its presets DiT, MaskDiT and MAE: one auto-encoder, the
-mask-then-noise corruption and the UMD loss, sampled by DDIM / DDPM over the whole image and
-inpainted RePaint-style. The presets differ only in `config.corruption` and the conditioning."""
+mask-then-noise corruption and the UMD loss (umd_loss.py), sampled by DDIM / DDPM over the whole
+image and inpainted RePaint-style (MAE: its one-shot fill). The presets differ only in the values
+of `corruption.*` and the conditioning: four registered methods, one class.
+"""
 import jax
 import jax.numpy as jnp
 
-from configs import common
 from umd_jax import corruption, diffusion, flops, rules
+from umd_jax.geometry import input_shape
+from umd_jax.methods import umd_loss
 from umd_jax.methods.common import REP, ddpm_noised, pick, sample_with
 from umd_jax.models import umd as model_lib
+from umd_jax.models.umd import parse_variant
 
-# Keys only the DiffMAE method reads; the checks refuse them set on this family.
-FOREIGN = ("diffmae", "dit")
-
-
+# METHOD.md §1 table: the baselines are values of the same corruption, not code paths.
+PRESETS = {
+    "umd": dict(clean_fraction=0.5, clean_mask_ratio=0.75, noised_mask_ratio=0.375, conditioning="adaln"),
+    "dit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, conditioning="adaln"),
+    "maskdit": dict(clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.5, conditioning="adaln"),
+    "mae": dict(clean_fraction=1.0, clean_mask_ratio=0.75, noised_mask_ratio=0.0, conditioning="in_context"),
+}
 # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
 SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
 
 
 class UMDFamily:
-  name = "umd"
-  generates = True
   meaning = ("model.variant", "model.conditioning") + SCHEDULE
+  objective = ("corruption.",)
+
+  def __init__(self, name: str):
+    self.name, self.preset = name, PRESETS[name]
+
+  def add_keys(self, c) -> None:
+    """The corruption of METHOD.md §1 (values: the presets) and the conditioning."""
+    c.corruption.clean_fraction = 0.0        # share of the batch in the clean sub-batch (no noise, index 0)
+    c.corruption.clean_mask_ratio = 0.0      # its mask ratio (loss on the masked patches)
+    c.corruption.noised_mask_ratio = 0.0     # the noised sub-batch's mask ratio
+    c.corruption.label_dropout = 0.0         # class-conditional training: P(label -> null class)
+    c.model.conditioning = "adaln"           # "adaln" | "in_context"
+
+  def configure(self, c) -> None:
+    p = self.preset
+    c.corruption.clean_fraction = p["clean_fraction"]
+    c.corruption.clean_mask_ratio = p["clean_mask_ratio"]
+    c.corruption.noised_mask_ratio = p["noised_mask_ratio"]
+    c.model.conditioning = p["conditioning"]
+    # Recognition fine-tuning's input: the clean image (timestep index 0), or for a network that never
+    # saw index 0 (DiT, MaskDiT: no clean sub-batch) DDAE's image noised to t = 0, told 1.
+    c.classify.t = -1 if p["clean_fraction"] > 0 else 0
+
+  def patch(self, config) -> int:
+    return parse_variant(config.model.variant)["patch"]
+
+  def width(self, config) -> int:
+    return parse_variant(config.model.variant)["width"]
 
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)
@@ -34,7 +67,7 @@ class UMDFamily:
     conditional = bool(config.model.num_classes)
 
     def loss(model, images, labels, key, sample_ids=None):
-      return corruption.umd_loss(model, schedule, images, key, num_patches=num_patches,
+      return umd_loss.loss(model, schedule, images, key, num_patches=num_patches,
                                  clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                  noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
                                  labels=labels if conditional else None, label_dropout=c.label_dropout,
@@ -42,7 +75,7 @@ class UMDFamily:
     return loss
 
   def num_blocks(self, config) -> int:
-    v = model_lib.parse_variant(config.model.variant)
+    v = parse_variant(config.model.variant)
     return v["encoder_depth"] + v["decoder_depth"]
 
   def features(self, model, x, t_index, blocks):
@@ -52,15 +85,12 @@ class UMDFamily:
       return model.encode(x, cond)[1].astype(jnp.float32)[None]
     return pick(model.features(x, t_index), blocks)
 
-  def variant(self, config) -> dict:
-    return model_lib.parse_variant(config.model.variant)
-
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
     return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)
 
   def encoder_depth(self, config) -> int:
-    return model_lib.parse_variant(config.model.variant)["encoder_depth"]
+    return parse_variant(config.model.variant)["encoder_depth"]
 
   def classify_tokens(self, model, x, t_index, block, drop=None):
     """Patch tokens after `block` of the unmasked forward told t_index (the null label for a
@@ -92,7 +122,7 @@ class UMDFamily:
     shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
     return shown, out["x0"]
 
-  def denoiser(self, config, make_model, labels):
+  def _denoiser(self, config, make_model, labels):
     def apply(x, t_index, y):
       out = make_model()(x, t_index, y)
       return out["x0"], out["eps"]
@@ -101,7 +131,7 @@ class UMDFamily:
     return diffusion.guided(apply, labels, config.model.num_classes, config.sample.cfg_scale)
 
   def sample(self, config, schedule, make_model, labels, noise, key):
-    return sample_with(self.denoiser(config, make_model, labels), config, schedule, noise, key)
+    return sample_with(self._denoiser(config, make_model, labels), config, schedule, noise, key)
 
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
     """RePaint-style: the whole network samples the whole image, the known region held to its
@@ -112,7 +142,7 @@ class UMDFamily:
       return self._one_shot_fill(make_model(), images, known, num_masked)
     s = config.sample
     k_noise, k_sample = jax.random.split(key)
-    return diffusion.inpaint_sample(self.denoiser(config, make_model, labels), schedule, images, known,
+    return diffusion.inpaint_sample(self._denoiser(config, make_model, labels), schedule, images, known,
                                     jax.random.normal(k_noise, images.shape), k_sample, steps=s.steps, eta=s.eta,
                                     clip=s.clip, resample=s.inpaint_resample, prediction=s.prediction,
                                     grid=s.timesteps)
@@ -124,18 +154,19 @@ class UMDFamily:
     x0 = model(images, t_index, None, mask)["x0"]  # the clean step: the null label, as in training
     return known * images + (1 - known) * x0
 
+  def inpainter(self, config) -> str:
+    """RePaint (diffusion.inpaint_sample) over the whole image, or MAE's one-shot fill."""
+    return "one-shot fill" if one_shot(config) else "repaint"
+
   def inpaint_steps(self, config) -> int:
     """Network calls of one inpainting (DDIM over sample.steps, each redone inpaint_resample times;
     one for the one-shot fill)."""
     return 1 if one_shot(config) else config.sample.steps * config.sample.inpaint_resample
 
   def train_flops_per_image(self, config) -> float:
-    return flops.umd_train_flops_per_image(config)
+    return train_flops_per_image(config)
 
   def check(self, config, mode) -> None:
-    rules.unchanged(config, common.base_config("umd"), FOREIGN,
-                    "read only by DiffMAE (diffmae.*) or the original DiT (dit.*); this config's method is {!r}".format(
-                        config.method))
     c = config.corruption
     rules.fraction(c.clean_fraction, "corruption.clean_fraction")
     num_patches = model_lib.num_patches(config)
@@ -152,4 +183,34 @@ def one_shot(config) -> bool:
   return config.corruption.clean_fraction == 1.0
 
 
-METHOD = UMDFamily()
+# Analytic FLOPs (flops.py's unit): patch embedding, every dense layer and both attention matmuls of
+# the encoder (on registers + kept tokens) and decoder (on rep + all tokens), adaLN modulations,
+# condition MLPs and the output head.
+def forward_flops(*, width, encoder_depth, decoder_depth, heads, patch, image_size, channels,
+                  mask_ratio=0.0, num_registers=4, adaln=True, num_classes=0) -> float:
+  del heads  # FLOPs do not depend on the head split
+  num_patches = (image_size // patch) ** 2
+  kept = corruption.num_kept(num_patches, mask_ratio)
+  extra = 0 if adaln else 1  # the in-context condition token
+  total = 2 * num_patches * patch * patch * channels * width                 # patch embedding
+  total += encoder_depth * flops.block_flops(num_registers + kept + extra, width, adaln)
+  total += decoder_depth * flops.block_flops(num_patches + 1 + extra, width, adaln)
+  total += 2 * num_patches * width * patch * patch * 2 * channels             # x0 + eps head
+  total += 8 * width * width * (2 if num_classes else 1)                      # condition MLPs
+  total += 2 * width * 2 * width if adaln else 0                              # final modulation
+  return float(total)
+
+
+def train_flops_per_image(config) -> float:
+  """UMD: forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
+  c, m = config.corruption, config.model
+  size, channels = input_shape(config)
+  shared = dict(image_size=size, channels=channels, num_registers=m.num_registers,
+                adaln=m.conditioning == "adaln", num_classes=m.num_classes, **parse_variant(m.variant))
+  n_clean, n_noised = corruption.split_sizes(config.batch_size, c.clean_fraction)
+  per_batch = (n_clean * forward_flops(mask_ratio=c.clean_mask_ratio, **shared)
+               + n_noised * forward_flops(mask_ratio=c.noised_mask_ratio, **shared))
+  return 3.0 * per_batch / config.batch_size
+
+
+UMD, DIT, MASKDIT, MAE = (UMDFamily(name) for name in PRESETS)

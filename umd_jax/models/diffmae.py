@@ -16,7 +16,9 @@ import numpy as np
 from flax import nnx
 
 from umd_jax.models import layers
-from umd_jax.models.umd import DTYPES, compute_dtype, input_shape, parse_variant
+from umd_jax.geometry import input_shape
+from umd_jax.models.layers import DTYPES, compute_dtype
+from umd_jax.models.umd import parse_variant
 
 DECODERS = ("cross_self", "cross", "joint")
 LINKS = ("top_down", "last")

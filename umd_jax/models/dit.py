@@ -16,7 +16,8 @@ from flax import nnx
 
 from umd_jax.models import layers
 from umd_jax.models.diffmae import sincos_2d
-from umd_jax.models.umd import DTYPES, compute_dtype, input_shape
+from umd_jax.geometry import input_shape
+from umd_jax.models.layers import DTYPES, compute_dtype
 
 # name: (width, depth, heads); METHOD.md §11. "Mu" is for tests.
 VARIANTS = {"Mu": (32, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}

@@ -1,4 +1,4 @@
-"""Building blocks of the UMD auto-encoder (METHOD.md §3): embeddings, attention, adaLN-Zero block.
+"""Building blocks of the networks (METHOD.md §3): embeddings, attention, adaLN-Zero block, compute dtype.
 
 Kernels carry logical axis names ("embed", "mlp", ...) that `sharding.py` maps to mesh axes.
 """
@@ -11,6 +11,17 @@ from flax import nnx
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> str:
+  """`model.dtype` -> "float32" | "bfloat16"; "auto" is bfloat16 on TPU and GPU (their matmul
+  units' native input type; params, optimizer and loss stay float32), float32 on CPU."""
+  if name == "auto":
+    return "bfloat16" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "float32"
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use 'auto' or one of {sorted(DTYPES)}")
+  return name
 
 
 def patchify(x, patch: int):  # (B, H, W, C) -> (B, L, p*p*C), patches in row-major order

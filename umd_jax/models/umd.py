@@ -5,10 +5,10 @@ labels and optional kept/restore token indices (made by `corruption.py`).
 """
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from umd_jax import geometry
 from umd_jax.models import layers
 from umd_jax.rules import ConfigError
 
@@ -37,7 +37,6 @@ def parse_variant(variant: str) -> dict:
   return dict(width=width, encoder_depth=enc, decoder_depth=dec, heads=heads, patch=patch)
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONDITIONINGS = ("adaln", "in_context")
 
 
@@ -45,16 +44,6 @@ def check_conditioning(value: str) -> None:
   """The rule on model.conditioning (the constructor and the method's checks call it)."""
   if value not in CONDITIONINGS:
     raise ConfigError(f"model.conditioning={value!r}: use 'adaln' or 'in_context'")
-
-
-def compute_dtype(name: str) -> str:
-  """`model.dtype` -> "float32" | "bfloat16"; "auto" is bfloat16 on TPU and GPU (their matmul
-  units' native input type; params, optimizer and loss stay float32), float32 on CPU."""
-  if name == "auto":
-    return "bfloat16" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "float32"
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}: use 'auto' or one of {sorted(DTYPES)}")
-  return name
 
 
 class UMD(nnx.Module):
@@ -74,7 +63,7 @@ class UMD(nnx.Module):
     self.num_patches = self.grid ** 2
     self.num_registers, self.encoder_depth = num_registers, encoder_depth
     self.adaln = conditioning == "adaln"
-    self.dtype = dt = DTYPES[compute_dtype(dtype)]
+    self.dtype = dt = layers.DTYPES[layers.compute_dtype(dtype)]
     stack = dict(adaln=self.adaln, dtype=dt, scan=scan_layers, remat=remat, attention=attention, rngs=rngs)
     pos_init = layers.logical(nnx.initializers.normal(1 / math.sqrt(self.num_patches)), None, "seq", "embed")
     token_shape = (1, self.num_patches, width)
@@ -193,24 +182,15 @@ class UMD(nnx.Module):
     return dict(rep=rep.astype(jnp.float32), blocks=jnp.concatenate([pooled["encoder"], pooled["decoder"]]))
 
 
-def input_shape(config) -> tuple:
-  """(size, channels) of what the model sees: the images of `config.data`, or with
-  data.space="latents" their VAE latents (size / vae.downsample, vae.latent_channels)."""
-  d = config.data
-  if d.space == "latents":
-    return d.image_size // config.vae.downsample, config.vae.latent_channels
-  return d.image_size, d.channels
-
-
 def num_patches(config) -> int:
   """Tokens of one input: (input size / patch)²."""
-  return (input_shape(config)[0] // parse_variant(config.model.variant)["patch"]) ** 2
+  return geometry.num_tokens(config, parse_variant(config.model.variant)["patch"])
 
 
 def from_config(config, rngs: nnx.Rngs) -> UMD:
-  """Build the model of `config.model` for the input of `config.data` (see `input_shape`)."""
+  """Build the model of `config.model` for the input of `config.data` (see `geometry.input_shape`)."""
   m = config.model
-  size, channels = input_shape(config)
+  size, channels = geometry.input_shape(config)
   return UMD(image_size=size, channels=channels, num_registers=m.num_registers,
              conditioning=m.conditioning, num_classes=m.num_classes, dtype=m.dtype,
              scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, rngs=rngs, **parse_variant(m.variant))
