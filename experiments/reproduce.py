@@ -60,7 +60,9 @@ from common import machine, time_rounds  # noqa: E402  (bench/common.py)
 from configs import demo  # noqa: E402
 from umd_jax import classify, fid, files, generate, inpainting, methods, probe, sharding, train, weights  # noqa: E402
 
-METHODS = tuple(methods.trainable())  # the registry's methods that train here
+# The registry's methods this experiment can measure: trained here, probed and inpainted (SiT has no inpainter).
+METHODS = tuple(n for n in methods.trainable() if isinstance(methods.named(n), methods.Backbone)
+                and isinstance(methods.named(n), methods.Inpainter))
 INPAINT = (("center", 0.5), ("random", 0.5))  # (mask, share of patches for "random")
 
 
@@ -232,7 +234,9 @@ def run_one(args, method, seed, scorer) -> dict:
     if key in sampled:
       out[key] = sampled[key]
   if scorer is not None and "npz" in sampled:
-    with np.load(sampled["npz"]) as f:
+    # the file beside result.json: the path it records is as the run that wrote it named it (maybe
+    # relative to another working directory, when an interrupted run is continued from elsewhere)
+    with np.load(os.path.join(ft_dir, "samples", os.path.basename(sampled["npz"]))) as f:
       out.update(scorer.score(f["arr_0"]))
   return out
 

@@ -55,8 +55,12 @@ def tiny_config(method: str = "umd", **overrides):
   c.optim.base_lr = 2e-3
   if method == "diffmae":  # a decoder as small as the Mu encoder (width 32)
     c.diffmae.decoder_width, c.diffmae.decoder_depth, c.diffmae.decoder_heads = 32, 2, 2
-  c = common.finalize(c)
-  for key, value in overrides.items():
+  return with_values(common.finalize(c), overrides)
+
+
+def with_values(c, values: dict):
+  """`c` with each dotted key of `values` set (a locked config stays locked: keys must exist)."""
+  for key, value in values.items():
     node = c
     *parents, leaf = key.split(".")
     for p in parents:

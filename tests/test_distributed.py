@@ -354,6 +354,38 @@ def test_diffmae_pretraining_probing_and_inpainting_on_two_processes_equal_one_p
   np.testing.assert_array_equal(_png(multi / "samples" / "inpaint.png"), _png(copy / "samples" / "inpaint.png"))
 
 
+SIT_PRETRAIN = PRETRAIN + ["--config.probe.fewshot_shots=(1,5)", "--config.model.num_classes=10",
+                           "--config.corruption.label_dropout=0.1"]
+SIT_SAMPLE = ["--config.sample.num_samples=24", "--config.sample.batch_size=16", "--config.sample.steps=5",
+              "--config.sample.cfg_scale=2.0", "--config.sample.classifier_score=False", "--config.sample.grid_classes=2",
+              "--config.sample.grid_per_class=2"]
+
+
+def test_sit_pretraining_and_sampling_on_two_processes_equal_one_process(tmp_path):
+  """SiT (flow matching, a registered method like any other) on 2 processes x 4 devices against
+  1 x 8: class-conditional pre-training with the preview grid and the few-shot probe, then the SDE
+  and the Heun ODE sampler with guidance from the same weights."""
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  out = _run_together(_main_py("sit,12", "pretrain", multi, SIT_PRETRAIN), tmp_path / "logs_pretrain")
+  assert all("trained steps 0 -> 12" in o for o in out)
+  train.pretrain(_config("sit,12", SIT_PRETRAIN), str(single))
+  _assert_params_close(_params(multi), _params(single))
+  got, expected = _scalars(multi), _scalars(single)
+  assert got["loss_velocity"][12] == pytest.approx(expected["loss_velocity"][12], rel=1e-4)
+  assert got["fewshot_5shot"][12] == pytest.approx(expected["fewshot_5shot"][12], abs=1.01 / 297)
+  copy = tmp_path / "copy"
+  shutil.copytree(multi / "checkpoints", copy / "checkpoints")  # the very same weights for both
+  for sampler in ("sde", "ode_heun"):
+    overrides = SIT_PRETRAIN + SIT_SAMPLE + [f"--config.sample.sampler={sampler}"]
+    _run_together(_main_py("sit,12", "generate", multi, overrides), tmp_path / f"logs_{sampler}")
+    with np.load(next((multi / "samples").glob("samples_*.npz"))) as f:
+      got = f["arr_0"]
+    with np.load(generate.run(_config("sit,12", overrides), str(copy))["npz"]) as f:
+      expected = f["arr_0"]
+    assert got.shape == expected.shape == (24, 8, 8, 1)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, sampler  # uint8 rounding of float32 sums
+
+
 def _png(path):
   return np.asarray(Image.open(path))
 

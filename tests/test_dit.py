@@ -16,8 +16,10 @@ from safetensors.numpy import load_file, save_file
 
 from configs import common, dit_original
 from umd_jax import checks, diffusion, generate, methods, probe, sharding, weights
+from umd_jax.methods import dit_original as dit_original_method
 from umd_jax.models import dit
 
+from conftest import with_values
 from test_latent import TINY as TINY_VAE, vae_file  # noqa: F401 (the tiny VAE fixture, converted per module)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dit_tiny")
@@ -35,12 +37,7 @@ def tiny(vae_file="", **overrides):
             "probe.fewshot_shots": (1, 5), "probe.fewshot_seeds": 1, "probe.block": 1, "probe.t": 121,
             "sample.num_samples": 8, "sample.batch_size": 8, "sample.steps": 5, "sample.grid_classes": 2,
             "sample.grid_per_class": 2, "sample.inpaint_images": 0, **overrides}
-  for key, value in values.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  with_values(c, values)
   c.lock()
   return c
 
@@ -250,7 +247,7 @@ def test_guidance_follows_dits_forward_with_cfg():
     def __call__(self, x, t, labels):
       c = labels[:, None, None, None].astype(jnp.float32)
       return {"eps": jnp.concatenate([x * 0 + c] * 4, axis=-1), "v": x * 0 + 10 * c}
-  out = methods.get(config)._model_out(config, lambda: Fake(), jnp.array([2, 4]))
+  out = dit_original_method.cfg_outputs(config, lambda: Fake(), jnp.array([2, 4]))
   eps, v = out(jnp.zeros((2, 1, 1, 1)), jnp.array([5, 5]))
   null = 10.0
   expected = np.array([null + 3 * (2 - null), null + 3 * (4 - null)])
@@ -268,7 +265,8 @@ def test_sit_inputs_follow_the_linear_interpolant():
   np.testing.assert_allclose(xt[:, 0, 0, 0], [1.0, 0.75 - 0.25])
   clean, told = methods.get(config).noised(config, schedule, x, None, None)
   assert np.all(np.asarray(told) == 1.0) and clean is x
-  with pytest.raises(checks.ConfigError, match="SiT samples by integrating"):
+  with pytest.raises(checks.ConfigError, match="SiT samples by integrating its velocity field: convert the weights "
+                     "again with tools/convert_dit_weights.py --kind sit"):
     checks.check(config, "generate")
 
 
@@ -306,12 +304,19 @@ def test_dit_original_config_is_dits_protocol():
 
 
 def test_sit_weights_are_read_only_as_sit(tmp_path):
-  """A workdir converted with --kind sit refuses a config that would feed it DDPM inputs."""
-  cdw.convert(FIXTURE, str(tmp_path / "sit"), kind="sit", config=tiny())
+  """A workdir converted with --kind sit is method 'sit': a DiT config refuses it (another objective's
+  numbers), and a SiT config with REPA's time refuses it too."""
+  import test_sit
+  cdw.convert(FIXTURE, str(tmp_path / "sit"), kind="sit", config=test_sit.converted_config())
   mesh = sharding.make_mesh(tiny().mesh, jax.devices()[:1])
-  with pytest.raises(Exception, match="written with dit.time='sit', read here with dit.time='dit' .*: run with --config.dit.time=sit"):
+  with pytest.raises(Exception, match="holds weights of method 'sit' .*read here as method 'dit_original'"):
     weights.load(tiny(), str(tmp_path / "sit"), mesh)
-  weights.load(tiny(**{"dit.time": "sit"}), str(tmp_path / "sit"), mesh)
+  with pytest.raises(Exception, match="written with sit.time='sit', read here with sit.time='repa'"):
+    weights.load(test_sit.converted_config(**{"sit.time": "repa"}), str(tmp_path / "sit"), mesh)
+  weights.load(test_sit.converted_config(), str(tmp_path / "sit"), mesh)
+  with pytest.raises(cdw.ConversionError, match="--config's method is 'dit_original', but --kind sit weights are "
+                     "method 'sit''s: use --config configs/sit.py"):
+    cdw.convert(FIXTURE, str(tmp_path / "other"), kind="sit", config=tiny())
 
 
 def test_a_converted_dit_fine_tunes_into_a_classifier(tmp_path, vae_file):

@@ -4,7 +4,7 @@ import logging
 
 from conftest import tiny_config
 from test_main import run_main
-from umd_jax import probe, train
+from umd_jax import loop, probe, train
 
 
 def test_one_log_line_per_log_step_and_the_fewshot_evaluator_compiled_once(tmp_path, one_device, caplog, monkeypatch):
@@ -44,7 +44,7 @@ def test_profile_steps_writes_one_trace_of_a_real_run(tmp_path):
 
 def test_the_finiteness_guard_runs_before_every_log_line_and_checkpoint(tmp_path, one_device, monkeypatch):
   checked, log_every, checkpoint_every = [], 2, 3
-  monkeypatch.setattr(train, "_check_finite", lambda config, state, step, ckpt, history: checked.append(step))
+  monkeypatch.setattr(loop, "check_finite", lambda config, state, step, ckpt, history: checked.append(step))
   config = tiny_config(**{"total_steps": 8, "log_every": log_every, "checkpoint_every": checkpoint_every})
   train.pretrain(config, tmp_path / "run", devices=one_device)
   needed = {1, 8} | {s for s in range(1, 9) if s % log_every == 0 or s % checkpoint_every == 0}

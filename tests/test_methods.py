@@ -18,7 +18,7 @@ from umd_jax.methods import interface
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B, S, I = interface.Trainable, interface.Backbone, interface.Sampler, interface.Inpainter
 CLAIMS = {"umd": {T, B, S, I}, "dit": {T, B, S, I}, "maskdit": {T, B, S, I}, "mae": {T, B, S, I},
-          "diffmae": {T, B, I}, "dit_original": {B, S, I}}
+          "diffmae": {T, B, I}, "dit_original": {B, S, I}, "sit": {T, B, S}}
 
 
 def _members(protocol):
@@ -99,7 +99,7 @@ def test_one_registry_line_gives_config_section_preset_refusal_and_objective(mon
 
 def test_objective_prefixes_come_from_the_registry():
   assert checkpoint.OBJECTIVE == methods.objective_prefixes()
-  assert set(checkpoint.OBJECTIVE) == {"diffusion.", "optim.", "corruption.", "diffmae.", "dit."}
+  assert set(checkpoint.OBJECTIVE) == {"diffusion.", "optim.", "corruption.", "diffmae.", "dit.", "sit."}
 
 
 @pytest.mark.parametrize("path", ["configs/common.py", "umd_jax/checkpoint.py", "umd_jax/flops.py",

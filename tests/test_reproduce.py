@@ -33,12 +33,15 @@ def test_mean_std_over_seeds():
 def test_configs_differ_only_in_the_corruption_and_finetune_follows_spec():
   args = reproduce.parse_args([])
   umd, dit, mae = (reproduce.make_config(args, m, 1) for m in ("umd", "dit", "mae"))
-  same = lambda a, b: {k: v for k, v in a.to_dict().items() if k not in ("method", "corruption", "model", "probe")} == \
-      {k: v for k, v in b.to_dict().items() if k not in ("method", "corruption", "model", "probe")}
+  preset = ("method", "corruption", "model", "probe", "classify")  # classify.t: the method's preset (DiT: 0)
+  same = lambda a, b: {k: v for k, v in a.to_dict().items() if k not in preset} == \
+      {k: v for k, v in b.to_dict().items() if k not in preset}
   assert same(umd, dit) and same(umd, mae) and umd.seed == 1 and umd.total_steps == 2000
   assert umd.model.variant == dit.model.variant == mae.model.variant == "Ti/2"
   assert (dit.corruption.clean_fraction, dit.corruption.noised_mask_ratio) == (0.0, 0.0)
   assert mae.model.conditioning == "in_context" and umd.model.conditioning == "adaln"
+  assert {k: v for k, v in umd.classify.to_dict().items() if k != "t"} == {
+      k: v for k, v in dit.classify.to_dict().items() if k != "t"} and (umd.classify.t, dit.classify.t) == (-1, 0)
   family = ("umd", "dit", "maskdit", "mae")  # DiffMAE is not fine-tuned: it does not generate
   ft = {m: reproduce.make_config(args, m, 0, finetune=True, init_from="x") for m in family}
   assert [ft[m].corruption.clean_fraction for m in family] == [0.05, 0.0, 0.0, 0.05]
@@ -66,7 +69,9 @@ def test_quick_run_writes_the_table_plot_and_numbers(tmp_path):
   assert "classifier_accuracy" not in diffmae and "digits_fd" not in diffmae  # DiffMAE does not generate
   assert diffmae["inpaint"]["center"]["inpainter"] == "masked-patch diffusion" and umd["inpaint"]["center"]["inpainter"] == "repaint"
   assert diffmae["inpaint"]["center"]["sampler"] == "ddim" and diffmae["inpaint"]["center"]["steps"] == 4  # quick
-  assert saved["step_cost"]["umd"]["step_vs_dit"] is None and set(umd["baselines"]) == {"pixels", "random_init"}
+  reference = saved["step_cost"]["umd"]["reference"]  # the method of most FLOPs per image among those run
+  assert reference == max(("umd", "diffmae"), key=lambda m: saved["runs"][m == "diffmae"]["train_gflop_per_image"])
+  assert saved["step_cost"][reference]["step_vs_reference"] == 1.0 and set(umd["baselines"]) == {"pixels", "random_init"}
   ref = saved["real_reference"]  # real digits scored like samples: close, precise, covering
   assert ref["digits_fd"] < 10 and ref["precision"] > 0.7 and ref["recall"] > 0.7 and ref["mlp_test_accuracy"] > 0.9
   table = (tmp_path / "summary.md").read_text()

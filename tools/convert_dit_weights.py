@@ -1,7 +1,8 @@
-"""One-time conversion of a public DiT (or SiT) checkpoint into a workdir umd_jax reads
-(`--mode=probe`, `--mode=generate`, `--mode=classify` with init_from), under configs/dit_original.py.
+"""One-time conversion of a public DiT, SiT or REPA SiT checkpoint into a workdir umd_jax reads
+(`--mode=probe`, `--mode=generate`, `--mode=classify` with init_from): DiT under
+configs/dit_original.py (method 'dit_original'), SiT and REPA under configs/sit.py (method 'sit').
 
-  python tools/convert_dit_weights.py SRC WORKDIR [--kind dit|sit] [--config configs/dit_original.py]
+  python tools/convert_dit_weights.py SRC WORKDIR [--kind dit|sit|repa] [--config CONFIG]
 
 SRC is one of
   * a diffusers folder: the `transformer/` folder of a DiT pipeline (config.json + safetensors),
@@ -18,8 +19,10 @@ named by its key), DiT's stored position table against this code's, and diffuser
 copies of the timestep / label embedders against each other. WORKDIR must be new or empty, and is
 checked before the file is read. Every failure -- a wrong, partial, truncated or foreign file, a
 WORKDIR that holds something, a full disk -- is one `error:` line, and writes nothing. `--kind sit`: SiT's
-weights (the same backbone, trained on the linear interpolant with continuous t in [0, 1];
-`dit.time = "sit"` is recorded in the config).
+weights (the same backbone, trained on the linear interpolant with continuous t in [0, 1]: method
+'sit', sit.time = "sit"). `--kind repa`: REPA's SiT (sit.time = "repa": REPA's time runs from data
+at 0 to noise at 1); its projector heads (`projectors.*`, read only by REPA's training loss) are
+dropped, and said so; a file with them given as `--kind sit` is refused.
 """
 import argparse
 import glob
@@ -234,22 +237,30 @@ def _file_shape(path: str, shape) -> tuple:
   return tuple(reversed(shape)) if path.endswith("kernel") else tuple(shape)
 
 
-def make_config(topo: dict, kind: str, config_spec: str = "configs/dit_original.py", config=None):
-  """configs/dit_original.py (or `config_spec`, or a given `config`) set to the file's topology."""
+def make_config(topo: dict, kind: str, config_spec: str = "", config=None):
+  """The kind's config (configs/dit_original.py, configs/sit.py[:repa]; or `config_spec`, or a given
+  `config`) set to the file's topology. A config of another method than the kind's is refused."""
+  method, default_spec = KINDS[kind]
   if config is None:
     import importlib.util
-    path, _, arg = config_spec.partition(":")
+    path, _, arg = (config_spec or default_spec).partition(":")
     spec = importlib.util.spec_from_file_location("dit_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
+  if config.method != method:
+    raise ConversionError(f"--config's method is {config.method!r}, but --kind {kind} weights are method {method!r}'s: "
+                          f"use --config {default_spec}")
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.variant = topo["variant"]
     config.model.num_classes = topo["num_classes"]
     config.dit.learn_sigma = topo["learn_sigma"]
-    config.dit.time = kind
-    config.method = "dit_original"
+    config.optim.ema_rate = 0.0  # the file's weights (a training checkpoint's EMA ones) are the workdir's only copy
+    if method == "sit":
+      config.sit.time = kind  # "sit" | "repa": the time the network was trained with
+    else:
+      config.dit.time = "dit"
     if config.data.space == "latents":
       config.data.image_size = topo["input_size"] * config.vae.downsample
       config.vae.latent_channels = topo["channels"]
@@ -259,15 +270,20 @@ def make_config(topo: dict, kind: str, config_spec: str = "configs/dit_original.
   return config
 
 
-def convert(src: str, workdir: str, kind: str = "dit", config_spec: str = "configs/dit_original.py",
-            config=None) -> dict:
+KINDS = {"dit": ("dit_original", "configs/dit_original.py"), "sit": ("sit", "configs/sit.py"),
+         "repa": ("sit", "configs/sit.py:repa")}  # kind -> (method, its default config)
+PROJECTORS = "projectors."  # REPA's alignment heads: read by its training loss only
+
+
+def convert(src: str, workdir: str, kind: str = "dit", config_spec: str = "", config=None) -> dict:
   """Read, check and write. `config`: the base config instead of `config_spec`'s (tests); its model
-  settings are set to the file's topology either way."""
+  settings are set to the file's topology either way. `config_spec` "": the kind's own config."""
   from umd_jax import checkpoint
-  if kind not in ("dit", "sit"):
-    raise ConversionError(f"--kind={kind!r}: use 'dit' or 'sit'")
+  if kind not in KINDS:
+    raise ConversionError(f"--kind={kind!r}: use one of {', '.join(KINDS)}")
   _check_output(workdir)  # before the (possibly minutes-long) read
   state, meta = read_source(src)
+  state, dropped = _projectors(state, src, kind)
   topo = topology(state, meta)
   config = make_config(topo, kind, config_spec, config)
   params = to_params(state, topo, config)
@@ -277,7 +293,26 @@ def convert(src: str, workdir: str, kind: str = "dit", config_spec: str = "confi
     shutil.rmtree(workdir, ignore_errors=True)  # it was new or empty (checked): leave nothing half-written
     raise
   count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-  return {**topo, "kind": kind, "params": count, "workdir": workdir, "source": os.path.abspath(src)}
+  return {**topo, "kind": kind, "method": config.method, "params": count, "workdir": workdir,
+          "source": os.path.abspath(src), **({"dropped": dropped} if dropped else {})}
+
+
+def _projectors(state: dict, src: str, kind: str):
+  """(state without REPA's projector heads, what was dropped): only for --kind repa; a file with them
+  given as another kind is REPA's, and one without them given as repa is not."""
+  heads = sorted(k for k in state if k.startswith(PROJECTORS))
+  if heads and kind != "repa":
+    raise ConversionError(f"{src!r} holds REPA's projector heads ({heads[0]}, ...): it is REPA's SiT, trained with "
+                          "REPA's time (1 = noise); convert it with --kind repa")
+  if kind == "repa" and not heads:
+    raise ConversionError(f"{src!r} has no projector heads ({PROJECTORS}*): not a REPA checkpoint; a SiT "
+                          "checkpoint converts with --kind sit")
+  if not heads:
+    return state, ""
+  kept = {k: v for k, v in state.items() if not k.startswith(PROJECTORS)}
+  count = int(sum(np.prod(state[k].shape) for k in heads))
+  return kept, (f"REPA's projector heads: {len(heads)} tensors ({count:,} parameters) under {PROJECTORS}*, read only "
+                "by REPA's alignment loss; sampling, probing and fine-tuning do not use them")
 
 
 def _check_output(workdir: str) -> None:
@@ -294,8 +329,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("src")
   ap.add_argument("workdir")
-  ap.add_argument("--kind", default="dit", help="dit, or sit (SiT's weights: the same backbone)")
-  ap.add_argument("--config", default="configs/dit_original.py", help="the config the workdir is written with")
+  ap.add_argument("--kind", default="dit", help="dit, sit (SiT's weights: the same backbone), or repa (REPA's SiT)")
+  ap.add_argument("--config", default="", help="the config the workdir is written with (default: the kind's)")
   args = ap.parse_args(argv)
   from umd_jax import checkpoint
   try:  # the one place every failure becomes one line
@@ -305,9 +340,12 @@ def main(argv=None):
   except OSError as e:  # a full disk, a folder that cannot be created
     sys.exit(f"error: {e.strerror or e} ({e.filename or args.workdir})"
              + (": free space there and run again" if checkpoint._disk_full(e) else ""))
+  if info.get("dropped"):
+    print(f"dropped {info['dropped']}")
   print(json.dumps(info, indent=2))
-  print(f"probe it: python main.py --config=configs/dit_original.py:{info['variant']} --mode=probe "
-        f"--workdir={args.workdir} --config.vae.weights=vae.npz" + (" --config.dit.time=sit" if args.kind == "sit" else ""))
+  spec = (args.config or KINDS[args.kind][1]).split(":")[0] + ":" + ",".join(
+      [info["variant"]] + (["repa"] if args.kind == "repa" else []))
+  print(f"probe it: python main.py --config={spec} --mode=probe --workdir={args.workdir} --config.vae.weights=vae.npz")
   return info
 
 

@@ -463,6 +463,11 @@ def _refuse_other_meaning(manager, step: int, config, workdir) -> None:
   old, new = _flat_configs(manager, step, config)
   if old is None:
     return
+  writer = methods.REGISTRY.get(old.get("method"))
+  if writer is not None and type(writer) is not type(methods.get(config)):  # another objective's numbers
+    raise CheckpointError(f"{str(workdir)!r} step {step} holds weights of method {old['method']!r} (another "
+                          f"objective: {type(writer).__name__}), read here as method {config.method!r}: run with a "
+                          f"config of method {old['method']!r} (--config.method={old['method']})")
   differ = [k for k in methods.get(config).meaning if k in old and k in new and old[k] != new[k]]
   if differ:
     raise CheckpointError(

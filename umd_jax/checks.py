@@ -88,7 +88,7 @@ def _training(config) -> None:
     _fraction(o[key], f"optim.{key}", high_open=True)
   _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _fraction(o.warmup_fraction, "optim.warmup_fraction", high_open=True)
-  _require(o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "must be > 0")
+  _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0: no clipping)")
   _fraction(o.ema_rate, "optim.ema_rate")
   if config.probe_every:
     _probe(config, mode_probe=False)
@@ -176,7 +176,12 @@ def _generate(config) -> None:
   _int(config, "sample.num_samples", 0)
   for key in ("sample.batch_size", "sample.grid_classes", "sample.grid_per_class", "sample.inpaint_resample"):
     _int(config, key, 1)
-  _require(s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "use 'ddim' or 'ddpm'")
+  method = methods.get(config)
+  ours = getattr(method, "samplers", ())  # a Sampler's or an Inpainter's
+  if s.sampler not in ours:
+    others = [n for n, m in methods.REGISTRY.items() if s.sampler in getattr(m, "samplers", ())]
+    raise ConfigError(f"sample.sampler={s.sampler!r} is not one of method {config.method!r}'s: use one of {ours}"
+                      + (f" ({s.sampler!r} is method {' / '.join(others)}'s)" if others else ""))
   _require(s.prediction in diffusion.PREDICTIONS, "sample.prediction", s.prediction,
            "use 'eps' (the reference's evaluations) or 'x0'")
   _require(s.timesteps in diffusion.GRIDS, "sample.timesteps", s.timesteps, "use 'even' or 'strided' (the reference's grid)")

@@ -187,9 +187,10 @@ def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
   return action
 
 
-def _fresh_keys(source_config) -> set:
-  """Parameters a fine-tuning run makes anew: a label embedding its source did not have."""
-  return {"label_embed"} if source_config.model.num_classes == 0 else set()
+def _fresh_keys(config, source_config) -> set:
+  """Parameters a fine-tuning run makes anew: a label embedding its source did not have (the
+  method's `label_params`)."""
+  return set(methods.get(config).label_params) if source_config.model.num_classes == 0 else set()
 
 
 def read_init(config, mesh):
@@ -197,7 +198,7 @@ def read_init(config, mesh):
   against their checksums, sharded for `mesh`: every parameter but a label embedding the source
   did not have (fine-tuning a self-supervised model), which stays freshly initialised, as does the
   optimizer. Provenance: {"workdir", "step"}, saved with every checkpoint of the run."""
-  fresh = _fresh_keys(checkpoint.load_config(config.init_from))
+  fresh = _fresh_keys(config, checkpoint.load_config(config.init_from))
   _, abstract = weights.abstract_model(config)
   shardings = sharding.param_shardings(abstract, config.mesh.rules, mesh)
   target = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), v, shardings[k])

@@ -49,7 +49,8 @@ def weight_decay_mask(params):
 def make_optimizer(config):
   o = config.optim
   lr = learning_rate(config)
-  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+  clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []  # 0: none (SiT's training)
+  tx = optax.chain(*clip,
                    optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask))
   return tx, lr
 

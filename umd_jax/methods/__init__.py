@@ -9,7 +9,7 @@ Adding a method: its module here (and its network in models/), then one line in 
 import ml_collections
 
 from umd_jax import rules
-from umd_jax.methods import diffmae, dit_original, interface, umd
+from umd_jax.methods import diffmae, dit_original, interface, sit, umd
 from umd_jax.methods.common import REP  # noqa: F401 (re-exported)
 from umd_jax.methods.interface import Backbone, Inpainter, Sampler, Trainable  # noqa: F401 (re-exported)
 
@@ -17,6 +17,7 @@ REGISTRY = {m.name: m for m in (
     umd.UMD, umd.DIT, umd.MASKDIT, umd.MAE,
     diffmae.METHOD,
     dit_original.METHOD,
+    sit.METHOD,
 )}
 SHARED_OBJECTIVE = ("diffusion.", "optim.")  # what every trained method's loss depends on
 

@@ -1,10 +1,18 @@
 """What the methods share: the representation's block index, picking probe features, sampling
 with a (x0, eps) denoiser."""
 import jax.numpy as jnp
+import ml_collections
 
 from umd_jax import diffusion
 
 REP = -1  # block index meaning "the representation" (rep)
+
+
+def section(c, name: str) -> ml_collections.ConfigDict:
+  """Config section `name`, made empty if missing: methods that share a section each add their keys."""
+  if name not in c:
+    c[name] = ml_collections.ConfigDict()
+  return c[name]
 
 
 def pick(features: dict, blocks) -> jnp.ndarray:

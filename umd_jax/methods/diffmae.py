@@ -62,6 +62,8 @@ TAGS = {RECALLED: "recalled", CHOSEN: "chosen", MAE_CODE: "MAE's"}  # the word e
 
 
 class DiffMAEMethod:
+  label_params = ()  # no labels
+  samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
   name = "diffmae"
   # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
   meaning = ("model.variant", "diffmae.target", "diffmae.links", "diffmae.decoder", "diffmae.decoder_width",

@@ -8,31 +8,14 @@ channels). It is not trained here: DiT's objective adds a variational bound for 
 import jax
 import jax.numpy as jnp
 
-import ml_collections
-
-from umd_jax import diffusion, flops, rules
-from umd_jax.methods.common import pick
+from umd_jax import diffusion, flops, flow, rules
+from umd_jax.methods.common import pick, section
 from umd_jax.models import dit as model_lib
 from umd_jax.geometry import input_shape
 
-class OriginalDiT:
-  name = "dit_original"
-  # What a checkpoint's numbers mean (METHOD.md §12): dit.time tells DiT's weights from SiT's.
-  meaning = ("model.variant", "dit.time", "dit.learn_sigma", "dit.mlp_norm_eps", "diffusion.schedule",
-             "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
-
-  objective = ("dit.",)
-
-  def add_keys(self, c) -> None:
-    c.dit = d = ml_collections.ConfigDict()
-    d.learn_sigma = True             # 2C output channels: eps and the variance interpolation v
-    d.mlp_norm_eps = 1e-6            # the MLP branch's LayerNorm eps: 1e-6 (DiT's code); diffusers' port 1e-5
-    d.cfg_channels = 3               # guidance on the first 3 eps channels (DiT's forward_with_cfg); 4: all
-    d.time = "dit"                   # "dit": DDPM timesteps; "sit": SiT's weights (continuous t, 1 = data;
-                                     # probes noise by the linear interpolant at s = 1 - t/T)
-
-  def configure(self, c) -> None:
-    c.classify.t = 0  # DiT never saw the clean index: DDAE's image noised to t = 0
+class DiTNetwork:
+  """What the methods on Peebles' DiT network share (the original DiT, SiT): building it, its
+  geometry and FLOPs, and reading its blocks (a Backbone's features and classifier cut)."""
 
   def build(self, config, rngs):
     return model_lib.from_config(config, rngs)
@@ -43,6 +26,9 @@ class OriginalDiT:
   def width(self, config) -> int:
     return model_lib.parse_variant(config.model.variant)["width"]
 
+  def train_flops_per_image(self, config) -> float:
+    return train_flops(config)
+
   def num_blocks(self, config) -> int:
     return model_lib.parse_variant(config.model.variant)["depth"]
 
@@ -50,40 +36,46 @@ class OriginalDiT:
     """Every block's mean-pooled tokens told t_index with the null label; rep is the last block's."""
     return pick(model.features(x, model.condition(t_index)), blocks)
 
+  def encoder_depth(self, config) -> int:
+    return self.num_blocks(config)
+
+  def classify_tokens(self, model, x, t_index, block, drop=None):
+    return model.tokens(x, model.condition(t_index), block, drop)
+
+  def classify_layers(self, config, block) -> dict:
+    return {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "blocks": ("stack", 1)}
+
+
+class OriginalDiT(DiTNetwork):
+  samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
+  name = "dit_original"
+  # What a checkpoint's numbers mean (METHOD.md §12): dit.time tells DiT's weights from SiT's.
+  meaning = ("model.variant", "dit.time", "dit.learn_sigma", "dit.mlp_norm_eps", "diffusion.schedule",
+             "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
+
+  objective = ("dit.",)
+
+  def add_keys(self, c) -> None:
+    d = add_network_keys(c)
+    d.time = "dit"                   # "dit": DDPM timesteps; "sit": SiT's weights converted before method
+                                     # 'sit' existed (probed only; convert again with --kind sit to sample)
+
+  def configure(self, c) -> None:
+    c.classify.t = 0  # DiT never saw the clean index: DDAE's image noised to t = 0
+
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input. DiT: the image noised to t (q_sample) told t itself, the clean
     image told 0. SiT (dit.time = "sit"): the linear interpolant at s = 1 - t/T, s·x + (1 - s)·ε,
     told s (continuous, 1 = data), the clean image told 1."""
     b = images.shape[0]
     if config.dit.time == "sit":
-      if t is None:
-        return images, jnp.ones((b,), jnp.float32)
-      s = 1.0 - t.astype(jnp.float32) / schedule.num_timesteps
-      return s[:, None, None, None] * images + (1.0 - s[:, None, None, None]) * eps, s
+      return interpolant_noised(schedule, images, t, eps)
     if t is None:
       return images, jnp.zeros((b,), jnp.int32)
     return diffusion.q_sample(schedule, images, t, eps), t
 
-  def _model_out(self, config, make_model, labels):
-    """(x_t, t) -> (eps, v) with classifier-free guidance as DiT's forward_with_cfg: the conditional
-    and null-label halves in one batch, guidance on the first dit.cfg_channels eps channels, the
-    rest (other eps channels, v) the conditional half's."""
-    scale, null, k = config.sample.cfg_scale, config.model.num_classes, config.dit.cfg_channels
-
-    def out(x, t):
-      if scale == 1.0:
-        o = make_model()(x, t, labels)
-        return o["eps"], o["v"]
-      b = x.shape[0]
-      o = make_model()(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                       jnp.concatenate([labels, jnp.full_like(labels, null)]))
-      cond, uncond = o["eps"][:b], o["eps"][b:]
-      guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
-      return jnp.concatenate([guided, cond[..., k:]], axis=-1), o["v"][:b]
-    return out
-
   def _denoiser(self, config, make_model, labels):
-    out = self._model_out(config, make_model, labels)
+    out = cfg_outputs(config, make_model, labels)
 
     def denoise(x, t):
       eps, _ = out(x, t)
@@ -95,7 +87,7 @@ class OriginalDiT:
     DDIM over sample.steps with the eps head."""
     s = config.sample
     if s.sampler == "ddpm":
-      return diffusion.learned_variance_sample(self._model_out(config, make_model, labels), schedule, noise, key,
+      return diffusion.learned_variance_sample(cfg_outputs(config, make_model, labels), schedule, noise, key,
                                                steps=s.steps, clip=s.clip)
     return diffusion.ddim_sample(self._denoiser(config, make_model, labels), schedule, noise, key, steps=s.steps,
                                  eta=s.eta, clip=s.clip, prediction="eps", grid=s.timesteps)
@@ -113,24 +105,6 @@ class OriginalDiT:
   def inpaint_steps(self, config) -> int:
     return config.sample.steps * config.sample.inpaint_resample
 
-  def train_flops_per_image(self, config) -> float:
-    v = model_lib.parse_variant(config.model.variant)
-    size, channels = input_shape(config)
-    tokens = (size // v["patch"]) ** 2
-    p_dim = v["patch"] ** 2 * channels
-    forward = 2 * tokens * p_dim * v["width"] + v["depth"] * flops.block_flops(tokens, v["width"], adaln=True)
-    forward += 2 * tokens * v["width"] * p_dim * (2 if config.dit.learn_sigma else 1)
-    return 3.0 * forward
-
-  def encoder_depth(self, config) -> int:
-    return self.num_blocks(config)
-
-  def classify_tokens(self, model, x, t_index, block, drop=None):
-    return model.tokens(x, model.condition(t_index), block, drop)
-
-  def classify_layers(self, config, block) -> dict:
-    return {"x_embedder": 0, "t_embedder": 0, "y_embedder": 0, "blocks": ("stack", 1)}
-
   def check(self, config, mode) -> None:
     try:
       model_lib.parse_variant(config.model.variant)
@@ -143,11 +117,60 @@ class OriginalDiT:
     rules.require(config.dit.time in ("dit", "sit"), "dit.time", config.dit.time, "use 'dit' or 'sit'")
     if mode == "generate":
       rules.require(config.dit.time == "dit", "dit.time", config.dit.time, "is SiT's: SiT samples by integrating "
-                    "its velocity field (an ODE / SDE sampler this code does not have): probe or classify it")
+                    "its velocity field: convert the weights again with tools/convert_dit_weights.py --kind sit "
+                    "(method 'sit', configs/sit.py, samples them)")
       rules.require(config.sample.prediction == "eps", "sample.prediction", config.sample.prediction,
                     "must be 'eps': the original DiT predicts eps (and its variance)")
       rules.require(config.dit.learn_sigma or config.sample.sampler == "ddim", "sample.sampler",
                     config.sample.sampler, "needs dit.learn_sigma=True for 'ddpm' (the learned variance): use 'ddim'")
+
+
+def train_flops(config) -> float:
+  """Forward + backward FLOPs of one image through Peebles' DiT (flops.py's unit)."""
+  v = model_lib.parse_variant(config.model.variant)
+  size, channels = input_shape(config)
+  tokens = (size // v["patch"]) ** 2
+  p_dim = v["patch"] ** 2 * channels
+  forward = 2 * tokens * p_dim * v["width"] + v["depth"] * flops.block_flops(tokens, v["width"], adaln=True)
+  forward += 2 * tokens * v["width"] * p_dim * (2 if config.dit.learn_sigma else 1)
+  return 3.0 * forward
+
+
+def interpolant_noised(schedule, images, t, eps):
+  """SiT's probe / classifier input: the clean image told 1 (data), or the linear interpolant at
+  s = 1 - t/T (t a DDPM step index, as probes and DDAE name noise levels) told s."""
+  if t is None:
+    return images, jnp.ones((images.shape[0],), jnp.float32)
+  s = 1.0 - t.astype(jnp.float32) / schedule.num_timesteps
+  return flow.interpolate(images, eps, s), s
+
+
+def add_network_keys(c):
+  """Peebles' DiT network's keys (section dit), shared with SiT (methods/sit.py): same network."""
+  d = section(c, "dit")
+  d.learn_sigma = True             # 2C output channels: eps (SiT: velocity) and DiT's variance interpolation v
+  d.mlp_norm_eps = 1e-6            # the MLP branch's LayerNorm eps: 1e-6 (DiT's code); diffusers' port 1e-5
+  d.cfg_channels = 3               # guidance on the first 3 channels (DiT's and SiT's forward_with_cfg); 4: all
+  return d
+
+
+def cfg_outputs(config, make_model, labels):
+  """(x_t, t) -> (eps, v) with classifier-free guidance as DiT's forward_with_cfg: the conditional
+  and null-label halves in one batch, guidance on the first dit.cfg_channels eps channels, the
+  rest (other eps channels, v) the conditional half's."""
+  scale, null, k = config.sample.cfg_scale, config.model.num_classes, config.dit.cfg_channels
+
+  def out(x, t):
+    if scale == 1.0:
+      o = make_model()(x, t, labels)
+      return o["eps"], o["v"]
+    b = x.shape[0]
+    o = make_model()(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([labels, jnp.full_like(labels, null)]))
+    cond, uncond = o["eps"][:b], o["eps"][b:]
+    guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+    return jnp.concatenate([guided, cond[..., k:]], axis=-1), None if o["v"] is None else o["v"][:b]
+  return out
 
 
 METHOD = OriginalDiT()

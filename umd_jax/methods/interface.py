@@ -45,7 +45,10 @@ class Method(Protocol):
 
 @runtime_checkable
 class Trainable(Protocol):
-  """Trained here: --mode=pretrain (and, with a Sampler, class-conditional --mode=finetune)."""
+  """Trained here: --mode=pretrain (and, with a Sampler, class-conditional --mode=finetune).
+  `label_params`: the top-level parameters of its label table, made anew when a class-conditional
+  run starts from a self-supervised checkpoint."""
+  label_params: tuple
 
   def loss_fn(self, config, schedule) -> Loss:
     """loss(model, images, labels, key, sample_ids) -> (loss, metrics); the metrics hold "loss_*"
@@ -85,7 +88,9 @@ class Backbone(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-  """Samples class-conditionally: --mode=generate's grid, .npz and FID; --mode=finetune trains it."""
+  """Samples class-conditionally: --mode=generate's grid, .npz and FID; --mode=finetune trains it.
+  `samplers`: the values of sample.sampler it integrates with."""
+  samplers: tuple
 
   def sample(self, config, schedule, make_model, labels, noise, key) -> Any:
     """Samples from `noise` with sample.sampler. make_model() merges the weights where it is called
@@ -94,7 +99,8 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class Inpainter(Protocol):
-  """Fills unknown pixels: --mode=generate with sample.inpaint."""
+  """Fills unknown pixels: --mode=generate with sample.inpaint (with one of `samplers`)."""
+  samplers: tuple
 
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int) -> Any:
     """Images with the unknown pixels (known == 0) filled, known ones copied; num_masked: patches

@@ -25,6 +25,8 @@ SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_ex
 
 
 class UMDFamily:
+  label_params = ("label_embed",)
+  samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
   meaning = ("model.variant", "model.conditioning") + SCHEDULE
   objective = ("corruption.",)
 

@@ -19,8 +19,8 @@ from umd_jax.models.diffmae import sincos_2d
 from umd_jax.geometry import input_shape
 from umd_jax.models.layers import DTYPES, compute_dtype
 
-# name: (width, depth, heads); METHOD.md §11. "Mu" is for tests.
-VARIANTS = {"Mu": (32, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+# name: (width, depth, heads); METHOD.md §11. "Mu" (tests) and "Ti" (the demo: UMD Ti's width and block count) are ours.
+VARIANTS = {"Mu": (32, 2, 2), "Ti": (64, 6, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 FREQUENCY_DIM = 256
 
 
