@@ -18,7 +18,8 @@ from umd_jax.methods import interface
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B, S, I = interface.Trainable, interface.Backbone, interface.Sampler, interface.Inpainter
 CLAIMS = {"umd": {T, B, S, I}, "dit": {T, B, S, I}, "maskdit": {T, B, S, I}, "mae": {T, B, S, I},
-          "diffmae": {T, B, I}, "dit_original": {B, S, I}, "sit": {T, B, S}}
+          "diffmae": {T, B, I}, "dit_original": {B, S, I}, "sit": {T, B, S},
+          "sit_umd": {T, B, S}}
 
 
 def _members(protocol):

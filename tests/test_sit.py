@@ -155,7 +155,7 @@ def test_sit_trains_samples_with_every_sampler_and_probes(tmp_path):
 
 @pytest.mark.parametrize("method,overrides,message", [
     ("umd", {"sample.sampler": "sde"}, "sample.sampler='sde' is not one of method 'umd''s: use one of ('ddim', "
-     "'ddpm') ('sde' is method sit's)"),
+     "'ddpm') ('sde' is method sit / sit_umd's)"),
     ("sit", {"sample.sampler": "ddim"}, "sample.sampler='ddim' is not one of method 'sit''s: use one of ('sde', "
      "'ode_euler', 'ode_heun') ('ddim' is method umd / dit / maskdit / mae / diffmae / dit_original's)"),
     ("sit", {"sample.cfg_scale": 2.0}, "sample.cfg_scale=2.0 needs a class-conditional model"),
@@ -218,3 +218,22 @@ def test_class_conditional_fine_tuning_from_an_unconditional_sit(tmp_path):
   out = train.finetune(config, str(tmp_path / "ft"), devices=jax.devices()[:1])
   assert np.isfinite(out["last_loss"])
   assert out["state"].params["y_embedder"]["embedding"].shape == (11, 32)
+
+
+def test_sit_on_the_umd_network_trains_samples_probes_and_counts_its_flops(tmp_path):
+  """Method sit_umd: SiT's objective on the UMD auto-encoder (unmasked), through the same modes."""
+  config = tiny_config("sit_umd", **{"model.num_classes": 10, "corruption.label_dropout": 0.1})
+  out = train.pretrain(config, str(tmp_path / "w"), devices=jax.devices()[:2])
+  assert np.isfinite(out["last_loss"]) and set(out["state"].params) >= {"encoder", "decoder", "label_embed"}
+  c = tiny_config("sit_umd", **{"model.num_classes": 10, "sample.num_samples": 8, "sample.batch_size": 8,
+                                "sample.steps": 4, "sample.cfg_scale": 2.0, "sample.sampler": "ode_heun",
+                                "sample.grid_classes": 2, "sample.grid_per_class": 2})
+  samples = np.load(generate.run(c, str(tmp_path / "w"), devices=jax.devices()[:2])["npz"])["arr_0"]
+  assert samples.shape == (8, 8, 8, 1)
+  p = probe.run(tiny_config("sit_umd", **{"model.num_classes": 10, "probe.eval_split": "test", "probe.linear": False,
+                                          "probe.fewshot_shots": (1,), "probe.fewshot_seeds": 1, "probe.t": 100}),
+                str(tmp_path / "w"), devices=jax.devices()[:2])
+  assert p["feature"] == {"t": 100, "block": -1}
+  # the UMD network unmasked: every token through encoder and decoder, as UMD's noised step without masking
+  dit_preset = tiny_config("dit", **{"model.num_classes": 10})
+  assert methods.get(config).train_flops_per_image(config) == methods.get(dit_preset).train_flops_per_image(dit_preset)

@@ -18,6 +18,7 @@ REGISTRY = {m.name: m for m in (
     diffmae.METHOD,
     dit_original.METHOD,
     sit.METHOD,
+    sit.ON_UMD,
 )}
 SHARED_OBJECTIVE = ("diffusion.", "optim.")  # what every trained method's loss depends on
 

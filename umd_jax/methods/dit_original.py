@@ -154,22 +154,22 @@ def add_network_keys(c):
   return d
 
 
-def cfg_outputs(config, make_model, labels):
+def cfg_outputs(config, make_model, labels, channels: int = 0):
   """(x_t, t) -> (eps, v) with classifier-free guidance as DiT's forward_with_cfg: the conditional
-  and null-label halves in one batch, guidance on the first dit.cfg_channels eps channels, the
-  rest (other eps channels, v) the conditional half's."""
-  scale, null, k = config.sample.cfg_scale, config.model.num_classes, config.dit.cfg_channels
+  and null-label halves in one batch, guidance on the first `channels` (0: dit.cfg_channels) eps
+  channels, the rest (other eps channels, v) the conditional half's."""
+  scale, null, k = config.sample.cfg_scale, config.model.num_classes, channels or config.dit.cfg_channels
 
   def out(x, t):
     if scale == 1.0:
       o = make_model()(x, t, labels)
-      return o["eps"], o["v"]
+      return o["eps"], o.get("v")
     b = x.shape[0]
     o = make_model()(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                      jnp.concatenate([labels, jnp.full_like(labels, null)]))
     cond, uncond = o["eps"][:b], o["eps"][b:]
     guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
-    return jnp.concatenate([guided, cond[..., k:]], axis=-1), None if o["v"] is None else o["v"][:b]
+    return jnp.concatenate([guided, cond[..., k:]], axis=-1), None if o.get("v") is None else o["v"][:b]
   return out
 
 

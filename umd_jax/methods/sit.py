@@ -9,10 +9,9 @@ as in SiT's forward).
 import jax
 import jax.numpy as jnp
 
-from umd_jax import flow, rules
-from umd_jax.methods import dit_original
+from umd_jax import flow, geometry, rules
+from umd_jax.methods import dit_original, umd
 from umd_jax.methods.common import section
-from umd_jax.models import dit as model_lib
 
 SAMPLERS = ("sde", "ode_euler", "ode_heun")
 TIMES = ("sit", "repa")  # what the network is told: SiT's t (0 noise -> 1 data) or REPA's (1 noise -> 0 data)
@@ -39,16 +38,13 @@ def flow_loss(model, x, labels, key, *, null_label: int, label_dropout: float = 
   return loss, dict(loss_velocity=loss, bucket_sum=onehot.T @ per_image, bucket_count=onehot.sum(axis=0))
 
 
-class SiT(dit_original.DiTNetwork):
-  label_params = ("y_embedder",)
-  name = "sit"
-  # What a checkpoint's numbers mean (METHOD.md §12): the path and prediction are fixed (linear, velocity).
-  meaning = ("model.variant", "dit.learn_sigma", "dit.mlp_norm_eps", "sit.time")
+class SiTObjective:
+  """SiT's objective, whichever network carries it: the flow loss, its preview, probe inputs told
+  SiT's time, and the samplers. A method is this and a network (DiTNetwork, UMDNetwork)."""
   objective = ("sit.",)
   samplers = SAMPLERS
 
   def add_keys(self, c) -> None:
-    dit_original.add_network_keys(c)   # the network's keys (section dit), shared with the original DiT
     c.corruption.label_dropout = 0.0   # class-conditional training: P(label -> null class) (SiT: 0.1)
     s = section(c, "sit")
     s.time = "sit"                     # the time the network was trained with: "sit" (SiT's code: t = 0 noise,
@@ -83,7 +79,7 @@ class SiT(dit_original.DiTNetwork):
     return x_t, x_t + 0.5 * model(x_t, t, None)["eps"]
 
   # Backbone (DDAE probing and recognition fine-tuning at the noise level a user chooses): the
-  # network's blocks as DiTNetwork reads them, told SiT's time
+  # network's blocks as its network mixin reads them, told SiT's time
   def noised(self, config, schedule, images, t, eps):
     """The clean image, or the interpolant at s = 1 - t/T (t a DDPM step, as probes name noise
     levels), told the network's own time for it (SiT: s; REPA: 1 - s)."""
@@ -93,8 +89,10 @@ class SiT(dit_original.DiTNetwork):
   # Sampler
   def sample(self, config, schedule, make_model, labels, noise, key):
     """sample.sampler: "sde" (Euler-Maruyama, SiT's last step), "ode_euler" or "ode_heun", on
-    sample.steps grid points; classifier-free guidance as SiT's forward_with_cfg (dit.cfg_channels)."""
-    out = dit_original.cfg_outputs(config, make_model, labels if config.model.num_classes else None)
+    sample.steps grid points; classifier-free guidance as SiT's forward_with_cfg on the first
+    `guided_channels` channels."""
+    out = dit_original.cfg_outputs(config, make_model, labels if config.model.num_classes else None,
+                                   self.guided_channels(config))
     velocity = lambda x, t: out(x, t)[0]
     if config.sit.time == "repa":  # told REPA's time 1 - t; its velocity points the other way
       velocity = lambda x, t, told=velocity: -told(x, 1.0 - t)
@@ -106,11 +104,9 @@ class SiT(dit_original.DiTNetwork):
 
   def check(self, config, mode) -> None:
     try:
-      model_lib.parse_variant(config.model.variant)
+      self.patch(config)
     except ValueError as e:
       raise rules.ConfigError(str(e)) from None
-    rules.require(config.dit.cfg_channels >= 1, "dit.cfg_channels", config.dit.cfg_channels,
-                  "must be >= 1 (SiT guides 3 of the 4 latent channels)")
     rules.require(config.sit.time in TIMES, "sit.time", config.sit.time, f"use one of {TIMES}")
     rules.require(mode not in ("pretrain", "finetune") or config.sit.time == "sit", "sit.time", config.sit.time,
                   "is for converted REPA weights (sampled and probed here); training here uses SiT's time: 'sit'")
@@ -122,4 +118,52 @@ class SiT(dit_original.DiTNetwork):
                     "must be >= 2: SiT's grid has steps points, steps - 1 intervals")
 
 
+class SiT(SiTObjective, dit_original.DiTNetwork):
+  """SiT as published: its objective on Peebles' DiT network (SiT's and REPA's weights convert to it)."""
+  name = "sit"
+  label_params = ("y_embedder",)
+  # What a checkpoint's numbers mean (METHOD.md §12): the path and prediction are fixed (linear, velocity).
+  meaning = ("model.variant", "dit.learn_sigma", "dit.mlp_norm_eps", "sit.time")
+
+  def add_keys(self, c) -> None:
+    super().add_keys(c)
+    dit_original.add_network_keys(c)   # the network's keys (section dit), shared with the original DiT
+
+  def guided_channels(self, config) -> int:
+    return config.dit.cfg_channels     # SiT's forward_with_cfg: 3 of the 4 latent channels
+
+  def check(self, config, mode) -> None:
+    super().check(config, mode)
+    rules.require(config.dit.cfg_channels >= 1, "dit.cfg_channels", config.dit.cfg_channels,
+                  "must be >= 1 (SiT guides 3 of the 4 latent channels)")
+
+
+class SiTOnUMD(SiTObjective, umd.UMDNetwork):
+  """SiT's objective on the UMD auto-encoder, unmasked: the velocity is its eps head (its x0 head
+  is unused), t enters as the UMD family's timestep does (the frequency embedding of the real t)."""
+  name = "sit_umd"
+  label_params = ("label_embed",)
+  meaning = ("model.variant", "model.conditioning", "sit.time")
+
+  def add_keys(self, c) -> None:
+    super().add_keys(c)
+    c.model.conditioning = "adaln"     # "adaln" | "in_context" (the UMD network's)
+
+  def guided_channels(self, config) -> int:
+    return geometry.input_shape(config)[1]  # all (chosen: the standard guidance)
+
+  def train_flops_per_image(self, config) -> float:
+    m = config.model
+    size, channels = geometry.input_shape(config)
+    return 3.0 * umd.forward_flops(image_size=size, channels=channels, num_registers=m.num_registers,
+                                   adaln=m.conditioning == "adaln", num_classes=m.num_classes,
+                                   **umd.parse_variant(m.variant))
+
+  def check(self, config, mode) -> None:
+    super().check(config, mode)
+    umd.model_lib.check_conditioning(config.model.conditioning)
+    rules.require(config.sit.time == "sit", "sit.time", config.sit.time, "must be 'sit': REPA's weights are a DiT network's")
+
+
 METHOD = SiT()
+ON_UMD = SiTOnUMD()

@@ -24,7 +24,51 @@ PRESETS = {
 SCHEDULE = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.noise_exponent", "diffusion.rho_form")
 
 
-class UMDFamily:
+class UMDNetwork:
+  """What the methods on the UMD auto-encoder share (the UMD family; SiT on this network): building
+  it, its geometry, and reading its blocks (a Backbone's features and classifier cut)."""
+
+  def patch(self, config) -> int:
+    return parse_variant(config.model.variant)["patch"]
+
+  def width(self, config) -> int:
+    return parse_variant(config.model.variant)["width"]
+
+  def build(self, config, rngs):
+    return model_lib.from_config(config, rngs)
+
+  def num_blocks(self, config) -> int:
+    v = parse_variant(config.model.variant)
+    return v["encoder_depth"] + v["decoder_depth"]
+
+  def features(self, model, x, t_index, blocks):
+    """rep, and each encoder then decoder block's mean-pooled tokens, at timestep index t_index."""
+    cond = model.condition(t_index)
+    if tuple(blocks) == (REP,):  # the encoder alone gives rep
+      return model.encode(x, cond)[1].astype(jnp.float32)[None]
+    return pick(model.features(x, t_index), blocks)
+
+  def encoder_depth(self, config) -> int:
+    return parse_variant(config.model.variant)["encoder_depth"]
+
+  def classify_tokens(self, model, x, t_index, block, drop=None):
+    """Patch tokens after `block` of the unmasked forward told t_index (the null label for a
+    class-conditional network)."""
+    return model.tokens(x, model.condition(t_index), block, drop)
+
+  def classify_layers(self, config, block) -> dict:
+    """Layer ids (MAE's layer-wise decay) of what the classifier cut after `block` reads: the
+    embeddings 0, encoder block j j + 1, and past the encoder its final norm, the decoder's
+    positions (both with decoder block 0) and decoder block j E + 1 + j."""
+    e = self.encoder_depth(config)
+    layers_ = {k: 0 for k in ("patch_embed", "encoder_pos", "registers", "time_embed", "label_embed")}
+    layers_["encoder"] = ("stack", 1)
+    if block >= e:
+      layers_.update(encoder_norm=e + 1, decoder_pos=e + 1, decoder=("stack", e + 1))
+    return layers_
+
+
+class UMDFamily(UMDNetwork):
   label_params = ("label_embed",)
   samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
   meaning = ("model.variant", "model.conditioning") + SCHEDULE
@@ -51,15 +95,6 @@ class UMDFamily:
     # saw index 0 (DiT, MaskDiT: no clean sub-batch) DDAE's image noised to t = 0, told 1.
     c.classify.t = -1 if p["clean_fraction"] > 0 else 0
 
-  def patch(self, config) -> int:
-    return parse_variant(config.model.variant)["patch"]
-
-  def width(self, config) -> int:
-    return parse_variant(config.model.variant)["width"]
-
-  def build(self, config, rngs):
-    return model_lib.from_config(config, rngs)
-
   def row_split(self, config) -> float:
     return config.corruption.clean_fraction
 
@@ -76,39 +111,9 @@ class UMDFamily:
                                  null_label=config.model.num_classes, sample_ids=sample_ids)
     return loss
 
-  def num_blocks(self, config) -> int:
-    v = parse_variant(config.model.variant)
-    return v["encoder_depth"] + v["decoder_depth"]
-
-  def features(self, model, x, t_index, blocks):
-    """rep, and each encoder then decoder block's mean-pooled tokens, at timestep index t_index."""
-    cond = model.condition(t_index)
-    if tuple(blocks) == (REP,):  # the encoder alone gives rep
-      return model.encode(x, cond)[1].astype(jnp.float32)[None]
-    return pick(model.features(x, t_index), blocks)
-
   def noised(self, config, schedule, images, t, eps):
     """Probe / classifier input: clean told index 0, or noised to t told t + 1."""
     return ddpm_noised(config, schedule, images, t, eps, diffusion.network_timestep)
-
-  def encoder_depth(self, config) -> int:
-    return parse_variant(config.model.variant)["encoder_depth"]
-
-  def classify_tokens(self, model, x, t_index, block, drop=None):
-    """Patch tokens after `block` of the unmasked forward told t_index (the null label for a
-    class-conditional network)."""
-    return model.tokens(x, model.condition(t_index), block, drop)
-
-  def classify_layers(self, config, block) -> dict:
-    """Layer ids (MAE's layer-wise decay) of what the classifier cut after `block` reads: the
-    embeddings 0, encoder block j j + 1, and past the encoder its final norm, the decoder's
-    positions (both with decoder block 0) and decoder block j E + 1 + j."""
-    e = self.encoder_depth(config)
-    layers_ = {k: 0 for k in ("patch_embed", "encoder_pos", "registers", "time_embed", "label_embed")}
-    layers_["encoder"] = ("stack", 1)
-    if block >= e:
-      layers_.update(encoder_norm=e + 1, decoder_pos=e + 1, decoder=("stack", e + 1))
-    return layers_
 
   def preview(self, config, schedule, model, x0, key):
     """The clean step at its mask ratio (UMD, MAE), else the noised step at t = T/2."""
