@@ -97,6 +97,7 @@ SLOW_TESTS = {
     "test_a_non_finite_loss_stops_without_saving",
     "test_classify_end_to_end_results_and_exact_resume",
     "test_classify_reads_unread_parameters_back_unchanged",
+    "test_class_conditional_fine_tuning_from_an_unconditional_sit",
     "test_colab_notebook_runs_top_to_bottom",
     "test_damaged_checkpoint_is_named_and_the_previous_one_is_used",
     "test_demo_lowers_the_loss",
@@ -117,6 +118,8 @@ SLOW_TESTS = {
     "test_resuming_with_another_objective_schedule_or_optimizer_is_refused",
     "test_sigterm_during_generate_leaves_the_previous_set_whole",
     "test_sigterm_saves_and_returns_then_resume_finishes",
+    "test_sit_on_the_umd_network_trains_samples_probes_and_counts_its_flops",
+    "test_sit_trains_samples_with_every_sampler_and_probes",
     "test_skip_policy_drops_bad_updates_then_stops_after_max_skips",
     "test_train_step_rows_are_consistent",
     "test_xla_options_split_from_config_overrides_and_reach_the_compiler",
@@ -132,7 +135,7 @@ def pytest_configure(config):
 # seconds of a cold run), so no long module starts last while the other worker idles.
 LONGEST_FIRST = ["test_distributed", "test_classify", "test_train", "test_reproduce", "test_generate", "test_latent",
                  "test_diffmae", "test_checkpoint", "test_probe", "test_bad_inputs", "test_bench", "test_main",
-                 "test_dit", "test_lpips", "test_loop", "test_model"]
+                 "test_dit", "test_sit", "test_lpips", "test_loop", "test_model"]
 
 
 def pytest_collection_modifyitems(config, items):
