@@ -79,7 +79,7 @@ CASES = [
      "classify.mixup_alpha=inf must be a finite number"),
     ("lr nan", [DEMO, "--config.optim.base_lr=nan"], "optim.base_lr=nan must be a finite number"),
     ("cfg inf", [FINETUNE, "--mode=generate", "--config.sample.cfg_scale=-inf"], "sample.cfg_scale=-inf must be"),
-    ("config argument", ["--config=configs/demo.py:abc"], "config argument 'abc' is not known: use 'umd', 'dit', 'maskdit', 'mae', 'diffmae', 'finetune'"),
+    ("config argument", ["--config=configs/demo.py:abc"], "config argument 'abc' is not known: use 'umd', 'dit', 'maskdit', 'mae', 'diffmae', 'sit', 'sit_umd', 'finetune'"),
     ("config argument typo", ["--config=configs/umd_b.py:finetun"], "config argument 'finetun' is not known"),
     ("config None", ["--config={tmp}/none.py"], "get_config returned None (a missing `return`?)"),
     ("lpips not weights", [FINETUNE, "--mode=generate", "--config.sample.inpaint=center",
