@@ -118,3 +118,8 @@ def test_every_method_base_config_passes_the_checks_of_its_modes():
       if mode in ("encode", "finetune", "generate") or not isinstance(method, interface.Trainable):
         continue  # need a VAE, init_from's labels, or converted weights' settings: tested in their modules
       checks.check(config, mode)
+
+
+def test_every_mode_says_what_it_needs():
+  from umd_jax.modes import MODES
+  assert set(interface.MODE_NEEDS) == set(MODES)
