@@ -261,8 +261,7 @@ def _capabilities(config, method, mode: str) -> None:
     if s.inpaint:
       interface.require(method, interface.Inpainter, "sample.inpaint", s.inpaint, "use ''")
   defaults = common.base_config(config.method)
-  for key in methods.foreign_keys(method):
-    readers = [n for n, m in methods.REGISTRY.items() if key in methods.own_keys(m)]
+  for key, readers in methods.foreign_keys(method).items():
     value = rules.lookup(config, key)
     _require(value == rules.lookup(defaults, key), key, value,
              f"is read only by method {' / '.join(readers)}; this config's method is {config.method!r}: leave it unset")

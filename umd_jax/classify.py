@@ -125,7 +125,7 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
   evaluator = Evaluator(config, run, eval_source, vae)
   writer = loop.event_writer(workdir)
   if start == 0:
-    writer.write_hparams(loop.flat_config(config.to_dict()))
+    writer.write_hparams(loop.hparams(config))
   history, logged, t0 = [], {}, time.monotonic()
 
   def guard(step, t, state):

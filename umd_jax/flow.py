@@ -66,9 +66,9 @@ def ode_sample(velocity, noise, *, steps: int, method: str = "euler"):
 
 
 def sde_drift(velocity, x, t, norm: float):
-  """v + w_t · score with w_t = norm·(1 - t): v + norm·(t·v - x) (the (1 - t) cancels)."""
+  """SiT's SDE drift v + w_t · score, w_t = norm·(1 - t), the score from the velocity."""
   v = velocity(x, t)
-  return v + norm * (_bcast(t, x) * v - x)
+  return v + norm * (1.0 - _bcast(t, x)) * score_from_velocity(v, x, t)
 
 
 def sde_sample(velocity, noise, key=None, *, steps: int, last_step_size: float = 0.04, norm: float = 1.0,
@@ -78,20 +78,13 @@ def sde_sample(velocity, noise, key=None, *, steps: int, last_step_size: float =
   parity with a reference); by default drawn from `key`, one fold per step."""
   ts = grid(steps, 1.0 - last_step_size)
   dt = ts[1] - ts[0]
-  if increments is None:
-    increments = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), noise.shape, noise.dtype))(
-        jnp.arange(steps - 1))
 
   def body(x, step):
-    t, z = step
-    tt = _times(t, x)
+    t, i = step
+    # each step's draw made where it is used: all of them at once would be steps × the batch's size
+    z = increments[i] if increments is not None else jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
     w = norm * (1.0 - t)
-    return x + sde_drift(velocity, x, tt, norm) * dt + jnp.sqrt(2.0 * w * dt) * z, None
+    return x + sde_drift(velocity, x, _times(t, x), norm) * dt + jnp.sqrt(2.0 * w * dt) * z, None
 
-  x, _ = jax.lax.scan(body, noise, (ts[:-1], increments))
+  x, _ = jax.lax.scan(body, noise, (ts[:-1], jnp.arange(steps - 1)))
   return x + sde_drift(velocity, x, _times(ts[-1], x), norm) * last_step_size
-
-
-def network_calls(sampler: str, steps: int) -> int:
-  """Velocity evaluations of one sample: Euler steps - 1, Heun 2·(steps - 1), the SDE steps."""
-  return {"euler": steps - 1, "heun": 2 * (steps - 1), "sde": steps}[sampler]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from umd_jax import data, events, latent, multihost
+from umd_jax import data, events, latent, multihost, rules
 
 
 class TrainingError(RuntimeError):
@@ -115,11 +115,6 @@ def _describe_bad(history) -> str:
   return ""
 
 
-def flat_config(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat_config(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
+def hparams(config) -> dict:
+  """Every setting of `config` as TensorBoard's hyperparameters: scalars as they are, the rest as text."""
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in rules.flat(config).items()}

@@ -101,7 +101,7 @@ def _train(config, workdir, mesh, ckpt, source, init=None) -> dict:
   vae = latent.load(config, mesh) if config.data.space == "latents" else None
   writer = loop.event_writer(workdir)
   if start == 0:
-    writer.write_hparams(loop.flat_config(config.to_dict()))
+    writer.write_hparams(loop.hparams(config))
 
   history, logged = [], {}
   last, first, t0 = config.total_steps, start + 1, time.monotonic()

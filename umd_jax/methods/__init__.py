@@ -57,28 +57,21 @@ def own_keys(method) -> set:
   for section in ("corruption", "model", "diffusion", "sample", "classify", "data", "optim"):
     c[section] = ml_collections.ConfigDict()
   method.add_keys(c)
-  return set(_flatten(c.to_dict()))
+  return set(rules.flat(c))
 
 
-def foreign_keys(method) -> list:
-  """Keys other methods add and `method` does not: it must leave them at their defaults."""
+def foreign_keys(method) -> dict:
+  """{key: the methods that read it} for the keys other methods add and `method` does not: it must
+  leave them at their defaults."""
+  owned = {name: own_keys(m) for name, m in REGISTRY.items()}
   mine = own_keys(method)
-  return sorted(set().union(*(own_keys(m) for m in REGISTRY.values())) - mine)
+  return {k: [n for n, keys in owned.items() if k in keys]
+          for k in sorted(set().union(*owned.values()) - mine)}
 
 
 def objective_prefixes() -> tuple:
   """Key prefixes a resumed training may not change: the shared ones and every method's own."""
   return SHARED_OBJECTIVE + tuple(dict.fromkeys(p for m in REGISTRY.values() for p in m.objective))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def check_cut(config, blocks, ts, block_key: str = "probe.block", t_key: str = "probe.t") -> None:

@@ -22,7 +22,8 @@ class Method(Protocol):
 
   def add_keys(self, c) -> None:
     """Its own config keys with their defaults. Every base config holds every method's keys; a
-    method refuses another's keys changed (checks.py derives which from this)."""
+    method refuses another's keys changed (checks.py derives which from this). A section of its
+    own is made with methods.common.section, which methods sharing a section may each extend."""
 
   def configure(self, c) -> None:
     """Its preset: the values it gives shared keys and its own (base_config(name) applies it)."""
