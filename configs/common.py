@@ -41,6 +41,7 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.image_size = 64
   c.data.channels = 3
+  c.data.frames = 1                        # 1: images (B, H, W, C); > 1: clips of that many frames (B, T, H, W, C)
   c.data.num_classes = 1000
   c.data.crop_area_min = 0.8               # Inception crop area range (METHOD.md §5)
   c.data.crop_area_max = 1.0
@@ -72,6 +73,9 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.model.num_classes = 0                  # 0: self-supervised, no label embedding
   c.model.dtype = "auto"                   # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
   c.model.scan_layers = False              # unrolled layers step faster (BENCHMARKS.md); L scans (compile time)
+  c.model.tubelet = 1                      # clips: frames per token (MAE-ST: 2); images: 1
+  c.model.masking = "random"               # clips: "random" spacetime tokens (MAE-ST) | "tube": one spatial
+                                           # mask for every token frame (VideoMAE); images: the same thing
   c.model.remat = "none"                   # "none" | "full" | "dots"
   c.model.attention = "auto"               # "auto" (cuDNN flash on GPU in bf16/fp16, else XLA) | "xla" | "cudnn"
 

@@ -28,6 +28,15 @@ erasing: at 8×8 px a 45% translation or a 27° rotation leaves no digit), score
   python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
 `diffmae,classify` does the same from the DiffMAE demo (init_from workdirs/demo_diffmae).
 
+`configs/demo.py:video` is the same at video scale (README, Video): UMD on moving digits -- clips of
+8 frames of 16×16 in which a test-split digit moves right, left, down or up (the label: direction,
+which no single frame shows) -- cut into 2×4×4 tubes (64 tokens), masked as random spacetime
+tokens. `video,mae` and `video,diffmae` pre-train those methods on the clips, `video,classify`
+fine-tunes for the motion label (workdirs/demo_video[_METHOD]):
+  python main.py --config=configs/demo.py:video --mode=pretrain --workdir=workdirs/demo_video
+  python main.py --config=configs/demo.py:video --mode=probe --workdir=workdirs/demo_video
+  python main.py --config=configs/demo.py:video,classify --mode=classify --workdir=workdirs/demo_video_classify
+
 Any method that trains here is a first word with the same meaning: `configs/demo.py:maskdit`
 pre-trains MaskDiT at the demo's scale (its preset; workdirs/demo_maskdit for `finetune` and
 `classify`), as experiments/reproduce.py does for every method.
@@ -38,9 +47,11 @@ from umd_jax import methods
 
 def get_config(arg=None):
   names = methods.trainable()
-  parts = common.config_args(arg, (*names, "finetune", "classify"), variant=False, steps=True)
+  parts = common.config_args(arg, (*names, "finetune", "classify", "video"), variant=False, steps=True)
   c = common.base_config(next((p for p in parts if p in names), names[0]))
-  home = "workdirs/demo" + ("" if c.method == names[0] else f"_{c.method}")  # its pre-training workdir
+  video = "video" in parts
+  home = ("workdirs/demo" + ("_video" if video else "")
+          + ("" if c.method == names[0] else f"_{c.method}"))  # its pre-training workdir
   c.batch_size = 128
   finetune, classify = "finetune" in parts, "classify" in parts
   steps = next((int(p) for p in parts if p.isdigit()), None)
@@ -84,6 +95,23 @@ def get_config(arg=None):
     c.sample.num_samples = 0      # it inpaints, unguided (no labels)
     c.sample.cfg_scale = 1.0
     c.sample.inpaint_images = 0   # the whole test split
+  if video:                       # moving digits (README, Video)
+    c.data.name = "moving_digits"
+    c.data.frames = 8
+    c.data.image_size = 16
+    c.data.num_classes = 4        # right, left, down, up
+    c.model.variant = "Ti/4"
+    c.model.tubelet = 2           # MAE-ST's tubelet: 4 token frames of 4×4 -> 64 tokens
+    c.batch_size = 64
+    c.total_steps = steps or 1500
+    c.checkpoint_every = c.image_every = 500
+    c.probe_every = 500
+    c.probe.fewshot_shots = (1, 5, 10, 25)
+    c.probe.linear_batch_size = 512
+    c.sample.num_samples = 0
+    c.classify.eval_batch_size = 1188  # the 1,188 test clips (297 digits × 4 directions) in one batch
+    if c.method == "diffmae":
+      c.diffmae.decoder_width = 64  # divisible by 16: 3-D sin-cos positions
   if finetune:                    # class-conditional fine-tuning of the pre-trained demo model
     c.init_from = home
     c.model.num_classes = 10

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import dit_b, mae_b, maskdit_b, umd_b
-from umd_jax import corruption, diffusion
+from umd_jax import corruption, diffusion, geometry
 from umd_jax.methods import umd_loss
 
 SCHEDULE = diffusion.make_schedule("cosine", 1000)
@@ -43,7 +43,7 @@ def test_no_mask_for_ratio_zero():
 
 def test_pixel_mask_expands_patches_row_major():
   mask = jnp.zeros((1, 4)).at[0, 1].set(1.0)  # 2×2 grid of 3×3 patches; patch 1 is top-right
-  pm = np.asarray(corruption.pixel_mask(mask, 6, 6))[0, ..., 0]
+  pm = np.asarray(geometry.Grid(3, 2, 2).pixel_mask(mask))[0, ..., 0]
   expected = np.zeros((6, 6))
   expected[:3, 3:] = 1
   np.testing.assert_array_equal(pm, expected)
@@ -109,7 +109,7 @@ def _hand_loss(x0, calls, n_clean, clean_ratio, noised_ratio, size=8, patch=2):
 def test_loss_equals_hand_computation(fraction, clean_ratio, noised_ratio):
   x0 = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (8, 8, 8, 1), minval=-1, maxval=1))
   rec = Recorder()
-  loss, metrics = umd_loss.loss(rec, SCHEDULE, jnp.asarray(x0), jax.random.PRNGKey(7), num_patches=16,
+  loss, metrics = umd_loss.loss(rec, SCHEDULE, jnp.asarray(x0), jax.random.PRNGKey(7), grid=geometry.Grid(2, 4, 4),
                                       clean_fraction=fraction, clean_mask_ratio=clean_ratio,
                                       noised_mask_ratio=noised_ratio)
   n_clean = int(8 * fraction)
@@ -124,7 +124,7 @@ def test_loss_equals_hand_computation(fraction, clean_ratio, noised_ratio):
 
 def test_bucket_losses_pool_to_the_noised_loss_without_masking():
   x0 = jax.random.uniform(jax.random.PRNGKey(0), (64, 8, 8, 1), minval=-1, maxval=1)
-  _, m = umd_loss.loss(Recorder(), SCHEDULE, x0, jax.random.PRNGKey(1), num_patches=16,
+  _, m = umd_loss.loss(Recorder(), SCHEDULE, x0, jax.random.PRNGKey(1), grid=geometry.Grid(2, 4, 4),
                              clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0, num_buckets=10)
   # Without masking every sample has the same pixel count, so the bucket means pool to the loss.
   np.testing.assert_allclose(float(m["bucket_sum"].sum() / m["bucket_count"].sum()), float(m["loss_noised"]),
@@ -147,7 +147,7 @@ def test_method_configs_produce_the_spec_corruption(module, fraction, clean_rati
     assert c.noised_mask_ratio == noised_ratio
   # What the network sees for a batch of 16 images with 16 patches each:
   rec = Recorder()
-  umd_loss.loss(rec, SCHEDULE, jnp.zeros((16, 8, 8, 1)), jax.random.PRNGKey(0), num_patches=16,
+  umd_loss.loss(rec, SCHEDULE, jnp.zeros((16, 8, 8, 1)), jax.random.PRNGKey(0), grid=geometry.Grid(2, 4, 4),
                       clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                       noised_mask_ratio=c.noised_mask_ratio)
   n_clean = int(16 * fraction)

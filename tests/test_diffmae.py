@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import common, demo, diffmae_b, umd_b
 from conftest import tiny_config
-from umd_jax import (checks, corruption, diffusion, generate, inpainting, methods, probe, sharding, summary, train,
+from umd_jax import (checks, corruption, diffusion, geometry, generate, inpainting, methods, probe, sharding, summary, train,
                      train_step)
 from umd_jax.methods import diffmae as method_lib
 from umd_jax.models import diffmae as model_lib
@@ -74,7 +74,7 @@ def test_the_encoder_sees_only_clean_visible_patches_and_only_the_decoder_sees_t
   out = model(x, xt, t, mask)
   assert out.shape == (3, 12, 4) and out.dtype == jnp.float32
   # the masked patches' clean pixels reach nothing: replacing them changes no output
-  hidden = corruption.pixel_mask(mask.mask, 8, 8)
+  hidden = geometry.Grid(2, 4, 4).pixel_mask(mask.mask)
   np.testing.assert_array_equal(np.asarray(model(x + 7.0 * hidden, xt, t, mask)), np.asarray(out))
   # the visible patches do reach the output
   assert float(jnp.abs(model(x + 0.5 * (1 - hidden), xt, t, mask) - out).max()) > 1e-4
@@ -98,7 +98,7 @@ def test_loss_equals_the_hand_computation_and_visible_patches_are_never_noised()
   x0 = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1), minval=-1, maxval=1)
   for target in ("x0", "eps"):
     calls.clear()
-    loss, metrics = method_lib.diffmae_loss(Recorder(), SCHEDULE, x0, jax.random.PRNGKey(3), patch=2,
+    loss, metrics = method_lib.diffmae_loss(Recorder(), SCHEDULE, x0, jax.random.PRNGKey(3), grid=geometry.Grid(2, 4, 4),
                                             mask_ratio=0.75, target=target, num_buckets=4)
     x, xt, t_index, mask = calls[0]
     np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))  # the encoder's image: clean, untouched

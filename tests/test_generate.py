@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from test_main import ROOT, main_env, run_main
-from umd_jax import checkpoint, diffusion, fid, generate, inpainting, sharding, train, train_step, weights
+from umd_jax import checkpoint, diffusion, fid, generate, geometry, inpainting, sharding, train, train_step, weights
 from umd_jax.methods import umd_loss
 
 
@@ -67,7 +67,7 @@ def test_label_dropout_replaces_labels_with_the_null_class():
     return dict(x0=x, eps=x)
   labels = jnp.zeros((4000,), jnp.int32)
   umd_loss.loss(apply, diffusion.make_schedule("cosine"), jnp.zeros((4000, 4, 4, 1)), jax.random.PRNGKey(0),
-                      num_patches=4, clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0,
+                      grid=geometry.Grid(2, 2, 2), clean_fraction=0.0, clean_mask_ratio=0.0, noised_mask_ratio=0.0,
                       labels=labels, label_dropout=0.1, null_label=10)
   dropped = float(jnp.mean(seen[0] == 10))
   assert abs(dropped - 0.1) < 4 * np.sqrt(0.09 / 4000)

@@ -9,7 +9,7 @@ from etils import epath
 from PIL import Image
 
 from configs import common
-from umd_jax import data, diffusion, fid, geometry, images, inpainting, latent, methods, perceptual, rules
+from umd_jax import corruption, data, diffusion, fid, geometry, images, inpainting, latent, methods, perceptual, rules
 from umd_jax.methods import interface
 from umd_jax.modes import MODES
 from umd_jax.models import layers
@@ -18,7 +18,37 @@ from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raise
 _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 
 
-def _model_and_data(config) -> None:
+# Modes whose shared code reads clips (data.frames > 1). Class-conditional fine-tuning, sampling and
+# inpainting of clips are not built (README, Video: what runs on clips).
+CLIP_MODES = ("pretrain", "probe", "classify", "summary")
+
+
+def _clips(config, method, mode: str) -> None:
+  """Frames, tubelet and masking; a clip config needs a method and mode that read clips, and a
+  source of clips (and an image config a source of images)."""
+  d, m = config.data, config.model
+  _int(config, "data.frames", 1, "must be >= 1 (1: images; more: clips of that many frames)")
+  _int(config, "model.tubelet", 1, "must be >= 1 (frames per token)")
+  _require(d.frames % m.tubelet == 0, "model.tubelet", m.tubelet,
+           f"does not divide data.frames={d.frames}: use a tubelet that does"
+           + (" (images: 1)" if d.frames == 1 else ""))
+  _require(m.masking in corruption.MASKINGS, "model.masking", m.masking, f"use one of {corruption.MASKINGS}")
+  clips = d.frames > 1
+  if d.name in data.CLIP_SOURCES or clips:
+    _require(clips == (d.name in data.CLIP_SOURCES), "data.frames", d.frames,
+             f"data.name={d.name!r} gives clips: set data.frames >= 2" if not clips else
+             f"asks for clips but data.name={d.name!r} gives images: use one of {data.CLIP_SOURCES} (or data.frames=1)")
+  if not clips:
+    return
+  _require(method.clips, "data.frames", d.frames,
+           f"method {config.method!r} reads images only: use data.frames=1, or a method that reads clips "
+           f"({', '.join(n for n, x in methods.REGISTRY.items() if x.clips)})")
+  _require(mode in CLIP_MODES, "--mode", mode, f"is not built for clips (data.frames={d.frames}): clips run in "
+           f"{', '.join(CLIP_MODES)}")
+  _require(d.space == "pixels", "data.space", d.space, "clips are read in pixels: use 'pixels'")
+
+
+def _model_and_data(config, mode: str) -> None:
   d, m = config.data, config.model
   try:
     patch = methods.get(config).patch(config)
@@ -39,6 +69,7 @@ def _model_and_data(config) -> None:
   what = f"gives latents of size {size}, which are" if d.space == "latents" else "is"
   _require(size % patch == 0, "data.image_size", d.image_size,
            f"{what} not divisible by the patch size {patch} of model.variant={m.variant!r}")
+  _clips(config, methods.get(config), mode)
   _int(config, "model.num_registers", 1, "must be >= 1 (rep is the mean of the register tokens)")
   _int(config, "model.num_classes", 0)
   try:
@@ -155,6 +186,10 @@ def _classify(config) -> None:
     for key in ("randaugment_ops", "erase_prob"):
       _require(c[key] == 0, f"classify.{key}", c[key], "is pixel-space augmentation: set it to 0 for "
                "data.space='latents' (the training records are pre-encoded latents)")
+  if config.data.frames > 1:
+    for key in ("randaugment_ops", "erase_prob"):
+      _require(c[key] == 0, f"classify.{key}", c[key], "is image augmentation, not built for clips: set it to 0 "
+               f"(data.frames={config.data.frames})")
   elif c.randaugment_ops:
     _require(config.data.channels in (1, 3), "data.channels", config.data.channels,
              "RandAugment takes grey or RGB images: set classify.randaugment_ops=0")
@@ -276,7 +311,7 @@ def check(config, mode: str) -> None:
   except methods.UnknownMethod as e:
     raise ConfigError(str(e)) from None
   _capabilities(config, method, mode)
-  _model_and_data(config)
+  _model_and_data(config, mode)
   method.check(config, mode)
   _vae(config, mode)
   if mode in ("pretrain", "finetune", "summary"):

@@ -5,7 +5,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from umd_jax.models import layers
 
 
 class Mask(NamedTuple):
@@ -15,22 +14,41 @@ class Mask(NamedTuple):
   masked_ids: Optional[jax.Array] = None  # (B, L - K) indices of the dropped patches, in shuffled order
 
 
-def num_kept(num_patches: int, ratio: float) -> int:
-  return int(num_patches * (1 - ratio))
+def num_kept(num_patches: int, ratio: float, tube: int = 1) -> int:
+  """Tokens a mask of `ratio` keeps: int(L(1 - r)); with tube masking over `tube` token frames,
+  int(L/tube · (1 - r)) of each frame's, the same in every frame."""
+  return tube * int(num_patches // tube * (1 - ratio))
 
 
-def random_mask(key, batch: int, num_patches: int, ratio: float) -> Optional[Mask]:
+MASKINGS = ("random", "tube")
+
+
+def tube_frames(config, grid) -> int:
+  """Token frames one spatial mask spans: grid.frames with model.masking="tube" (VideoMAE), else 1
+  (each token drawn alone: MAE, MAE-ST's random spacetime masking)."""
+  return grid.frames if config.model.masking == "tube" else 1
+
+
+def random_mask(key, batch: int, num_patches: int, ratio: float, tube: int = 1) -> Optional[Mask]:
   """MAE-style per-sample masking: argsort of uniform noise, keep the first int(L(1-r))."""
-  return sample_mask(jax.random.split(key, batch), num_patches, ratio)
+  return sample_mask(jax.random.split(key, batch), num_patches, ratio, tube)
 
 
-def sample_mask(keys, num_patches: int, ratio: float) -> Optional[Mask]:
-  """random_mask with one key per sample (B keys): a sample's mask depends on its key alone."""
+def sample_mask(keys, num_patches: int, ratio: float, tube: int = 1) -> Optional[Mask]:
+  """random_mask with one key per sample (B keys): a sample's mask depends on its key alone. With
+  `tube` > 1 the L tokens are `tube` frames of L/tube: one draw over a frame's positions masks the
+  same positions in every frame (VideoMAE's tube masking); tube = 1 is MAE's draw over all L."""
   if ratio == 0:
     return None
-  batch, keep = keys.shape[0], num_kept(num_patches, ratio)
-  noise = jax.vmap(lambda k: jax.random.uniform(k, (num_patches,)))(keys)
+  batch, per_frame = keys.shape[0], num_patches // tube
+  keep = num_kept(per_frame, ratio)
+  noise = jax.vmap(lambda k: jax.random.uniform(k, (per_frame,)))(keys)
   ids_shuffle = jnp.argsort(noise, axis=1)
+  if tube > 1:  # frame f's token of position s is f·L/tube + s; kept ones first, each in frame order
+    frames = (jnp.arange(tube) * per_frame)[None, :, None]
+    kept, dropped = ids_shuffle[:, None, :keep] + frames, ids_shuffle[:, None, keep:] + frames
+    ids_shuffle = jnp.concatenate([kept.reshape(batch, -1), dropped.reshape(batch, -1)], axis=1)
+    keep *= tube
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, keep)), jnp.ones((batch, num_patches - keep))], axis=1)
   return Mask(ids_shuffle[:, :keep], ids_restore, jnp.take_along_axis(mask, ids_restore, axis=1), ids_shuffle[:, keep:])
@@ -43,21 +61,6 @@ def mask_from_patches(masked: jax.Array, num_masked: int) -> Mask:
   keep = masked.shape[1] - num_masked
   return Mask(ids_shuffle[:, :keep], jnp.argsort(ids_shuffle, axis=1), masked.astype(jnp.float32),
               ids_shuffle[:, keep:])
-
-
-def known_patches(known, patch: int):
-  """(B, H, W, 1) pixel mask (1 = known pixel) -> (B, L) patch mask, 1 where any pixel of the patch
-  is unknown (numpy or JAX arrays)."""
-  return 1.0 - layers.patchify(known, patch).min(axis=-1)
-
-
-def pixel_mask(mask: jax.Array, height: int, width: int) -> jax.Array:
-  """(B, L) patch mask -> (B, H, W, 1) pixel mask (patches in row-major order)."""
-  b, num_patches = mask.shape
-  grid = int(round(num_patches ** 0.5))
-  m = mask.reshape(b, grid, grid)
-  m = jnp.repeat(jnp.repeat(m, height // grid, axis=1), width // grid, axis=2)
-  return m[..., None]
 
 
 def split_sizes(batch: int, clean_fraction: float) -> tuple[int, int]:

@@ -168,14 +168,15 @@ def linear_probe_features(train_x, train_y, test_x, test_y, probe_config, num_cl
 
 
 def linear_probe_online(config, extractor: Extractor, params, *, test_x, test_y, num_classes, seed=0):
-  """Linear probe trained through the frozen backbone on crop + flip augmented images; the
-  feature is the extractor's first block."""
+  """Linear probe trained through the frozen backbone on crop (+ flip where data.flip allows: a
+  flip would swap moving digits' left and right) augmented images; the feature is the extractor's
+  first block."""
   p, mesh = config.probe, extractor.mesh
   source = data.make_source(config.data, p.train_split)
   shards = sharding.num_data_shards(mesh)
   batch = max(shards, min(p.linear_batch_size, len(source)) // shards * shards)
   lr, total = linear_schedule(p, len(source), batch)
-  augment = data.pipeline.TrainAugment(config.data.image_size, (p.linear_crop_area_min, 1.0), True)
+  augment = data.pipeline.TrainAugment(config.data.image_size, (p.linear_crop_area_min, 1.0), config.data.flip)
   batches = data.make_batches(config.data, source, global_batch=batch, sharding=sharding.batch_sharding(mesh),
                               seed=config.seed + seed, train=True, augment=augment)
   tx = lars(lr, p.linear_weight_decay)

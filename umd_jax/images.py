@@ -28,14 +28,31 @@ def to_uint8_device(images, convention: str = "round"):
 
 
 def grid(rows, pad: int = 1) -> np.ndarray:
-  """rows: list of (N, H, W, C) arrays in [-1, 1] -> one (rows·(H+pad), N·(W+pad), C) uint8 image."""
-  rows = [to_uint8(r) for r in rows]
+  """rows: list of (N, H, W, C) arrays in [-1, 1] -> one (rows·(H+pad), N·(W+pad), C) uint8 image.
+  A row of clips (N, T, H, W, C) shows each clip's frames side by side (N·T images)."""
+  rows = [to_uint8(r).reshape((-1,) + np.shape(r)[-3:]) for r in rows]
   n, h, w, c = rows[0].shape
   out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
   for i, row in enumerate(rows):
     for j, image in enumerate(row):
       out[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = image
   return out
+
+
+def clip_grids(rows, pad: int = 1) -> list:
+  """rows: list of (N, T, H, W, C) clips in [-1, 1] -> T grids (one per frame, see `grid`): the
+  frames of an animation of the rows."""
+  return [grid([r[:, f] for r in rows], pad) for f in range(np.shape(rows[0])[1])]
+
+
+def gif_bytes(frames_, upscale: int = 1, duration_ms: int = 200) -> bytes:
+  """(H, W, C) uint8 images as a looping animated GIF's bytes."""
+  pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames_]
+  if upscale > 1:
+    pictures = [p.resize((p.width * upscale, p.height * upscale), Image.NEAREST) for p in pictures]
+  buffer = io.BytesIO()
+  pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+  return buffer.getvalue()
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -35,9 +35,9 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
     m[size // 4:size - size // 4, size // 4:size - size // 4] = 0
     return np.broadcast_to(m, (batch, size, size, 1)).copy()
   if kind == "random":
-    num_patches = geometry.num_tokens(config, methods.get(config).patch(config))
-    m = corruption.random_mask(key, batch, num_patches, config.sample.inpaint_ratio)
-    return 1.0 - np.asarray(corruption.pixel_mask(m.mask, size, size))
+    grid = geometry.grid(config, methods.get(config).patch(config))
+    m = corruption.random_mask(key, batch, grid.num_tokens, config.sample.inpaint_ratio)
+    return 1.0 - np.asarray(grid.pixel_mask(np.asarray(m.mask)))
   path = epath.Path(kind)
   if not path.exists():
     raise InpaintError(f"sample.inpaint={kind!r}: use 'random', 'center' or the path of an existing PNG mask")
@@ -48,8 +48,8 @@ def inpaint_mask(config, kind: str, batch: int, key) -> np.ndarray:
 
 def masked_patch_count(config, known: np.ndarray) -> int:
   """Patches with an unknown pixel, the same in every image of `known` (B, H, W, 1)."""
-  patch = methods.get(config).patch(config)
-  counts = corruption.known_patches(known, patch).sum(axis=1).round().astype(int)
+  grid = geometry.grid(config, methods.get(config).patch(config))
+  counts = grid.known_tokens(known).sum(axis=1).round().astype(int)
   if counts.min() != counts.max():
     raise InpaintError(f"sample.inpaint={config.sample.inpaint!r} masks {counts.min()}..{counts.max()} patches per "
                        "image: every image of a batch must mask as many")

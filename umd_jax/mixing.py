@@ -34,14 +34,14 @@ def mix(key, images, labels, num_classes: int, *, mixup_alpha: float, cutmix_alp
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, targets, jnp.ones((), jnp.float32)
   k_switch, k_mixup, k_cutmix, k_box = jax.random.split(key, 4)
-  h, w = images.shape[1:3]
+  h, w = images.shape[-3:-1]  # of an image, or of every frame of a clip (one box for all)
   mirror = images[::-1]
   if cutmix_alpha > 0:
     top, bottom, left, right = cutmix_box(k_box, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha), h, w)
     rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)          # (H, W)
-    cut_lam = 1.0 - (bottom - top) * (right - left) / (h * w)
-    cut = jnp.where(box[None, :, :, None], mirror, images)
+    cut_lam = 1.0 - (bottom - top) * (right - left) / (h * w)  # a clip's frames are all cut alike
+    cut = jnp.where(box.reshape((1,) * (images.ndim - 3) + box.shape + (1,)), mirror, images)
   if mixup_alpha > 0:
     mix_lam = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha)
     mixed = images * mix_lam + mirror * (1.0 - mix_lam)

@@ -180,9 +180,16 @@ def _reconstruction_action(config, graphdef, mesh, workdir, writer, vae):
     rows = reconstruct(state.params, preview, jax.random.PRNGKey(config.seed))
     if vae is not None:
       rows = [vae.to_pixels(r) for r in rows]
-    picture = images.grid(multihost.to_host(rows))  # collective: every process takes part
-    files.on_main(lambda: images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture,
-                                          upscale=max(1, 256 // picture.shape[0])))
+    rows = multihost.to_host(rows)  # collective: every process takes part
+    picture = images.grid(rows)
+    upscale = max(1, 256 // picture.shape[0])
+    def save():
+      images.save_png(workdir / "images" / f"reconstruction_{step:08d}.png", picture, upscale=upscale)
+      if np.ndim(rows[0]) == 5:  # clips: also an animation, one grid per frame
+        frames = images.clip_grids(rows)
+        files.write_bytes(workdir / "images" / f"reconstruction_{step:08d}.gif",
+                          images.gif_bytes(frames, upscale=max(1, 256 // frames[0].shape[0])))
+    files.on_main(save)
     writer.write_images(step, {"reconstruction": picture[None]})
   return action
 

@@ -49,13 +49,25 @@ def center_box(h: int, w: int):
   return left, top, left + side, top + side
 
 
+def _is_clip(image) -> bool:
+  return isinstance(image, np.ndarray) and image.ndim == 4  # (T, H, W, C); images are (H, W, C)
+
+
+def _crop(image, box, size: int) -> np.ndarray:
+  """crop_resize of an image, or of every frame of a clip with the same box."""
+  if _is_clip(image):
+    return np.stack([crop_resize(frame, box, size) for frame in image])
+  return crop_resize(image, box, size)
+
+
 def inception_crop(image, rng: np.random.Generator, area_range, size: int) -> np.ndarray:
-  """Random crop (see `inception_box`) of an array or an encoded JPEG, resized to size²."""
-  return crop_resize(image, inception_box(*image.shape[:2], rng, area_range), size)
+  """Random crop (see `inception_box`) of an array or an encoded JPEG, resized to size² (a clip:
+  one box for all its frames)."""
+  return _crop(image, inception_box(*image.shape[-3:-1], rng, area_range), size)
 
 
 def center_crop(image, size: int) -> np.ndarray:
-  return crop_resize(image, center_box(*image.shape[:2]), size)
+  return _crop(image, center_box(*image.shape[-3:-1]), size)
 
 
 def decoded(record, make):
@@ -83,7 +95,7 @@ class TrainAugment(grain.transforms.RandomMap):
   def random_map(self, record, rng):
     image, record = decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
     if self.flip and rng.uniform() < 0.5:
-      image = image[:, ::-1]
+      image = image[..., ::-1, :]  # the width axis, of an image or of every frame
     return {"image": _to_float(image), "label": np.int32(record["label"])}
 
 
@@ -98,7 +110,7 @@ class ClassifyAugment(TrainAugment):
   def random_map(self, record, rng):
     image, record = decoded(record, lambda r: inception_crop(r["image"], rng, self.area_range, self.size))
     if self.flip and rng.uniform() < 0.5:
-      image = image[:, ::-1]
+      image = image[..., ::-1, :]
     if self.randaugment is not None:
       image = self.randaugment(np.ascontiguousarray(image), rng)
     image = _to_float(image)

@@ -1,8 +1,9 @@
 """Random-access image sources (grain's `__len__` + `__getitem__` protocol).
 
-Each record is `{"image": uint8 (H, W, C), "label": int}`. Sources: any TFDS dataset prepared
-in array_record format, a folder with one sub-folder per class, scikit-learn's bundled
-handwritten digits (the embedded default; no download), and synthetic random images.
+Each record is `{"image": uint8 (H, W, C), "label": int}`, or for clips uint8 (T, H, W, C).
+Sources: any TFDS dataset prepared in array_record format, a folder with one sub-folder per class,
+scikit-learn's bundled handwritten digits (the embedded default; no download), clips of those
+digits moving (the embedded video set), and synthetic random images.
 """
 import functools
 import io
@@ -71,6 +72,44 @@ class DigitsSource:
 
   def __getitem__(self, index):
     return {"image": self.images[index], "label": self.labels[index]}
+
+
+class MovingDigitsSource:
+  """Clips of one of scikit-learn's handwritten digits moving across a dark size × size canvas
+  (wrapping around its edges), `frames` frames long; the label is the direction of motion (0
+  right, 1 left, 2 down, 3 up), which no single frame shows. Four clips per source digit, one per
+  direction, so the split is the digits' ('train' / 'test', sliced as they are: 'test[:40]' is 160
+  clips); record i is digit i // 4 moving in direction i % 4, from a start position and a speed of
+  1 or 2 pixels a frame drawn from the record's own seed: the same clips on every host and run."""
+  DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, columns) per frame
+  NAMES = ("right", "left", "down", "up")
+  in_memory = True
+
+  def __init__(self, split: str, frames: int, size: int, channels: int = 1):
+    if size < 8:
+      raise DataError(f"moving digits need data.image_size >= 8 (the digits are 8×8): got {size}")
+    self.digits = DigitsSource(split, channels)
+    self.frames, self.size, self.split = frames, size, split
+    self.num_classes, self.class_names = len(self.DIRECTIONS), list(self.NAMES)
+    self.labels = np.tile(np.arange(self.num_classes, dtype=np.int32), len(self.digits))
+    self.salt = 0 if split.startswith("train") else 1
+
+  def __repr__(self):
+    return f"MovingDigitsSource(split={self.split!r}, frames={self.frames}, size={self.size})"
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    index = int(index)
+    digit, direction = divmod(index, self.num_classes)
+    rng = np.random.default_rng([self.salt, index])
+    start, speed = rng.integers(0, self.size, 2), int(rng.integers(1, 3))
+    canvas = np.zeros((self.size, self.size, self.digits.images.shape[-1]), np.uint8)
+    canvas[:8, :8] = self.digits.images[digit]
+    step = np.asarray(self.DIRECTIONS[direction]) * speed
+    clip = np.stack([np.roll(canvas, tuple(start + f * step), axis=(0, 1)) for f in range(self.frames)])
+    return {"image": clip, "label": np.int32(direction)}
 
 
 class SyntheticSource:
@@ -209,12 +248,17 @@ class TfdsSource:
     return {"image": _to_channels(np.asarray(image), self.channels), "label": label}
 
 
+CLIP_SOURCES = ("moving_digits",)  # data.name of the sources whose records are clips (data.frames > 1)
+
+
 def make_source(data_config, split: str, labelled: bool = True):
   """The source named by `config.data.name` for `split`. With `labelled` (everything but FID's
   reference images) its class count must be `data.num_classes` where both are known."""
   d = data_config
   if d.name == "digits":
     source = DigitsSource(split, d.channels)
+  elif d.name == "moving_digits":
+    source = MovingDigitsSource(split, d.frames, d.image_size, d.channels)
   elif d.name == "synthetic":
     source = SyntheticSource(d.synthetic_size, d.image_size, d.channels, d.num_classes)
   elif d.name == "folder":

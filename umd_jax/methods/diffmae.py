@@ -11,18 +11,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from umd_jax import corruption, diffusion, flops, rules
+from umd_jax import corruption, diffusion, flops, geometry, rules
 from umd_jax.methods.common import REP, ddpm_noised, pick
 from umd_jax.models import diffmae as model_lib
-from umd_jax.models import layers
 from umd_jax.geometry import input_shape
 from umd_jax.models.umd import parse_variant
 
 TARGETS = ("x0", "eps")
 
 
-def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, mask_ratio: float, target: str = "x0",
-                 num_buckets: int = 10, sample_ids=None):
+def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, grid: geometry.Grid, mask_ratio: float,
+                 target: str = "x0", num_buckets: int = 10, sample_ids=None, tube: int = 1):
   """The DiffMAE loss and its parts. model(x, xt_patches, t_index, mask) -> prediction for the
   masked patches (B, M, p*p*C). Every draw of a sample (mask, t, noise) comes from fold_in(key,
   its `sample_ids` entry; default its row), as in corruption.umd_loss, so gradient accumulation
@@ -32,8 +31,8 @@ def diffmae_loss(model, schedule: diffusion.Schedule, x0, key, *, patch: int, ma
   ids = jnp.arange(batch) if sample_ids is None else sample_ids
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
   per_sample = lambda purpose, draw: jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(keys)
-  patches = layers.patchify(x0, patch)                                            # (B, L, P)
-  mask = corruption.sample_mask(per_sample(0, lambda k: k), patches.shape[1], mask_ratio)
+  patches = grid.patchify(x0)                                                     # (B, L, P)
+  mask = corruption.sample_mask(per_sample(0, lambda k: k), patches.shape[1], mask_ratio, tube)
   clean = jnp.take_along_axis(patches, mask.masked_ids[..., None], axis=1)        # (B, M, P)
   t = per_sample(1, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))
   eps = per_sample(2, lambda k: jax.random.normal(k, clean.shape[1:], clean.dtype))
@@ -68,9 +67,10 @@ class DiffMAEMethod:
   # What a checkpoint's numbers mean (METHOD.md §12): every reader of weights uses the writer's values.
   meaning = ("model.variant", "diffmae.target", "diffmae.links", "diffmae.decoder", "diffmae.decoder_width",
              "diffmae.decoder_depth", "diffmae.decoder_heads", "diffusion.schedule", "diffusion.num_timesteps",
-             "diffusion.noise_exponent", "diffusion.rho_form")
+             "diffusion.noise_exponent", "diffusion.rho_form") + geometry.MEANING
 
   objective = ("diffmae.",)
+  clips = True  # tubelet tokens and 3-D sin-cos positions (geometry.Grid)
 
   def add_keys(self, c) -> None:
     """DiffMAE's own keys (METHOD.md §9). Sources (METHOD.md §9's table): "recalled" = chosen,
@@ -106,12 +106,13 @@ class DiffMAEMethod:
     return 0.0  # one kind of row
 
   def loss_fn(self, config, schedule):
-    d, patch = config.diffmae, parse_variant(config.model.variant)["patch"]
+    d, grid = config.diffmae, model_grid(config)
+    tube = corruption.tube_frames(config, grid)
 
     def loss(model, images, labels, key, sample_ids=None):
       del labels  # self-supervised
-      return diffmae_loss(model, schedule, images, key, patch=patch, mask_ratio=d.mask_ratio, target=d.target,
-                          num_buckets=config.corruption.loss_buckets, sample_ids=sample_ids)
+      return diffmae_loss(model, schedule, images, key, grid=grid, mask_ratio=d.mask_ratio, target=d.target,
+                          num_buckets=config.corruption.loss_buckets, sample_ids=sample_ids, tube=tube)
     return loss
 
   def num_blocks(self, config) -> int:
@@ -143,16 +144,17 @@ class DiffMAEMethod:
   def preview(self, config, schedule, model, x0, key):
     """Visible patches, and the decoder's one-step x0 guess for the masked ones from pure noise
     (t = T - 1, where inpainting starts), the visible ones copied."""
-    b, patch = x0.shape[0], model.patch
+    b, grid = x0.shape[0], model.geometry
     k_mask, k_eps = jax.random.split(key)
-    mask = corruption.random_mask(k_mask, b, model.num_patches, config.diffmae.mask_ratio)
+    mask = corruption.random_mask(k_mask, b, model.num_patches, config.diffmae.mask_ratio,
+                                  corruption.tube_frames(config, grid))
     m = mask.masked_ids.shape[1]
-    noise = jax.random.normal(k_eps, (b, m, patch * patch * model.channels))
+    noise = jax.random.normal(k_eps, (b, m, grid.token_dim(model.channels)))
     t = jnp.full((b,), schedule.num_timesteps - 1, jnp.int32)
     pred = model(x0, noise, diffusion.network_timestep(t), mask)
     x0_pred = diffusion.parameterise(schedule, noise, t, pred, pred, prediction=config.diffmae.target)[0]
-    visible = 1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3])
-    filled = _fill(x0, x0_pred, mask, patch, model.grid)
+    visible = 1 - grid.pixel_mask(mask.mask)
+    filled = _fill(x0, x0_pred, mask, grid)
     return x0 * visible, filled
 
   def inpaint(self, config, schedule, make_model, images, known, labels, key, num_masked: int):
@@ -160,17 +162,16 @@ class DiffMAEMethod:
     with any unknown pixel) start from Gaussian noise and are denoised alone, ancestral DDPM over
     all T steps (sample.sampler="ddpm") or DDIM over sample.steps; known pixels are copied."""
     del labels
-    patch = parse_variant(config.model.variant)["patch"]
-    mask = corruption.mask_from_patches(corruption.known_patches(known, patch), num_masked)
+    grid = model_grid(config)
+    mask = corruption.mask_from_patches(grid.known_tokens(known), num_masked)
     context = make_model().context(images, mask.keep_ids)  # the encoder, once
-    return self._sample(config, schedule, make_model, images, known, mask, context, key, patch,
-                        images.shape[1] // patch)
+    return self._sample(config, schedule, make_model, images, known, mask, context, key, grid)
 
-  def _sample(self, config, schedule, make_model, images, known, mask, context, key, patch, grid):
+  def _sample(self, config, schedule, make_model, images, known, mask, context, key, grid):
     """The masked patches of `mask`, denoised given the encoder's `context`, put into `images`."""
     s = config.sample
     k_noise, k_sample = jax.random.split(key)
-    noise = jax.random.normal(k_noise, mask.masked_ids.shape + (patch * patch * images.shape[-1],))
+    noise = jax.random.normal(k_noise, mask.masked_ids.shape + (grid.token_dim(images.shape[-1]),))
 
     def denoise(x, t):
       pred = make_model().decode(context, x, mask.masked_ids, mask.keep_ids, diffusion.network_timestep(t))
@@ -181,7 +182,7 @@ class DiffMAEMethod:
       x = diffusion.ddpm_sample(denoise, schedule, noise, k_sample, **kw)
     else:
       x = diffusion.ddim_sample(denoise, schedule, noise, k_sample, steps=s.steps, eta=s.eta, grid=s.timesteps, **kw)
-    return known * images + (1 - known) * _fill(images, x, mask, patch, grid)
+    return known * images + (1 - known) * _fill(images, x, mask, grid)
 
   def inpainter(self, config) -> str:
     """Only the masked patches denoised, given the clean encoder's context."""
@@ -201,10 +202,9 @@ class DiffMAEMethod:
     rules.require(d.links in model_lib.LINKS, "diffmae.links", d.links, f"use one of {model_lib.LINKS}")
     rules.require(d.target in TARGETS, "diffmae.target", d.target, f"use one of {TARGETS}")
     rules.fraction(d.mask_ratio, "diffmae.mask_ratio", low_open=True, high_open=True)
-    size, _ = input_shape(config)
-    variant = parse_variant(config.model.variant)
-    num_patches = (size // variant["patch"]) ** 2
-    kept = corruption.num_kept(num_patches, d.mask_ratio)
+    variant, grid = parse_variant(config.model.variant), model_grid(config)
+    num_patches = grid.num_tokens
+    kept = corruption.num_kept(num_patches, d.mask_ratio, corruption.tube_frames(config, grid))
     rules.require(1 <= kept < num_patches, "diffmae.mask_ratio", d.mask_ratio,
                   f"must keep at least one and mask at least one of {num_patches} patches")
     for key in ("diffmae.decoder_depth", "diffmae.decoder_heads"):
@@ -212,26 +212,34 @@ class DiffMAEMethod:
     rules.integer(config, "diffmae.decoder_width", 4)
     rules.require(d.decoder_width % 4 == 0 and d.decoder_width % d.decoder_heads == 0, "diffmae.decoder_width", d.decoder_width,
                   f"must be divisible by 4 (sin-cos positions) and by diffmae.decoder_heads={d.decoder_heads}")
-    rules.require(variant["width"] % 4 == 0, "model.variant", config.model.variant,
-                  "needs a width divisible by 4 (sin-cos positions)")
+    sincos = 16 if grid.clip else 4  # clips: a quarter of the channels for time, then 2-D
+    rules.require(variant["width"] % sincos == 0, "model.variant", config.model.variant,
+                  f"needs a width divisible by {sincos} ({'3-D' if grid.clip else '2-D'} sin-cos positions)")
+    rules.require(d.decoder_width % sincos == 0, "diffmae.decoder_width", d.decoder_width,
+                  f"must be divisible by {sincos} ({'3-D' if grid.clip else '2-D'} sin-cos positions)")
 
 
-def _fill(images, masked_patches, mask, patch, grid):
-  """`images` with the patches of `mask.masked_ids` replaced by `masked_patches` (B, M, P)."""
-  patches = layers.patchify(images, patch)
+def model_grid(config) -> geometry.Grid:
+  """The token grid of the encoder's input (geometry.grid at the variant's patch)."""
+  return geometry.grid(config, parse_variant(config.model.variant)["patch"])
+
+
+def _fill(images, masked_patches, mask, grid):
+  """`images` with the tokens of `mask.masked_ids` replaced by `masked_patches` (B, M, P)."""
+  patches = grid.patchify(images)
   kept = jnp.take_along_axis(patches, mask.keep_ids[..., None], axis=1)
-  return layers.unpatchify(jnp.take_along_axis(jnp.concatenate([kept, masked_patches.astype(patches.dtype)], axis=1),
-                                        mask.restore_ids[..., None], axis=1), patch, grid)
+  return grid.unpatchify(jnp.take_along_axis(jnp.concatenate([kept, masked_patches.astype(patches.dtype)], axis=1),
+                                             mask.restore_ids[..., None], axis=1))
 
 
 def forward_flops(config) -> float:
   """Analytic FLOPs of one training forward (multiply-add = 2), as flops.py counts UMD's."""
   d, m = config.diffmae, config.model
-  size, channels = input_shape(config)
-  v = parse_variant(m.variant)
-  w, dw, p_dim = v["width"], d.decoder_width, v["patch"] ** 2 * channels
-  num_patches = (size // v["patch"]) ** 2
-  kept = corruption.num_kept(num_patches, d.mask_ratio)
+  _, channels = input_shape(config)
+  v, grid = parse_variant(m.variant), model_grid(config)
+  w, dw, p_dim = v["width"], d.decoder_width, grid.token_dim(channels)
+  num_patches = grid.num_tokens
+  kept = corruption.num_kept(num_patches, d.mask_ratio, corruption.tube_frames(config, grid))
   masked, context = num_patches - kept, m.num_registers + kept
   total = 2 * kept * p_dim * w + v["encoder_depth"] * flops.block_flops(context, w, adaln=False)
   total += 2 * masked * p_dim * dw + 8 * dw * dw + 2 * dw * 2 * dw + 2 * masked * dw * p_dim  # embed, t MLP, final, head

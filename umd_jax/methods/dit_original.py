@@ -47,6 +47,7 @@ class DiTNetwork:
 
 
 class OriginalDiT(DiTNetwork):
+  clips = False  # images only
   samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
   name = "dit_original"
   # What a checkpoint's numbers mean (METHOD.md §12): dit.time tells DiT's weights from SiT's.

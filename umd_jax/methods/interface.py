@@ -15,10 +15,12 @@ Loss = Callable[..., tuple]  # loss(model, images, labels, key, sample_ids) -> (
 class Method(Protocol):
   """What every method has. `meaning`: the keys whose values give saved weights their meaning
   (METHOD.md §12; every reader of weights refuses other values). `objective`: key prefixes a
-  resumed training may not change, beside the shared `diffusion.` and `optim.`."""
+  resumed training may not change, beside the shared `diffusion.` and `optim.`. `clips`: whether its
+  networks read clips (data.frames > 1; geometry.py) as well as images."""
   name: str
   meaning: tuple
   objective: tuple
+  clips: bool
 
   def add_keys(self, c) -> None:
     """Its own config keys with their defaults. Every base config holds every method's keys; a

@@ -43,6 +43,7 @@ class SiTObjective:
   SiT's time, and the samplers. A method is this and a network (DiTNetwork, UMDNetwork)."""
   objective = ("sit.",)
   samplers = SAMPLERS
+  clips = False  # images only
 
   def add_keys(self, c) -> None:
     c.corruption.label_dropout = 0.0   # class-conditional training: P(label -> null class) (SiT: 0.1)

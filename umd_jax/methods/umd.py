@@ -6,7 +6,7 @@ of `corruption.*` and the conditioning: four registered methods, one class.
 import jax
 import jax.numpy as jnp
 
-from umd_jax import corruption, diffusion, flops, rules
+from umd_jax import corruption, diffusion, flops, geometry, rules
 from umd_jax.geometry import input_shape
 from umd_jax.methods import umd_loss
 from umd_jax.methods.common import REP, ddpm_noised, pick, sample_with
@@ -71,8 +71,9 @@ class UMDNetwork:
 class UMDFamily(UMDNetwork):
   label_params = ("label_embed",)
   samplers = ("ddim", "ddpm")  # sample.sampler: DDIM over sample.steps, or ancestral DDPM
-  meaning = ("model.variant", "model.conditioning") + SCHEDULE
+  meaning = ("model.variant", "model.conditioning") + SCHEDULE + geometry.MEANING
   objective = ("corruption.",)
+  clips = True  # tubelet tokens (geometry.Grid)
 
   def __init__(self, name: str):
     self.name, self.preset = name, PRESETS[name]
@@ -100,11 +101,12 @@ class UMDFamily(UMDNetwork):
 
   def loss_fn(self, config, schedule):
     c = config.corruption
-    num_patches = model_lib.num_patches(config)
+    grid = model_grid(config)
+    tube = corruption.tube_frames(config, grid)
     conditional = bool(config.model.num_classes)
 
     def loss(model, images, labels, key, sample_ids=None):
-      return umd_loss.loss(model, schedule, images, key, num_patches=num_patches,
+      return umd_loss.loss(model, schedule, images, key, grid=grid, tube=tube,
                                  clean_fraction=c.clean_fraction, clean_mask_ratio=c.clean_mask_ratio,
                                  noised_mask_ratio=c.noised_mask_ratio, num_buckets=c.loss_buckets,
                                  labels=labels if conditional else None, label_dropout=c.label_dropout,
@@ -123,10 +125,11 @@ class UMDFamily(UMDNetwork):
     b = x0.shape[0]
     t = jnp.full((b,), schedule.num_timesteps // 2, jnp.int32)
     x_in = x0 if clean else diffusion.q_sample(schedule, x0, t, jax.random.normal(k_eps, x0.shape))
-    mask = corruption.random_mask(k_mask, b, model.num_patches, c.clean_mask_ratio if clean else c.noised_mask_ratio)
+    mask = corruption.random_mask(k_mask, b, model.num_patches, c.clean_mask_ratio if clean else c.noised_mask_ratio,
+                                  corruption.tube_frames(config, model.geometry))
     t_index = jnp.full((b,), diffusion.CLEAN_INDEX, jnp.int32) if clean else diffusion.network_timestep(t)
     out = model(x_in, t_index, None, mask)
-    shown = x_in if mask is None else x_in * (1 - corruption.pixel_mask(mask.mask, *x0.shape[1:3]))
+    shown = x_in if mask is None else x_in * (1 - model.geometry.pixel_mask(mask.mask))
     return shown, out["x0"]
 
   def _denoiser(self, config, make_model, labels):
@@ -156,7 +159,7 @@ class UMDFamily(UMDNetwork):
 
   @staticmethod
   def _one_shot_fill(model, images, known, num_masked):
-    mask = corruption.mask_from_patches(corruption.known_patches(known, model.patch), num_masked)
+    mask = corruption.mask_from_patches(model.geometry.known_tokens(known), num_masked)
     t_index = jnp.full((images.shape[0],), diffusion.CLEAN_INDEX, jnp.int32)
     x0 = model(images, t_index, None, mask)["x0"]  # the clean step: the null label, as in training
     return known * images + (1 - known) * x0
@@ -176,13 +179,19 @@ class UMDFamily(UMDNetwork):
   def check(self, config, mode) -> None:
     c = config.corruption
     rules.fraction(c.clean_fraction, "corruption.clean_fraction")
-    num_patches = model_lib.num_patches(config)
+    grid = model_grid(config)
+    num_patches, tube = grid.num_tokens, corruption.tube_frames(config, grid)
     for name in ("clean_mask_ratio", "noised_mask_ratio"):
       rules.fraction(c[name], f"corruption.{name}", high_open=True)
-      rules.require(corruption.num_kept(num_patches, c[name]) >= 1, f"corruption.{name}", c[name],
+      rules.require(corruption.num_kept(num_patches, c[name], tube) >= 1, f"corruption.{name}", c[name],
                     f"keeps no token of {num_patches}: lower it")
     rules.fraction(c.label_dropout, "corruption.label_dropout")
     model_lib.check_conditioning(config.model.conditioning)
+
+
+def model_grid(config):
+  """The token grid of the UMD network's input (geometry.grid at the variant's patch)."""
+  return geometry.grid(config, parse_variant(config.model.variant)["patch"])
 
 
 def one_shot(config) -> bool:
@@ -194,15 +203,18 @@ def one_shot(config) -> bool:
 # the encoder (on registers + kept tokens) and decoder (on rep + all tokens), adaLN modulations,
 # condition MLPs and the output head.
 def forward_flops(*, width, encoder_depth, decoder_depth, heads, patch, image_size, channels,
-                  mask_ratio=0.0, num_registers=4, adaln=True, num_classes=0) -> float:
+                  mask_ratio=0.0, num_registers=4, adaln=True, num_classes=0, frames=1, tubelet=1,
+                  tube=1) -> float:
+  """One forward of an input of `frames` frames (1: an image) cut into tubelet × patch² tokens."""
   del heads  # FLOPs do not depend on the head split
-  num_patches = (image_size // patch) ** 2
-  kept = corruption.num_kept(num_patches, mask_ratio)
+  num_patches = (frames // tubelet) * (image_size // patch) ** 2
+  token_dim = tubelet * patch * patch * channels
+  kept = corruption.num_kept(num_patches, mask_ratio, tube)
   extra = 0 if adaln else 1  # the in-context condition token
-  total = 2 * num_patches * patch * patch * channels * width                 # patch embedding
+  total = 2 * num_patches * token_dim * width                                # patch embedding
   total += encoder_depth * flops.block_flops(num_registers + kept + extra, width, adaln)
   total += decoder_depth * flops.block_flops(num_patches + 1 + extra, width, adaln)
-  total += 2 * num_patches * width * patch * patch * 2 * channels             # x0 + eps head
+  total += 2 * num_patches * width * 2 * token_dim                           # x0 + eps head
   total += 8 * width * width * (2 if num_classes else 1)                      # condition MLPs
   total += 2 * width * 2 * width if adaln else 0                              # final modulation
   return float(total)
@@ -212,7 +224,9 @@ def train_flops_per_image(config) -> float:
   """UMD: forward + backward FLOPs of one training image, averaged over the clean and noised sub-batches."""
   c, m = config.corruption, config.model
   size, channels = input_shape(config)
-  shared = dict(image_size=size, channels=channels, num_registers=m.num_registers,
+  grid = model_grid(config)
+  shared = dict(image_size=size, channels=channels, num_registers=m.num_registers, frames=config.data.frames,
+                tubelet=grid.tubelet, tube=corruption.tube_frames(config, grid),
                 adaln=m.conditioning == "adaln", num_classes=m.num_classes, **parse_variant(m.variant))
   n_clean, n_noised = corruption.split_sizes(config.batch_size, c.clean_fraction)
   per_batch = (n_clean * forward_flops(mask_ratio=c.clean_mask_ratio, **shared)

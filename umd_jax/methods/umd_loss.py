@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from umd_jax import diffusion
-from umd_jax.corruption import Mask, pixel_mask, sample_mask, split_sizes
+from umd_jax.corruption import Mask, sample_mask, split_sizes
+from umd_jax.geometry import Grid
 
 
 def masked_mean(sq_err, weight, axis=None):
@@ -19,12 +20,12 @@ def masked_mean(sq_err, weight, axis=None):
   return jnp.sum(sq_err * weight, axis=axis) / jnp.maximum(jnp.sum(weight, axis=axis), 1.0)
 
 
-def _regions(mask: Optional[Mask], x):
+def _regions(mask: Optional[Mask], x, grid: Grid):
   """(visible, masked) pixel weights; without masking both are all pixels (METHOD.md §2)."""
   if mask is None:
-    ones = jnp.ones(x.shape[:3] + (1,), x.dtype)
+    ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
     return ones, ones
-  m = pixel_mask(mask.mask, x.shape[1], x.shape[2])
+  m = grid.pixel_mask(mask.mask)
   return 1.0 - m, m
 
 
@@ -34,13 +35,13 @@ def _per_sample(keys, purpose: int, draw: Callable):
 
 
 def loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: jax.Array, *,
-             num_patches: int, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
+             grid: Grid, clean_fraction: float, clean_mask_ratio: float, noised_mask_ratio: float,
              labels: Optional[jax.Array] = None, num_buckets: int = 10, label_dropout: float = 0.0,
-             null_label: int = 0, sample_ids: Optional[jax.Array] = None):
+             null_label: int = 0, sample_ids: Optional[jax.Array] = None, tube: int = 1):
   """The UMD loss of METHOD.md §2 and its parts.
 
-  apply_fn(x, t_index, labels, mask: Mask | None) -> dict(x0=..., eps=...), images (B, H, W, C);
-  x0 (B, H, W, C) holds `num_patches` patches. The clean sub-batch is told the null label; in
+  apply_fn(x, t_index, labels, mask: Mask | None) -> dict(x0=..., eps=...), inputs (B, [T,] H, W, C);
+  x0 is cut into tokens as `grid` says; masks span `tube` token frames (corruption.sample_mask). The clean sub-batch is told the null label; in
   the noised one each label is replaced by `null_label` with probability `label_dropout` (CFG).
   Returns (loss, metrics) with loss_clean, loss_noised and per-timestep-bucket sums/counts.
 
@@ -61,9 +62,9 @@ def loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: j
   loss = zero
   if n_clean:
     xc = x0[:n_clean]
-    mask = sample_mask(_per_sample(k_clean, 0, lambda k: k), num_patches, clean_mask_ratio)
+    mask = sample_mask(_per_sample(k_clean, 0, lambda k: k), grid.num_tokens, clean_mask_ratio, tube)
     out = apply_fn(xc, jnp.zeros((n_clean,), jnp.int32), None, mask)
-    _, masked = _regions(mask, xc)
+    _, masked = _regions(mask, xc, grid)
     metrics["loss_clean"] = masked_mean(jnp.square(out["x0"] - xc), masked)
     loss = loss + (n_clean / batch) * metrics["loss_clean"]
   if n_noised:
@@ -71,7 +72,7 @@ def loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: j
     t = _per_sample(k_noised, 1, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))
     eps = _per_sample(k_noised, 2, lambda k: jax.random.normal(k, xn.shape[1:], xn.dtype))
     xt = diffusion.q_sample(schedule, xn, t, eps)
-    mask = sample_mask(_per_sample(k_noised, 3, lambda k: k), num_patches, noised_mask_ratio)
+    mask = sample_mask(_per_sample(k_noised, 3, lambda k: k), grid.num_tokens, noised_mask_ratio, tube)
     noised_labels = None
     if labels is not None:
       noised_labels = labels[n_clean:]
@@ -79,12 +80,13 @@ def loss(apply_fn: Callable, schedule: diffusion.Schedule, x0: jax.Array, key: j
         drop = _per_sample(k_noised, 4, lambda k: jax.random.uniform(k, ())) < label_dropout
         noised_labels = jnp.where(drop, null_label, noised_labels)
     out = apply_fn(xt, diffusion.network_timestep(t), noised_labels, mask)
-    visible, masked = _regions(mask, xn)
+    visible, masked = _regions(mask, xn, grid)
     eps_se, x0_se = jnp.square(out["eps"] - eps), jnp.square(out["x0"] - xn)
     metrics["loss_noised"] = 0.5 * masked_mean(eps_se, visible) + 0.5 * masked_mean(x0_se, masked)
     loss = loss + (n_noised / batch) * metrics["loss_noised"]
-    per_sample = (0.5 * masked_mean(eps_se, visible, axis=(1, 2, 3))
-                  + 0.5 * masked_mean(x0_se, masked, axis=(1, 2, 3)))
+    pixels = tuple(range(1, xn.ndim))
+    per_sample = (0.5 * masked_mean(eps_se, visible, axis=pixels)
+                  + 0.5 * masked_mean(x0_se, masked, axis=pixels))
     onehot = jax.nn.one_hot(t * num_buckets // schedule.num_timesteps, num_buckets)
     metrics["bucket_sum"] = onehot.T @ per_sample
     metrics["bucket_count"] = onehot.sum(axis=0)

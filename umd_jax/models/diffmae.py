@@ -7,7 +7,7 @@ cross-attention to an encoder block, then the MLP), "cross" (cross-attention and
 tokens together). Links (`links`, cross decoders): "top_down" pairs decoder block i with encoder
 block `top_down_pairs(...)[i]`, the last encoder block first; "last" gives every decoder block the
 encoder's last (normalised) output. The encoder never sees t; the decoder's blocks take it by
-adaLN-Zero. Positions are MAE's fixed 2-D sin-cos tables.
+adaLN-Zero. Positions are MAE's fixed 2-D sin-cos tables (clips: 3-D, geometry.Grid.sincos).
 """
 
 import jax
@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from umd_jax import geometry
 from umd_jax.models import layers
-from umd_jax.geometry import input_shape
+from umd_jax.geometry import input_shape, sincos_2d  # noqa: F401 - sincos_2d: its old home
 from umd_jax.models.layers import DTYPES, compute_dtype
 from umd_jax.models.umd import parse_variant
 
@@ -30,19 +31,6 @@ def top_down_pairs(encoder_depth: int, decoder_depth: int) -> np.ndarray:
   reads evenly spaced encoder blocks from the top (E=24, D=8: 23, 20, ..., 2), so its links still
   span the encoder's hierarchy; a deeper one reuses blocks (block E-1-floor(i·E/D))."""
   return (encoder_depth - 1 - (np.arange(decoder_depth) * encoder_depth) // decoder_depth).astype(np.int32)
-
-
-def sincos_2d(width: int, grid: int) -> np.ndarray:
-  """(grid², width) fixed 2-D sin-cos position table (MAE / DiT): half the channels encode the row,
-  half the column, each as [sin | cos] of the position times 1/10000^(2k/(width/2))."""
-  def one_axis(dim, pos):
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.outer(pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  if width % 4:
-    raise ValueError(f"width {width} must be divisible by 4 for 2-D sin-cos positions")
-  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-  return np.concatenate([one_axis(width // 2, rows), one_axis(width // 2, cols)], axis=1).astype(np.float32)
 
 
 def _take(table, ids):
@@ -104,20 +92,18 @@ class DiffMAE(nnx.Module):
   def __init__(self, *, image_size: int, channels: int, patch: int, width: int, encoder_depth: int, heads: int,
                decoder_width: int, decoder_depth: int, decoder_heads: int, decoder: str = "cross_self",
                links: str = "top_down", num_registers: int = 1, dtype: str = "auto", scan_layers: bool = True,
-               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
-    if image_size % patch:
-      raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
-                       "change data.image_size or model.variant")
+               remat: str = "none", attention: str = "auto", frames: int = 1, tubelet: int = 1,
+               rngs: nnx.Rngs):
+    self.geometry = geometry.checked_grid(image_size, patch, frames, tubelet)
     if decoder not in DECODERS:
       raise ValueError(f"diffmae.decoder={decoder!r}: use one of {DECODERS}")
     if links not in LINKS:
       raise ValueError(f"diffmae.links={links!r}: use one of {LINKS}")
     self.patch, self.channels, self.decoder_kind, self.links = patch, channels, decoder, links
-    self.grid = image_size // patch
-    self.num_patches = self.grid ** 2
+    self.num_patches = self.geometry.num_tokens
     self.num_registers = num_registers
     self.dtype = dt = DTYPES[compute_dtype(dtype)]
-    patch_dim = patch * patch * channels
+    patch_dim = self.geometry.token_dim(channels)
     self.pairs = tuple(int(i) for i in top_down_pairs(encoder_depth, decoder_depth))  # static ints, not state
     common = dict(dtype=dt, scan=scan_layers, remat=remat, attention=attention, rngs=rngs)
 
@@ -146,10 +132,10 @@ class DiffMAE(nnx.Module):
   # --- pieces -------------------------------------------------------------------------------
 
   def positions(self, width):  # (1, L, width) fixed table: a constant of the program, not a parameter
-    return jnp.asarray(sincos_2d(width, self.grid), self.dtype)[None]
+    return jnp.asarray(self.geometry.sincos(width), self.dtype)[None]
 
-  def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
-    return layers.patchify(x, self.patch)
+  def patchify(self, x):  # (B, [T,] H, W, C) -> (B, L, tokens' values)
+    return self.geometry.patchify(x)
 
   def _embed(self, x, keep_ids=None):
     """Clean images -> the encoder's input: the class token(s), then the (kept) patches with positions."""
@@ -235,4 +221,4 @@ def from_config(config, rngs: nnx.Rngs) -> DiffMAE:
   return DiffMAE(image_size=size, channels=channels, num_registers=m.num_registers, dtype=m.dtype,
                  scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, decoder=d.decoder, links=d.links,
                  decoder_width=d.decoder_width, decoder_depth=d.decoder_depth, decoder_heads=d.decoder_heads,
-                 rngs=rngs, **variant)
+                 frames=geometry.frames(config), tubelet=m.tubelet, rngs=rngs, **variant)

@@ -51,16 +51,14 @@ class UMD(nnx.Module):
   def __init__(self, *, image_size: int, channels: int, patch: int, width: int, encoder_depth: int,
                decoder_depth: int, heads: int, num_registers: int = 4, conditioning: str = "adaln",
                num_classes: int = 0, dtype: str = "auto", scan_layers: bool = True,
-               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
-    if image_size % patch:
-      raise ValueError(f"image size {image_size} is not divisible by patch size {patch}: "
-                       "change data.image_size or model.variant")
+               remat: str = "none", attention: str = "auto", frames: int = 1, tubelet: int = 1,
+               rngs: nnx.Rngs):
+    self.geometry = geometry.checked_grid(image_size, patch, frames, tubelet)
     check_conditioning(conditioning)
     if width % heads:
       raise ValueError(f"width {width} is not divisible by {heads} heads")
     self.patch, self.channels, self.num_classes = patch, channels, num_classes
-    self.grid = image_size // patch
-    self.num_patches = self.grid ** 2
+    self.num_patches = self.geometry.num_tokens
     self.num_registers, self.encoder_depth = num_registers, encoder_depth
     self.adaln = conditioning == "adaln"
     self.dtype = dt = layers.DTYPES[layers.compute_dtype(dtype)]
@@ -68,7 +66,8 @@ class UMD(nnx.Module):
     pos_init = layers.logical(nnx.initializers.normal(1 / math.sqrt(self.num_patches)), None, "seq", "embed")
     token_shape = (1, self.num_patches, width)
 
-    self.patch_embed = layers.dense(patch * patch * channels, width, ("patch", "embed"), dtype=dt, rngs=rngs)
+    token_dim = self.geometry.token_dim(channels)
+    self.patch_embed = layers.dense(token_dim, width, ("patch", "embed"), dtype=dt, rngs=rngs)
     self.encoder_pos = nnx.Param(pos_init(rngs.params(), token_shape))
     self.registers = nnx.Param(layers.logical(layers.zeros, None, None, "embed")(rngs.params(), (1, num_registers, width)))
     self.encoder = layers.Stack(encoder_depth, width, heads, **stack)
@@ -80,7 +79,7 @@ class UMD(nnx.Module):
     self.decoder_norm = layers.layer_norm(width, dtype=dt, rngs=rngs)
     if self.adaln:
       self.final_modulation = layers.dense(width, 2 * width, ("embed", "mlp"), dtype=dt, rngs=rngs, kernel_init=layers.zeros)
-    self.head = layers.dense(width, patch * patch * 2 * channels, ("embed", "patch"), dtype=dt, rngs=rngs,
+    self.head = layers.dense(width, 2 * token_dim, ("embed", "patch"), dtype=dt, rngs=rngs,
                              kernel_init=nnx.initializers.normal(0.02))
 
     self.time_embed = layers.TimestepEmbedder(width, dtype=dt, rngs=rngs)
@@ -89,8 +88,8 @@ class UMD(nnx.Module):
 
   # --- pieces -------------------------------------------------------------------------------
 
-  def patchify(self, x):  # (B, H, W, C) -> (B, L, p*p*C)
-    return layers.patchify(x, self.patch)
+  def patchify(self, x):  # (B, [T,] H, W, C) -> (B, L, tokens' values)
+    return self.geometry.patchify(x)
 
   def condition(self, t_index, labels=None):
     """(B,) timestep indices (0 = clean step) and optional labels -> (B, width) condition."""
@@ -144,7 +143,7 @@ class UMD(nnx.Module):
     return h[:, 1:]
 
   def decode(self, visible, rep, cond, restore_ids=None, pooled=None):
-    """Visible tokens (B, K, D) + rep -> (x0, eps) images, each (B, H, W, C) in float32."""
+    """Visible tokens (B, K, D) + rep -> (x0, eps) inputs, each (B, [T,] H, W, C) in float32."""
     b, k, d = visible.shape
     if restore_ids is not None:
       mask_tokens = jnp.broadcast_to(self.mask_token[...], (b, self.num_patches - k, d)).astype(visible.dtype)
@@ -161,7 +160,7 @@ class UMD(nnx.Module):
     if self.adaln:
       shift, scale = jnp.split(self.final_modulation(cond), 2, axis=-1)
       h = layers.modulate(h, shift, scale)
-    out = layers.unpatchify(self.head(h).astype(jnp.float32), self.patch, self.grid)
+    out = self.geometry.unpatchify(self.head(h).astype(jnp.float32))
     return out[..., :self.channels], out[..., self.channels:]
 
   def __call__(self, x, t_index, labels=None, mask=None):
@@ -183,7 +182,7 @@ class UMD(nnx.Module):
 
 
 def num_patches(config) -> int:
-  """Tokens of one input: (input size / patch)²."""
+  """Tokens of one input: (token frames ×) (input size / patch)²."""
   return geometry.num_tokens(config, parse_variant(config.model.variant)["patch"])
 
 
@@ -193,4 +192,5 @@ def from_config(config, rngs: nnx.Rngs) -> UMD:
   size, channels = geometry.input_shape(config)
   return UMD(image_size=size, channels=channels, num_registers=m.num_registers,
              conditioning=m.conditioning, num_classes=m.num_classes, dtype=m.dtype,
-             scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, rngs=rngs, **parse_variant(m.variant))
+             scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, frames=geometry.frames(config),
+             tubelet=m.tubelet, rngs=rngs, **parse_variant(m.variant))
