@@ -386,6 +386,41 @@ def test_sit_pretraining_and_sampling_on_two_processes_equal_one_process(tmp_pat
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, sampler  # uint8 rounding of float32 sums
 
 
+VIDEO_PRETRAIN = ["--config.model.variant=Mu/4", "--config.batch_size=16", "--config.log_every=1",
+                  "--config.total_steps=8", "--config.checkpoint_every=8", "--config.image_every=8",
+                  "--config.probe_every=8", "--config.probe.fewshot_shots=(1,5)", "--config.model.masking=tube",
+                  "--config.probe.train_split=train[:200]", "--config.probe.eval_split=test[:40]"]
+VIDEO_CLASSIFY = ["--config.model.variant=Mu/4", "--config.batch_size=64", "--config.log_every=5",
+                  "--config.classify.epochs=1", "--config.classify.warmup_epochs=0", "--config.classify.eval_every_epochs=1",
+                  "--config.checkpoint_every=100", "--config.classify.eval_batch_size=160", "--config.classify.drop_path=0.2",
+                  "--config.data.train_split=train[:128]", "--config.data.eval_split=test[:40]"]
+
+
+def test_video_pretraining_and_classification_on_two_processes_equal_one_process(tmp_path):
+  """Clips (moving digits, tube masking) on 2 processes x 4 devices against 1 x 8: pre-training with
+  the preview grid and animation and the few-shot probe, then recognition fine-tuning with mixup /
+  cutmix on clips from those weights."""
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  out = _run_together(_main_py("video,8", "pretrain", multi, VIDEO_PRETRAIN), tmp_path / "logs_pretrain")
+  assert all("trained steps 0 -> 8" in o for o in out)
+  train.pretrain(_config("video,8", VIDEO_PRETRAIN), str(single))
+  _assert_params_close(_params(multi), _params(single))
+  assert (multi / "images" / "reconstruction_00000008.gif").exists()
+  got, expected = _scalars(multi), _scalars(single)
+  assert got["loss"][8] == pytest.approx(expected["loss"][8], rel=1e-4)
+  assert got["fewshot_5shot"][8] == pytest.approx(expected["fewshot_5shot"][8], abs=1.01 / 160)
+
+  args = VIDEO_CLASSIFY + [f"--config.init_from={multi}"]
+  _run_together(_main_py("video,classify", "classify", tmp_path / "cls_multi", args), tmp_path / "logs_classify")
+  got = json.loads((tmp_path / "cls_multi" / "classify" / "results.json").read_text())
+  expected = classify.run(_config("video,classify", args), str(tmp_path / "cls_single"))
+  assert got["step"] == expected["step"] == 4 * 128 // 64 and got["init"]["step"] == 8
+  assert got["top1"] == pytest.approx(expected["top1"], abs=1.01 / 160)  # at most one test clip apart
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        expected["state"].params)
+  _assert_params_close(checkpoint.restore_params(tmp_path / "cls_multi", target), expected["state"].params)
+
+
 def _png(path):
   return np.asarray(Image.open(path))
 

@@ -1,0 +1,272 @@
+"""Clips (README, Video; METHOD.md §15): the geometry that cuts them, tube masking, moving digits,
+the clip-aware augmentation and cutmix, the networks and losses on clips, FLOPs, the checks, and
+pre-training -> probing -> classification end to end for UMD, MAE and DiffMAE."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from conftest import tiny_config
+from umd_jax import checks, classify, corruption, diffusion, geometry, images, methods, mixing, probe, train
+from umd_jax.data import pipeline, sources
+from umd_jax.methods import umd_loss
+
+CLIP = geometry.Grid(patch=2, rows=3, cols=2, frames=2, tubelet=2, clip=True)  # input (4, 6, 4, C)
+
+
+def clip_config(method: str = "umd", **overrides):
+  """Mu/4 on moving digits: 4 frames of 8×8 in 2×4×4 tubes -> 2 × 2 × 2 = 8 tokens."""
+  values = {"data.name": "moving_digits", "data.frames": 4, "data.image_size": 8, "data.num_classes": 4,
+            "model.variant": "Mu/4", "model.tubelet": 2, "probe.fewshot_shots": (1, 5), "sample.num_samples": 0}
+  if method == "diffmae":
+    values["diffmae.decoder_width"] = 32
+  values.update(overrides)
+  return tiny_config(method, **values)
+
+
+def test_clip_tokens_are_tubes_in_time_row_column_order():
+  x = np.arange(4 * 6 * 4 * 3, dtype=np.float32).reshape(1, 4, 6, 4, 3)
+  tokens = np.asarray(CLIP.patchify(x))
+  assert tokens.shape == (1, CLIP.num_tokens, CLIP.token_dim(3)) == (1, 12, 24)
+  for k in range(12):  # token k = (token frame f, row r, column c)
+    f, r, c = k // 6, (k % 6) // 2, k % 2
+    tube = x[0, 2 * f:2 * f + 2, 2 * r:2 * r + 2, 2 * c:2 * c + 2]  # (tubelet, p, p, C), in that order
+    np.testing.assert_array_equal(tokens[0, k], tube.reshape(-1))
+  np.testing.assert_array_equal(np.asarray(CLIP.unpatchify(tokens)), x)
+
+
+def test_an_image_is_the_one_frame_case_cut_as_before():
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 3)))
+  image = geometry.Grid(2, 4, 3)
+  tokens = np.asarray(image.patchify(x))
+  np.testing.assert_array_equal(tokens[0, 4], x[0, 2:4, 2:4].reshape(-1))  # row 1, column 1: row-major
+  np.testing.assert_array_equal(np.asarray(image.unpatchify(tokens)), x)
+  assert image.num_tokens == 12 and image.input_dims() == (8, 6) and CLIP.input_dims() == (4, 6, 4)
+
+
+def test_pixel_and_token_masks_of_a_clip_invert_each_other():
+  mask = np.zeros((1, 12), np.float32)
+  mask[0, 7] = 1  # token frame 1, row 0, column 1
+  pixels = np.asarray(CLIP.pixel_mask(mask))[0, ..., 0]
+  expected = np.zeros((4, 6, 4))
+  expected[2:4, 0:2, 2:4] = 1
+  np.testing.assert_array_equal(pixels, expected)
+  known = 1 - pixels[None, ..., None]
+  known[0, 0, 5, 0] = 0  # one more unknown pixel: frame 0, row 5, column 0 -> token 4 (frame 0, row 2, col 0)
+  np.testing.assert_array_equal(np.asarray(CLIP.known_tokens(known))[0], np.eye(12)[7] + np.eye(12)[4])
+
+
+def test_clip_positions_are_a_time_quarter_then_the_2d_table():
+  width = 32
+  table = CLIP.sincos(width)
+  assert table.shape == (12, width)
+  for k in range(12):
+    f, s = divmod(k, 6)
+    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)  # width/4 = 8 channels: 4 frequencies, sin then cos
+    np.testing.assert_allclose(table[k, :8], np.concatenate([np.sin(f * omega), np.cos(f * omega)]), atol=1e-7)
+    np.testing.assert_array_equal(table[k, 8:], geometry.sincos_2d(24, 3, 2)[s])
+  image = geometry.Grid(2, 4, 4)
+  np.testing.assert_array_equal(image.sincos(width), geometry.sincos_2d(width, 4))  # images: MAE's 2-D table
+
+
+def test_tube_masks_drop_the_same_positions_in_every_frame():
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  mask = corruption.sample_mask(keys, 24, 0.75, tube=4)  # 4 frames of 6 positions: keep 1 of each frame's 6
+  assert mask.keep_ids.shape == (5, 4) and mask.masked_ids.shape == (5, 20)
+  per_frame = np.asarray(mask.mask).reshape(5, 4, 6)
+  assert (per_frame == per_frame[:, :1]).all() and (per_frame.sum(axis=2) == 5).all()
+  kept = np.asarray(mask.keep_ids)
+  np.testing.assert_array_equal(kept % 6, np.repeat(kept[:, :1] % 6, 4, axis=1))  # one position, frame by frame
+  np.testing.assert_array_equal(kept // 6, np.tile(np.arange(4), (5, 1)))
+  restored = np.take_along_axis(np.concatenate([kept, np.asarray(mask.masked_ids)], axis=1),
+                                np.asarray(mask.restore_ids), axis=1)
+  np.testing.assert_array_equal(restored, np.tile(np.arange(24), (5, 1)))  # restore_ids undoes the order
+  assert corruption.num_kept(24, 0.75, tube=4) == 4 and corruption.num_kept(24, 0.75) == 6
+  # one frame: the random draw over all tokens, unchanged
+  np.testing.assert_array_equal(np.asarray(corruption.sample_mask(keys, 24, 0.75, tube=1).keep_ids),
+                                np.asarray(corruption.sample_mask(keys, 24, 0.75).keep_ids))
+
+
+def test_moving_digits_move_one_way_and_split_by_source_digit():
+  train_set = sources.MovingDigitsSource("train", frames=6, size=16)
+  test_set = sources.MovingDigitsSource("test", frames=6, size=16)
+  assert (len(train_set), len(test_set)) == (4 * 1500, 4 * 297) and train_set.num_classes == 4
+  digits = sources.DigitsSource("test")
+  for i in range(12):
+    record = test_set[i]
+    clip, label = record["image"], int(record["label"])
+    assert clip.shape == (6, 16, 16, 1) and clip.dtype == np.uint8 and label == i % 4
+    assert sorted(clip[0].ravel().tolist()) == sorted(np.pad(digits.images[i // 4], ((0, 8), (0, 8), (0, 0))).ravel().tolist())
+    direction = np.asarray(sources.MovingDigitsSource.DIRECTIONS[label])
+    speeds = [s for s in (1, 2) if all((clip[f + 1] == np.roll(clip[f], tuple(direction * s), axis=(0, 1))).all()
+                                       for f in range(5))]
+    assert len(speeds) == 1  # every frame is the last one moved `speed` pixels in the label's direction
+  np.testing.assert_array_equal(test_set[5]["image"], sources.MovingDigitsSource("test", 6, 16)[5]["image"])
+
+
+def test_clip_augmentation_crops_every_frame_alike_and_flips_the_width():
+  clip = np.random.default_rng(0).integers(0, 256, (3, 12, 10, 1), dtype=np.uint8)
+  rng = np.random.default_rng(1)
+  out = pipeline.inception_crop(clip, rng, (0.3, 0.5), 6)
+  box = pipeline.inception_box(12, 10, np.random.default_rng(1), (0.3, 0.5))
+  for f in range(3):
+    np.testing.assert_array_equal(out[f], pipeline.crop_resize(clip[f], box, 6))
+  flipped = pipeline.TrainAugment(10, (1.0, 1.0), flip=True)
+  seen = set()
+  for seed in range(8):
+    got = flipped.random_map({"image": clip[:, 1:11], "label": 0}, np.random.default_rng(seed))["image"]
+    plain = clip[:, 1:11].astype(np.float32) * (2 / 255) - 1
+    seen.add("flip" if np.array_equal(got, plain[:, :, ::-1]) else "same" if np.array_equal(got, plain) else "other")
+  assert seen == {"flip", "same"}
+
+
+def test_cutmix_cuts_the_same_box_from_every_frame():
+  clips = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 8, 8, 1))
+  labels = jnp.arange(4)
+  out, targets, lam = mixing.mix(jax.random.PRNGKey(5), clips, labels, 4, mixup_alpha=0.0, cutmix_alpha=1.0,
+                                 switch_prob=1.0, smoothing=0.0)
+  changed = np.asarray(out != clips)[0, ..., 0]  # (T, H, W) of the first clip
+  assert changed.any() and (changed == changed[:1]).all()  # one box, every frame
+  assert float(lam) == pytest.approx(1 - changed[0].mean())
+  np.testing.assert_allclose(np.asarray(targets).sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["umd", "mae", "diffmae"])
+def test_clip_networks_train_and_hide_masked_tubes_from_the_encoder(method):
+  config = clip_config(method)
+  m = methods.get(config)
+  model = m.build(config, nnx.Rngs(0))
+  assert model.num_patches == 8 and model.geometry == geometry.Grid(4, 2, 2, 2, 2, True)
+  clips = jax.random.uniform(jax.random.PRNGKey(1), (4, 4, 8, 8, 1), minval=-1, maxval=1)
+  loss_fn = m.loss_fn(config, diffusion.from_config(config))
+  (loss, metrics), grads = nnx.value_and_grad(lambda mdl: loss_fn(mdl, clips, None, jax.random.PRNGKey(2)),
+                                              has_aux=True)(model)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  assert float(optax_norm(grads)) > 0
+  shown, predicted = m.preview(config, diffusion.from_config(config), model, clips, jax.random.PRNGKey(3))
+  assert shown.shape == predicted.shape == clips.shape
+  # the encoder's output for the kept tubes does not depend on the masked tubes' pixels
+  mask = corruption.random_mask(jax.random.PRNGKey(4), 4, 8, 0.5)
+  changed = clips + 3.0 * model.geometry.pixel_mask(mask.mask)
+  if method == "diffmae":
+    enc = lambda x: model.encode(x, mask.keep_ids)["last"]
+  else:
+    enc = lambda x: model.encode(x, model.condition(jnp.zeros((4,), jnp.int32)), mask.keep_ids)[0]
+  np.testing.assert_allclose(np.asarray(enc(changed)), np.asarray(enc(clips)), atol=1e-6)
+  features = m.features(model, clips, jnp.zeros((4,), jnp.int32), [-1, 0])
+  assert features.shape == (2, 4, m.width(config))
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(nnx.state(tree, nnx.Param))))
+
+
+def test_umd_loss_on_clips_weighs_the_masked_tubes_by_hand():
+  """The clean sub-batch's loss is the x0 error over exactly the pixels of the masked tubes."""
+  grid = geometry.Grid(2, 2, 2, 2, 2, True)  # (4, 4, 4, 1) clips, 8 tokens
+  seen = {}
+  def apply(x, t_index, labels, mask):
+    seen["mask"] = mask
+    return dict(x0=jnp.zeros_like(x), eps=jnp.zeros_like(x))
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4, 1))
+  loss, metrics = umd_loss.loss(apply, diffusion.make_schedule("cosine"), x0, jax.random.PRNGKey(1), grid=grid,
+                                clean_fraction=1.0, clean_mask_ratio=0.5, noised_mask_ratio=0.0, tube=2)
+  mask = np.asarray(seen["mask"].mask)
+  assert (mask.reshape(2, 2, 4)[:, 0] == mask.reshape(2, 2, 4)[:, 1]).all()  # tubes: frame 1 masked as frame 0
+  pixels = np.broadcast_to(np.asarray(grid.pixel_mask(mask)), x0.shape)
+  expected = (np.asarray(x0) ** 2 * pixels).sum() / pixels.sum()
+  assert float(metrics["loss_clean"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_analytic_flops_of_a_clip_match_xla_cost_analysis():
+  """16 frames of 32² in 2×8×8 tubes (128 tokens), widths where matmuls dominate: within 10%."""
+  for method, extra in (("umd", {}), ("diffmae", {"diffmae.decoder_width": 128, "diffmae.decoder_heads": 4})):
+    config = clip_config(method, **{"model.variant": "Ti/8", "data.image_size": 32, "data.frames": 16,
+                                    "data.channels": 3, **extra})
+    m = methods.get(config)
+    graphdef, params = nnx.split(m.build(config, nnx.Rngs(0)))
+    loss = m.loss_fn(config, diffusion.from_config(config))
+    x = jax.ShapeDtypeStruct((4, 16, 32, 32, 3), jnp.float32)
+    forward = jax.jit(lambda p, x: loss(nnx.merge(graphdef, p), x, None, jax.random.PRNGKey(0))[0])
+    cost = forward.lower(params, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    analytic = m.train_flops_per_image(config) / 3 * 4
+    assert 0.9 < analytic / cost["flops"] < 1.1, (method, analytic, cost["flops"])
+
+
+@pytest.mark.parametrize("overrides,mode,message", [
+    ({"data.frames": 5}, "pretrain", r"model.tubelet=2: does not divide data.frames=5"),
+    ({"data.frames": 1, "model.tubelet": 1}, "pretrain", r"data.name='moving_digits' gives clips: set data.frames >= 2"),
+    ({"data.name": "digits"}, "pretrain", r"asks for clips but data.name='digits' gives images"),
+    ({"model.masking": "tubes"}, "pretrain", r"model.masking='tubes': use one of \('random', 'tube'\)"),
+    ({}, "generate", r"--mode='generate' is not built for clips \(data.frames=4\): clips run in pretrain, probe, classify, summary"),
+    ({"classify.randaugment_ops": 2}, "classify", r"classify.randaugment_ops=2 is image augmentation, not built for clips: set it to 0"),
+    ({"data.space": "latents", "data.channels": 3, "data.image_size": 64}, "pretrain", r"data.space='latents': clips are read in pixels"),
+])
+def test_bad_clip_settings_are_one_line(overrides, mode, message):
+  with pytest.raises(checks.ConfigError, match=message):
+    checks.check(clip_config(**overrides), mode)
+
+
+def test_an_image_only_method_refuses_clips_and_images_refuse_a_tubelet():
+  with pytest.raises(checks.ConfigError, match=r"method 'dit_original' reads images only: use data.frames=1, or a "
+                                               r"method that reads clips \(umd, dit, maskdit, mae, diffmae\)"):
+    checks.check(clip_config("dit_original", **{"model.variant": "Ti/4"}), "probe")
+  with pytest.raises(checks.ConfigError, match=r"model.tubelet=2: does not divide data.frames=1: use a tubelet that "
+                                               r"does \(images: 1\)"):
+    checks.check(tiny_config(**{"model.tubelet": 2}), "pretrain")
+
+
+def test_the_video_demo_config_checks_for_every_clip_method_and_mode():
+  for arg, mode in (("video", "pretrain"), ("video", "probe"), ("video,mae", "pretrain"),
+                    ("video,diffmae", "pretrain"), ("video,classify", "classify"), ("video,diffmae,classify", "classify")):
+    config = demo.get_config(arg)
+    checks.check(config, mode)
+    assert config.data.frames == 8 and methods.get(config).clips
+  assert demo.get_config("video,diffmae,classify").init_from == "workdirs/demo_video_diffmae"
+
+
+def test_clip_grids_animate_the_rows_frame_by_frame():
+  rows = [np.full((2, 3, 4, 4, 1), -1.0), np.full((2, 3, 4, 4, 1), 1.0)]
+  rows[0][1, 2] = 1.0
+  rows[0][0, 1] = 0.0  # every frame differs (a GIF merges equal neighbours)
+  frames = images.clip_grids(rows)
+  assert len(frames) == 3 and frames[0].shape == (11, 11, 1)
+  assert frames[2][1:5, 6:10].min() == 255 and frames[0][1:5, 6:10].max() == 0  # clip 1 lights up in frame 2
+  still = images.grid(rows)
+  assert still.shape == (11, 31, 1)  # a row of clips: each clip's frames side by side
+  gif = images.gif_bytes(frames, upscale=2)
+  from PIL import Image
+  import io
+  with Image.open(io.BytesIO(gif)) as im:
+    assert im.n_frames == 3 and im.size == (22, 22)
+
+
+@pytest.mark.parametrize("method", ["umd", "mae", "diffmae"])
+def test_clips_pretrain_probe_and_classify_end_to_end(method, tmp_path):
+  """Pre-training on moving digits with the preview (PNG + GIF) and the few-shot probe, --mode=probe,
+  then --mode=classify from the checkpoint with cutmix on clips: results name the step and settings."""
+  pre = clip_config(method, **{"total_steps": 6, "image_every": 6, "probe_every": 6, "checkpoint_every": 6,
+                               "data.train_split": "train[:100]", "data.eval_split": "test[:30]",
+                               "probe.train_split": "train[:100]", "probe.eval_split": "test[:30]",
+                               "model.masking": "tube" if method == "umd" else "random"})
+  out = train.pretrain(pre, str(tmp_path / "pre"))
+  assert out["step"] == 6 and np.isfinite(out["last_loss"])
+  assert (tmp_path / "pre" / "images" / "reconstruction_00000006.gif").exists()
+  result = probe.run(clip_config(method, **{"probe.train_split": "train[:100]", "probe.eval_split": "test[:30]",
+                                            "probe.linear_epochs": 2, "probe.linear_warmup_epochs": 1}),
+                     str(tmp_path / "pre"))
+  assert result["step"] == 6 and 0 <= result["linear"]["top1"] <= 1
+  cls = clip_config(method, **{"init_from": str(tmp_path / "pre"), "batch_size": 40, "classify.epochs": 1,
+                               "classify.warmup_epochs": 0, "classify.eval_every_epochs": 1,
+                               "classify.randaugment_ops": 0, "classify.erase_prob": 0.0,
+                               "classify.eval_batch_size": 120, "data.train_split": "train[:100]",
+                               "data.eval_split": "test[:30]"})
+  got = classify.run(cls, str(tmp_path / "cls"))
+  assert got["step"] == 400 // 40 and got["init"]["step"] == 6 and 0 <= got["top1"] <= 1
+  saved = json.loads((tmp_path / "cls" / "classify" / "results.json").read_text())
+  assert saved["top1"] == pytest.approx(got["top1"]) and saved["config"]["data"]["frames"] == 4
