@@ -146,8 +146,9 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.sample.grid_per_class = 8
   c.sample.seed = 0
   c.sample.use_ema = True
-  c.sample.inpaint = ""                    # "" | "random" | "center" | path to a PNG mask (white = fill)
-  c.sample.inpaint_ratio = 0.5             # share of patches to fill with "random"
+  c.sample.inpaint = ""                    # "" | "random" | "center" | "future" (clips: the last frames) | path
+                                           # to a PNG mask (white = fill)
+  c.sample.inpaint_ratio = 0.5             # share of tokens to fill with "random", of token frames with "future"
   c.sample.inpaint_resample = 1            # RePaint resampling passes per step (UMD family)
   c.sample.inpaint_images = 1000           # eval images inpainted and scored (PSNR / SSIM; 0: the whole split)
   c.sample.lpips_weights = ""              # .npz from tools/convert_lpips_weights.py: inpainting also scored in LPIPS

@@ -108,13 +108,16 @@ def get_config(arg=None):
     c.probe_every = 500
     c.probe.fewshot_shots = (1, 5, 10, 25)
     c.probe.linear_batch_size = 512
-    c.sample.num_samples = 0
+    c.sample.num_samples = 200      # 50 clips per direction, scored by the direction they move in
+    c.sample.grid_classes = 4
+    c.sample.grid_per_class = 4
+    c.sample.inpaint_images = 200   # --mode=generate with sample.inpaint: the first 200 test clips
     c.classify.eval_batch_size = 1188  # the 1,188 test clips (297 digits × 4 directions) in one batch
     if c.method == "diffmae":
       c.diffmae.decoder_width = 64  # divisible by 16: 3-D sin-cos positions
   if finetune:                    # class-conditional fine-tuning of the pre-trained demo model
     c.init_from = home
-    c.model.num_classes = 10
+    c.model.num_classes = c.data.num_classes
     c.total_steps = steps or 800
     c.checkpoint_every = c.image_every = 400
     c.probe_every = 0
@@ -128,8 +131,9 @@ def get_config(arg=None):
     c.init_from = home
     c.probe_every = 0
     c.checkpoint_every = 500
-    c.classify.epochs = steps or 100
-    c.classify.eval_every_epochs = 25
+    c.classify.epochs = steps or (10 if video else 100)  # clips: 94 steps an epoch at batch 64
+    c.classify.eval_every_epochs = 5 if video else 25
+    c.classify.warmup_epochs = 1 if video else 5
     c.classify.eval_batch_size = 320  # the 297 test digits in one batch
     c.classify.randaugment_ops = 0
     c.classify.erase_prob = 0.0

@@ -398,8 +398,8 @@ VIDEO_CLASSIFY = ["--config.model.variant=Mu/4", "--config.batch_size=64", "--co
 
 def test_video_pretraining_and_classification_on_two_processes_equal_one_process(tmp_path):
   """Clips (moving digits, tube masking) on 2 processes x 4 devices against 1 x 8: pre-training with
-  the preview grid and animation and the few-shot probe, then recognition fine-tuning with mixup /
-  cutmix on clips from those weights."""
+  the preview grid and animation and the few-shot probe, future-frame prediction scored per frame,
+  then recognition fine-tuning with mixup / cutmix on clips from those weights."""
   multi, single = tmp_path / "multi", tmp_path / "single"
   out = _run_together(_main_py("video,8", "pretrain", multi, VIDEO_PRETRAIN), tmp_path / "logs_pretrain")
   assert all("trained steps 0 -> 8" in o for o in out)
@@ -409,6 +409,20 @@ def test_video_pretraining_and_classification_on_two_processes_equal_one_process
   got, expected = _scalars(multi), _scalars(single)
   assert got["loss"][8] == pytest.approx(expected["loss"][8], rel=1e-4)
   assert got["fewshot_5shot"][8] == pytest.approx(expected["fewshot_5shot"][8], abs=1.01 / 160)
+
+  copy = tmp_path / "copy"
+  shutil.copytree(multi / "checkpoints", copy / "checkpoints")  # the very same weights for both
+  inpaint = VIDEO_PRETRAIN + ["--config.sample.num_samples=0", "--config.sample.cfg_scale=1", "--config.sample.steps=4",
+                              "--config.sample.inpaint=future", "--config.sample.inpaint_images=40",
+                              "--config.sample.batch_size=16", "--config.sample.prediction=eps"]
+  _run_together(_main_py("video,8", "generate", multi, inpaint), tmp_path / "logs_inpaint")
+  got = json.loads((multi / "samples" / "result.json").read_text())["inpaint"]
+  expected = generate.run(_config("video,8", inpaint), str(copy))["inpaint"]
+  for key in ("psnr", "ssim"):
+    assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+  np.testing.assert_allclose(got["psnr_per_frame"][4:], expected["psnr_per_frame"][4:], rtol=1e-4)
+  assert got["psnr_per_frame"][:4] == [None] * 4  # the first half of the clip is given
+  np.testing.assert_array_equal(_png(multi / "samples" / "inpaint.png"), _png(copy / "samples" / "inpaint.png"))
 
   args = VIDEO_CLASSIFY + [f"--config.init_from={multi}"]
   _run_together(_main_py("video,classify", "classify", tmp_path / "cls_multi", args), tmp_path / "logs_classify")

@@ -11,7 +11,8 @@ from flax import nnx
 
 from configs import demo
 from conftest import tiny_config
-from umd_jax import checks, classify, corruption, diffusion, geometry, images, methods, mixing, probe, train
+from umd_jax import (checks, classify, corruption, diffusion, generate, geometry, images, inpainting, methods, mixing,
+                     probe, train)
 from umd_jax.data import pipeline, sources
 from umd_jax.methods import umd_loss
 
@@ -203,13 +204,23 @@ def test_analytic_flops_of_a_clip_match_xla_cost_analysis():
     ({"data.frames": 1, "model.tubelet": 1}, "pretrain", r"data.name='moving_digits' gives clips: set data.frames >= 2"),
     ({"data.name": "digits"}, "pretrain", r"asks for clips but data.name='digits' gives images"),
     ({"model.masking": "tubes"}, "pretrain", r"model.masking='tubes': use one of \('random', 'tube'\)"),
-    ({}, "generate", r"--mode='generate' is not built for clips \(data.frames=4\): clips run in pretrain, probe, classify, summary"),
+    ({}, "encode", r"--mode='encode' is not built for clips \(data.frames=4\): clips run in pretrain, finetune, probe, "
+                   r"generate, summary, classify"),
+    ({"sample.fid": True, "sample.inpaint": "center"}, "generate", r"sample.fid=True: scores images with Inception, not clips"),
+    ({"sample.inpaint": "future", "sample.inpaint_ratio": 0.0}, "generate",
+     r"sample.inpaint_ratio=0.0 must be in \(0, 1\)"),
     ({"classify.randaugment_ops": 2}, "classify", r"classify.randaugment_ops=2 is image augmentation, not built for clips: set it to 0"),
     ({"data.space": "latents", "data.channels": 3, "data.image_size": 64}, "pretrain", r"data.space='latents': clips are read in pixels"),
 ])
 def test_bad_clip_settings_are_one_line(overrides, mode, message):
   with pytest.raises(checks.ConfigError, match=message):
     checks.check(clip_config(**overrides), mode)
+
+
+def test_future_frames_are_refused_for_images():
+  with pytest.raises(checks.ConfigError, match=r"sample.inpaint='future': predicts the last frames of clips: use it "
+                                               r"with data.frames > 1"):
+    checks.check(tiny_config(**{"sample.inpaint": "future", "sample.num_samples": 0}), "generate")
 
 
 def test_an_image_only_method_refuses_clips_and_images_refuse_a_tubelet():
@@ -270,3 +281,59 @@ def test_clips_pretrain_probe_and_classify_end_to_end(method, tmp_path):
   assert got["step"] == 400 // 40 and got["init"]["step"] == 6 and 0 <= got["top1"] <= 1
   saved = json.loads((tmp_path / "cls" / "classify" / "results.json").read_text())
   assert saved["top1"] == pytest.approx(got["top1"]) and saved["config"]["data"]["frames"] == 4
+
+
+def test_clip_inpainting_masks_hide_what_they_say():
+  config = clip_config(**{"data.frames": 8, "data.image_size": 8, "sample.inpaint_ratio": 0.5})
+  future = inpainting.inpaint_mask(config, "future", 2, jax.random.PRNGKey(0))
+  assert future.shape == (2, 8, 8, 8, 1)
+  assert (future[:, :4] == 1).all() and (future[:, 4:] == 0).all()  # 2 of the 4 token frames: the last 4 frames
+  assert inpainting.masked_patch_count(config, future) == 2 * 2 * 2
+  center = inpainting.inpaint_mask(config, "center", 2, jax.random.PRNGKey(0))
+  assert (center == center[:, :1]).all() and center[0, 0, 2:6, 2:6].max() == 0 and center[0, 0, 0].min() == 1
+  random = inpainting.inpaint_mask(config, "random", 2, jax.random.PRNGKey(0))
+  assert inpainting.masked_patch_count(config, random) == 16 - int(16 * 0.5)
+  assert inpainting.future_frames(4, 0.1) == 1 and inpainting.future_frames(4, 0.99) == 3  # never none, never all
+
+
+def test_clips_are_scored_frame_by_frame_over_their_filled_frames():
+  rng = np.random.default_rng(0)
+  original = jnp.asarray(rng.uniform(-1, 1, (3, 4, 8, 8, 1)), jnp.float32)
+  filled = original + jnp.asarray(rng.normal(0, 0.1, original.shape), jnp.float32)
+  known = np.ones((3, 4, 8, 8, 1), np.float32)
+  known[:, 2:, 2:6, 2:6] = 0  # frames 2 and 3 have a hole
+  sums = inpainting._score_sums(filled, original, jnp.asarray(known), jnp.array([0, 1, 5]), None, n=2)
+  psnr, ssim = inpainting.region_scores(jnp.clip(filled, -1, 1).reshape(12, 8, 8, 1), original.reshape(12, 8, 8, 1),
+                                        jnp.asarray(known).reshape(12, 8, 8, 1))
+  psnr = np.asarray(psnr).reshape(3, 4)
+  assert float(sums["psnr"]) == pytest.approx(psnr[:2, 2:].mean(axis=1).sum(), rel=1e-5)  # row 2 is padding
+  np.testing.assert_allclose(np.asarray(sums["psnr_frames"])[2:], psnr[:2, 2:].sum(axis=0), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(sums["scored_frames"]), [0, 0, 2, 2])
+  assert float(sums["ssim"]) == pytest.approx(np.asarray(ssim).reshape(3, 4)[:2, 2:].mean(axis=1).sum(), rel=1e-5)
+
+
+def test_moving_digits_judge_reads_the_direction_of_real_clips_and_not_of_shuffled_ones():
+  test_set = sources.MovingDigitsSource("test", frames=8, size=16)
+  clips = np.stack([test_set[i]["image"] for i in range(40)])
+  labels = np.array([test_set[i]["label"] for i in range(40)])
+  np.testing.assert_array_equal(test_set.judge(clips), labels)
+  np.testing.assert_array_equal(test_set.judge(clips[:, ::-1]), labels ^ 1)  # played backwards: the opposite way
+
+
+def test_clip_sampling_and_inpainting_end_to_end(tmp_path):
+  """An unconditional clip model inpaints the future (and the centre) of test clips, scored per
+  frame, with the PNG and the animation; fine-tuned class-conditionally it samples clips scored by
+  the direction they move in (moving digits' judge, 100% on real clips)."""
+  base = {"total_steps": 4, "data.train_split": "train[:100]", "data.eval_split": "test[:16]", "sample.batch_size": 16,
+          "sample.steps": 4, "sample.inpaint_images": 16, "sample.prediction": "eps"}
+  train.pretrain(clip_config(**base), str(tmp_path / "pre"))
+  got = generate.run(clip_config(**base, **{"sample.inpaint": "future"}), str(tmp_path / "pre"))["inpaint"]
+  assert got["images"] == 16 and got["psnr_per_frame"][:2] == [None, None] and len(got["psnr_per_frame"]) == 4
+  assert got["psnr"] == pytest.approx(np.mean(got["psnr_per_frame"][2:]), rel=1e-5)
+  assert (tmp_path / "pre" / "samples" / "inpaint.gif").exists()
+  ft = {**base, "init_from": str(tmp_path / "pre"), "model.num_classes": 4, "corruption.label_dropout": 0.1,
+        "sample.num_samples": 8, "sample.classifier_score": True, "sample.grid_classes": 4, "sample.grid_per_class": 1}
+  train.finetune(clip_config(**ft), str(tmp_path / "ft"))
+  result = generate.run(clip_config(**ft), str(tmp_path / "ft"))
+  assert result["npz"].endswith("samples_8x4x8x8x1.npz") and (tmp_path / "ft" / "samples" / "grid.gif").exists()
+  assert result["classifier_accuracy_on_real_test"] == 1.0 and result["classifier"].startswith("direction of motion")

@@ -18,9 +18,9 @@ from umd_jax.rules import ConfigError  # noqa: F401 (the error every check raise
 _require, _int, _fraction = rules.require, rules.integer, rules.fraction
 
 
-# Modes whose shared code reads clips (data.frames > 1). Class-conditional fine-tuning, sampling and
-# inpainting of clips are not built (README, Video: what runs on clips).
-CLIP_MODES = ("pretrain", "probe", "classify", "summary")
+# Modes whose shared code reads clips (data.frames > 1): all but --mode=encode (the SD VAE's latents
+# are of images). FID (Inception on images) is refused for clips.
+CLIP_MODES = ("pretrain", "finetune", "probe", "generate", "summary", "classify")
 
 
 def _clips(config, method, mode: str) -> None:
@@ -46,6 +46,10 @@ def _clips(config, method, mode: str) -> None:
   _require(mode in CLIP_MODES, "--mode", mode, f"is not built for clips (data.frames={d.frames}): clips run in "
            f"{', '.join(CLIP_MODES)}")
   _require(d.space == "pixels", "data.space", d.space, "clips are read in pixels: use 'pixels'")
+  _require(not config.sample.fid or mode != "generate", "sample.fid", config.sample.fid,
+           "scores images with Inception, not clips: set it False (the classifier score and PSNR / SSIM remain)")
+  _require(not config.fid_every or mode != "finetune", "fid_every", config.fid_every,
+           "scores images with Inception, not clips: set it 0")
 
 
 def _model_and_data(config, mode: str) -> None:
@@ -228,11 +232,15 @@ def _generate(config) -> None:
            "needs a class-conditional model (model.num_classes=0): fine-tune with a ':finetune' config, or use 1")
   bad = [c for c in s.classes if not (isinstance(c, int) and 0 <= c < k)]
   _require(not bad, "sample.classes", tuple(s.classes), f"out of range: the model has {k} classes")
-  _fraction(s.inpaint_ratio, "sample.inpaint_ratio", low_open=s.inpaint == "random", high_open=True)
+  _fraction(s.inpaint_ratio, "sample.inpaint_ratio", low_open=s.inpaint in ("random", "future"), high_open=True)
   _int(config, "sample.inpaint_images", 0, "must be >= 0 (0: the whole data.eval_split)")
-  if s.inpaint not in ("", "random", "center"):
+  if s.inpaint == "future":
+    _require(config.data.frames > 1, "sample.inpaint", s.inpaint,
+             "predicts the last frames of clips: use it with data.frames > 1 (images: 'random', 'center' or a PNG)")
+  if s.inpaint not in ("",) + inpainting.MASKS:
     path = epath.Path(s.inpaint)
-    _require(path.is_file(), "sample.inpaint", s.inpaint, "use 'random', 'center' or the path of a PNG mask file")
+    _require(path.is_file(), "sample.inpaint", s.inpaint,
+             f"use one of {', '.join(map(repr, inpainting.MASKS))} or the path of a PNG mask file")
     try:
       with path.open("rb") as f, Image.open(f) as mask:
         mask.load()

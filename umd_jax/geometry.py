@@ -30,6 +30,12 @@ def frames(config) -> int:
   return config.data.frames
 
 
+def sample_shape(config) -> tuple:
+  """One sample's shape without the batch: (H, W, C), or ([T,] H, W, C) for clips."""
+  size, channels = input_shape(config)
+  return ((frames(config),) if frames(config) > 1 else ()) + (size, size, channels)
+
+
 class Grid(NamedTuple):
   """How one input is cut into tokens. `frames` counts token frames (clip frames / tubelet; 1 for
   an image), `clip` says whether the input has a time axis."""

@@ -111,6 +111,19 @@ class MovingDigitsSource:
     clip = np.stack([np.roll(canvas, tuple(start + f * step), axis=(0, 1)) for f in range(self.frames)])
     return {"image": clip, "label": np.int32(direction)}
 
+  judge_name = "direction of motion read off consecutive frames"
+
+  def judge(self, clips: np.ndarray) -> np.ndarray:
+    """(N, T, H, W, C) uint8 clips -> (N,) direction each moves in (generated clips' class score):
+    for every pair of consecutive frames the shift of 1 or 2 pixels in one of the 4 directions that
+    best maps one onto the next (least squared error), the direction most pairs agree on."""
+    x = clips.astype(np.float32).mean(axis=-1)  # (N, T, H, W)
+    shifts = [(d, s) for d in range(len(self.DIRECTIONS)) for s in (1, 2)]
+    errors = np.stack([np.square(np.roll(x[:, :-1], tuple(np.asarray(self.DIRECTIONS[d]) * s), axis=(2, 3))
+                                 - x[:, 1:]).mean(axis=(2, 3)) for d, s in shifts], axis=-1)  # (N, T-1, 8)
+    votes = np.asarray([d for d, _ in shifts])[errors.argmin(axis=-1)]                       # (N, T-1)
+    return np.asarray([np.bincount(v, minlength=len(self.DIRECTIONS)).argmax() for v in votes])
+
 
 class SyntheticSource:
   """Deterministic random images (for benchmarks): record i is the same on every host and run.
