@@ -167,6 +167,7 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.classify.t = -1                        # -1: the clean image (timestep index 0); t >= 0: noised to t, told
                                            # t + 1 (DDAE; methods whose network never saw index 0 preset 0)
   c.classify.init_ema = True               # start from init_from's EMA weights when it kept them
+  c.classify.scratch = False               # True: no init_from, the network as initialised (the from-scratch baseline)
   c.classify.epochs = 100
   c.classify.warmup_epochs = 5
   c.classify.base_lr = 5e-4                # peak LR = base_lr * batch_size / 256

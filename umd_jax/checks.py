@@ -167,6 +167,8 @@ def _classify(config) -> None:
   _loop(config)
   _require(config.data.num_classes >= 2, "data.num_classes", config.data.num_classes,
            "classification needs labels: set the dataset's class count")
+  _require(not (c.scratch and config.init_from), "classify.scratch", c.scratch,
+           f"trains from the initialisation, yet init_from={config.init_from!r} is set: leave one of them")
   blocks = methods.get(config).num_blocks(config)
   _require(c.block == -1 or isinstance(c.block, int) and 0 <= c.block < blocks, "classify.block", c.block,
            f"is not a block of this network: use -1 (after the encoder's last block) or 0..{blocks - 1}")

@@ -49,10 +49,13 @@ def run(config, workdir, devices=None) -> dict:
                          "lower batch_size")
   init = None
   if checkpoint.latest_step(workdir) is None:
-    if not config.init_from:
+    if config.classify.scratch:  # the baseline: the same network and recipe from its initialisation (config.seed)
+      init = None, {"workdir": "", "step": 0, "scratch": True}
+    elif not config.init_from:
       raise ValueError("classify fine-tunes a pre-trained network: pass --config.init_from=PRETRAINING_WORKDIR "
-                       "(or a workdir to resume)")
-    init = _read_backbone(config, mesh)  # read and verified before the workdir is created
+                       "(or a workdir to resume, or --config.classify.scratch=True for the from-scratch baseline)")
+    else:
+      init = _read_backbone(config, mesh)  # read and verified before the workdir is created
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
     return _train(config, workdir, mesh, ckpt, source, eval_source, init)
@@ -113,11 +116,14 @@ def _train(config, workdir, mesh, ckpt, source, eval_source, init_weights=None) 
     logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
     backbone, init = init_weights
-    params = {**state.params, "backbone": backbone}
-    ema = jax.tree.map(lambda x: x.copy(), params) if state.ema_params is not None else None
-    state = state.replace(params=params, ema_params=ema)
+    if backbone is not None:
+      params = {**state.params, "backbone": backbone}
+      ema = jax.tree.map(lambda x: x.copy(), params) if state.ema_params is not None else None
+      state = state.replace(params=params, ema_params=ema)
+      logging.info("initialised the backbone from %s (step %d)", init["workdir"], init["step"])
+    else:
+      logging.info("the backbone from scratch (classify.scratch): initialised with seed %d", config.seed)
     evals = []
-    logging.info("initialised the backbone from %s (step %d)", init["workdir"], init["step"])
   start = int(state.step)
   batches = data.make_batches(config.data, source, global_batch=config.batch_size, seed=config.seed, train=True,
                               sharding=sharding.batch_sharding(mesh), start=start, augment=augmentation(config))
