@@ -2,6 +2,8 @@
 the clip-aware augmentation and cutmix, the networks and losses on clips, FLOPs, the checks, and
 pre-training -> probing -> classification end to end for UMD, MAE and DiffMAE."""
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from umd_jax import (checks, classify, corruption, diffusion, generate, geometry
 from umd_jax.data import pipeline, sources
 from umd_jax.methods import umd_loss
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = geometry.Grid(patch=2, rows=3, cols=2, frames=2, tubelet=2, clip=True)  # input (4, 6, 4, C)
 
 
@@ -337,3 +340,32 @@ def test_clip_sampling_and_inpainting_end_to_end(tmp_path):
   result = generate.run(clip_config(**ft), str(tmp_path / "ft"))
   assert result["npz"].endswith("samples_8x4x8x8x1.npz") and (tmp_path / "ft" / "samples" / "grid.gif").exists()
   assert result["classifier_accuracy_on_real_test"] == 1.0 and result["classifier"].startswith("direction of motion")
+
+
+def test_the_video_experiment_runs_every_stage_and_resumes(tmp_path):
+  """experiments/video.py --quick: every method's stages and the from-scratch baseline, the table;
+  run again, it reads every stage's result back (nothing retrained)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import video as experiment  # noqa: PLC0415
+  record = experiment.main(["--quick", "--out", str(tmp_path)])
+  results = record["results"]
+  assert set(results) == {"umd", "mae", "diffmae", "scratch"}
+  assert results["scratch"][0]["finetuned"] == json.loads(
+      (tmp_path / "runs" / "scratch_s0" / "classify" / "results.json").read_text())["top1"]
+  scratch = json.loads((tmp_path / "runs" / "scratch_s0" / "classify" / "results.json").read_text())
+  assert scratch["init"] == {"workdir": "", "step": 0, "scratch": True}
+  assert results["umd"][0]["inpainter"] == "repaint" and results["mae"][0]["inpainter"] == "one-shot fill"
+  assert len(results["diffmae"][0]["future_psnr_per_frame"]) == 8  # frames of the clip, the first 4 given
+  table = (tmp_path / "summary.md").read_text()
+  assert "| fine-tuned top-1 % |" in table and "Linear probe on pixels" in table
+  before = {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/*.json")}
+  again = experiment.main(["--quick", "--out", str(tmp_path)])
+  assert again["results"] == json.loads(json.dumps(record["results"]))
+  assert {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/*.json")} == before
+
+
+def test_classify_from_scratch_is_refused_beside_init_from():
+  with pytest.raises(checks.ConfigError, match=r"classify.scratch=True: trains from the initialisation, yet "
+                                               r"init_from='w' is set: leave one of them"):
+    checks.check(clip_config(**{"classify.scratch": True, "init_from": "w", "classify.randaugment_ops": 0,
+                                "classify.erase_prob": 0.0}), "classify")
