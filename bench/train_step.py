@@ -4,6 +4,8 @@
   python bench/train_step.py --config=configs/demo.py
   python bench/train_step.py --config=configs/latent_umd_l.py --set batch_size=8 --compile_only   # 32x32x4 latents
   python bench/train_step.py --config=configs/demo.py --compare grad_accum_steps=2   # A/B in the same rounds
+  python bench/train_step.py --config=configs/demo.py:video    # clips: "image" is FRAMES x SIZE, images/s clips/s
+  python bench/train_step.py --config=configs/video_l.py:mae --set batch_size=2 --compile_only --no_xla_check
   python bench/train_step.py --config=configs/demo.py \
       --compare xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT   # an XLA option, same rounds
 
@@ -67,7 +69,8 @@ def build(config, *, xla_check=True, compiler_options=None):
   d = config.data
   rng = np.random.default_rng(0)
   size, channels = geometry.input_shape(config)  # pixels, or latents (data.space="latents")
-  batch = {"image": rng.uniform(-1, 1, (config.batch_size, size, size, channels)).astype(np.float32),
+  shape = geometry.sample_shape(config)          # (H, W, C), or clips' (T, H, W, C)
+  batch = {"image": rng.uniform(-1, 1, (config.batch_size,) + shape).astype(np.float32),
            "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
   if d.space == "latents":  # posterior moments: the step draws z = mean + std·ε
     batch["std"] = np.full_like(batch["image"], 0.1)
@@ -79,7 +82,8 @@ def build(config, *, xla_check=True, compiler_options=None):
   xla = xla_flops(config, batch) if xla_check else float("nan")
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, "temp_size_in_bytes", None)
-  row = {"variant": config.model.variant, "image": f"{size}x{channels}" if d.space == "latents" else size, "batch": config.batch_size,
+  image = f"{size}x{channels}" if d.space == "latents" else (f"{d.frames}x{size}" if d.frames > 1 else size)
+  row = {"variant": config.model.variant, "image": image, "batch": config.batch_size,
          "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
   holder = [run.state]

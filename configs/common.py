@@ -42,6 +42,8 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.data.image_size = 64
   c.data.channels = 3
   c.data.frames = 1                        # 1: images (B, H, W, C); > 1: clips of that many frames (B, T, H, W, C)
+  c.data.frame_stride = 4                  # videos: a clip takes every 4th frame (MAE-ST: 16 frames x 4)
+  c.data.video_csv = ""                    # data.name="video_folder": Kinetics' CSV labels the files (else sub-folders)
   c.data.num_classes = 1000
   c.data.crop_area_min = 0.8               # Inception crop area range (METHOD.md §5)
   c.data.crop_area_max = 1.0
@@ -188,6 +190,7 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.classify.ema_rate = 0.0                # EMA step of the weights (also evaluated); 0: none
   c.classify.eval_every_epochs = 5         # top-1 / top-5 on data.eval_split (and at the end)
   c.classify.eval_batch_size = 1024
+  c.classify.test_views = 1                # videos: evaluation averages this many evenly spaced windows (MAE-ST: 7)
   c.classify.noise_seed = 0                # classify.t >= 0: the fixed per-image noise of evaluation
 
   c.mesh = ml_collections.ConfigDict()

@@ -369,3 +369,130 @@ def test_classify_from_scratch_is_refused_beside_init_from():
                                                r"init_from='w' is set: leave one of them"):
     checks.check(clip_config(**{"classify.scratch": True, "init_from": "w", "classify.randaugment_ops": 0,
                                 "classify.erase_prob": 0.0}), "classify")
+
+
+def _write_video(path, frames: int, shift: int, size=(24, 32)):
+  """An MPEG-4 file of a bright 8×8 square moving `shift` pixels a frame to the right."""
+  import av  # noqa: PLC0415
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+    for f in range(frames):
+      image = np.zeros(size + (3,), np.uint8)
+      image[4:12, shift * f:shift * f + 8] = 255
+      for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+def _video_folder(root):
+  for c, name in enumerate(["slow", "fast"]):
+    for i in range(3):
+      _write_video(root / name / f"{name}{i}.mp4", frames=12 + 4 * i, shift=1 + c)
+  (root / "fast" / "broken.mp4").write_bytes(b"not a video")
+  (root / "slow" / "notes.txt").write_text("ignored: not a video extension")
+
+
+def test_a_video_folder_samples_strided_windows_and_skips_what_cannot_be_decoded(tmp_path, caplog):
+  from umd_jax.data import video  # noqa: PLC0415
+  _video_folder(tmp_path / "videos")
+  config = clip_config(**{"data.name": "video_folder", "data.data_dir": str(tmp_path / "videos"), "data.channels": 3,
+                          "data.frames": 4, "data.frame_stride": 2, "data.image_size": 16, "data.num_classes": 2})
+  source = sources.make_source(config.data, "train")
+  assert len(source) == 7 and source.class_names == ["fast", "slow"]
+  assert sorted(source.labels.tolist()) == [0] * 4 + [1] * 3
+  record = source[source.files.index(str(tmp_path / "videos" / "slow" / "slow0.mp4"))]
+  clip = record["image"]
+  assert clip.count() == 12 and clip.window(0, 12).tolist() == [0, 2, 4, 6] and clip.window(6, 12).tolist() == [6, 8, 10, 11]
+  centre = clip.centre()  # starts 0..5 fit the whole window: the centre start is 2
+  assert centre.shape == (4, 24, 32, 3)
+  np.testing.assert_array_equal(centre[:, 8].mean(axis=-1).argmax(axis=1), [2, 4, 6, 8])  # the square's left edge
+  views = clip.views(3)
+  np.testing.assert_array_equal([v[0, 8].mean(axis=-1).argmax() for v in views], [0, 2, 5])  # starts 0, 2.5 -> 2, 5
+  batch = pipeline.EvalPreprocess(16).map(record)["image"]
+  assert batch.shape == (4, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
+  # the unreadable file: skipped for the next readable record, counted, never zeros
+  broken = source[source.files.index(str(tmp_path / "videos" / "fast" / "broken.mp4"))]
+  out = pipeline.EvalPreprocess(16).map(broken)
+  assert out["image"].shape == (4, 16, 16, 3) and np.abs(out["image"]).sum() > 0
+  assert str(tmp_path / "videos" / "fast" / "broken.mp4") in sources.DECODE_FAILURES
+  views = pipeline.EvalViews(16, 3).map(record)["image"]
+  assert views.shape == (3, 4, 16, 16, 3)
+
+
+def test_kinetics_csv_labels_the_files_it_names_and_counts_the_missing(tmp_path):
+  _write_video(tmp_path / "k" / "abc_000001_000011.mp4", frames=8, shift=1)
+  _write_video(tmp_path / "k" / "xyz_000005_000015.mp4", frames=8, shift=2)
+  (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\nwaving,abc,1,11,train\n"
+                                  "juggling,xyz,5,15,train\nwaving,gone,0,10,train\njuggling,xyz,5,15,validate\n")
+  config = clip_config(**{"data.name": "video_folder", "data.data_dir": str(tmp_path / "k"), "data.channels": 3,
+                          "data.video_csv": str(tmp_path / "k.csv"), "data.num_classes": 2})
+  source = sources.make_source(config.data, "train")
+  assert len(source) == 2 and source.class_names == ["juggling", "waving"]
+  assert [os.path.basename(f) for f in source.files] == ["abc_000001_000011.mp4", "xyz_000005_000015.mp4"]
+  assert source.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: None, r"video folder data.data_dir='.*missing' does not exist"),
+    (lambda p: (p / "missing" / "a").mkdir(parents=True), r"video folder '.*missing' has no video files"),
+])
+def test_an_empty_or_missing_video_folder_is_one_line(tmp_path, setup, message):
+  setup(tmp_path)
+  config = clip_config(**{"data.name": "video_folder", "data.data_dir": str(tmp_path / "missing"), "data.channels": 3})
+  with pytest.raises(sources.DataError, match=message):
+    sources.make_source(config.data, "train")
+
+
+def test_a_folder_of_unreadable_videos_stops_with_one_line(tmp_path):
+  for i in range(2):
+    (tmp_path / "v" / "a").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "v" / "a" / f"{i}.mp4").write_bytes(b"nothing")
+  config = clip_config(**{"data.name": "video_folder", "data.data_dir": str(tmp_path / "v"), "data.channels": 3,
+                          "data.num_classes": 1})
+  source = sources.make_source(config.data, "train")
+  with pytest.raises(sources.DataError, match=r"no video can be decoded \(2 tried\)"):
+    pipeline.EvalPreprocess(8).map(source[0])
+
+
+def test_a_tfds_video_dataset_gives_clips_of_its_encoded_frames():
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  config = clip_config(**{"data.name": "ucf101", "data.data_dir": "/unused", "data.channels": 3, "data.frames": 4,
+                          "data.frame_stride": 2, "data.image_size": 16, "data.num_classes": 101})
+  with tfds.testing.mock_data(num_examples=3):
+    source = sources.make_source(config.data, "train")
+    record = source[1]
+    clip = pipeline.EvalPreprocess(16).map(record)["image"]
+    assert clip.shape == (4, 16, 16, 3) and 0 <= record["label"] < 101
+    with pytest.raises(sources.DataError, match=r"data 'ucf101' gives clips but data.frames=1: set data.frames >= 2"):
+      sources.make_source(tiny_config(**{"data.name": "ucf101", "data.data_dir": "/unused", "data.num_classes": 101}).data,
+                          "train")
+
+
+def test_multi_view_evaluation_averages_the_views_softmax(one_device):
+  """classify_step's evaluation of (B, V, ...) batches: the mean of the views' softmax decides."""
+  from umd_jax import classify_step, sharding  # noqa: PLC0415
+  config = clip_config(**{"classify.randaugment_ops": 0, "classify.erase_prob": 0.0})
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  run = classify_step.build_run(config, mesh, 100)
+  params = run.state.params
+  rng = np.random.default_rng(0)
+  clips = jnp.asarray(rng.uniform(-1, 1, (3, 2, 4, 8, 8, 1)), jnp.float32)
+  labels, index = jnp.array([0, 1, 2]), jnp.arange(3)
+  logits = classify_step.logits_fn(config)(nnx.merge(run.graphdef, params), clips.reshape(6, 4, 8, 8, 1))
+  mean = np.asarray(jax.nn.softmax(logits.reshape(3, 2, -1), axis=-1).mean(axis=1))
+  top1, _ = run.evaluate(params, clips, labels, index, 3)
+  assert int(top1) == int((mean.argmax(axis=1) == np.asarray(labels)).sum())
+
+
+def test_the_mae_st_sized_presets_check_and_cut_1568_tokens():
+  from configs import video_l  # noqa: PLC0415
+  for arg in ("umd", "mae", "diffmae", "mae,classify"):
+    config = video_l.get_config(arg)
+    checks.check(config, "classify" if "classify" in arg else "pretrain")
+    model = nnx.eval_shape(lambda: methods.get(config).build(config, nnx.Rngs(0)))
+    assert model.num_patches == 8 * 14 * 14 == 1568 and model.geometry.token_dim(3) == 2 * 16 * 16 * 3
+  assert video_l.get_config("mae").corruption.clean_mask_ratio == 0.9
+  assert video_l.get_config("mae,classify").classify.test_views == 7

@@ -34,12 +34,17 @@ def _clips(config, method, mode: str) -> None:
            + (" (images: 1)" if d.frames == 1 else ""))
   _require(m.masking in corruption.MASKINGS, "model.masking", m.masking, f"use one of {corruption.MASKINGS}")
   clips = d.frames > 1
-  if d.name in data.CLIP_SOURCES or clips:
-    _require(clips == (d.name in data.CLIP_SOURCES), "data.frames", d.frames,
-             f"data.name={d.name!r} gives clips: set data.frames >= 2" if not clips else
-             f"asks for clips but data.name={d.name!r} gives images: use one of {data.CLIP_SOURCES} (or data.frames=1)")
+  _require(not (d.name in data.CLIP_SOURCES and not clips), "data.frames", d.frames,
+           f"data.name={d.name!r} gives clips: set data.frames >= 2")
+  _require(not (d.name in data.IMAGE_SOURCES and clips), "data.frames", d.frames,
+           f"asks for clips but data.name={d.name!r} gives images: use one of {data.CLIP_SOURCES}, a TFDS video "
+           "dataset, or data.frames=1")
+  _int(config, "data.frame_stride", 1, "must be >= 1 (1: consecutive frames)")
+  if d.video_csv:
+    _require(epath.Path(d.video_csv).is_file(), "data.video_csv", d.video_csv, "is not a file: point it at Kinetics' CSV")
   if not clips:
     return
+  _int(config, "classify.test_views", 1, "must be >= 1 (evenly spaced windows averaged at evaluation)")
   _require(method.clips, "data.frames", d.frames,
            f"method {config.method!r} reads images only: use data.frames=1, or a method that reads clips "
            f"({', '.join(n for n, x in methods.REGISTRY.items() if x.clips)})")

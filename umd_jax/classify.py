@@ -76,15 +76,18 @@ def _read_backbone(config, mesh):
 
 
 class Evaluator:
-  """Top-1 / top-5 accuracy of given weights on data.eval_split (centre view, every image once)."""
+  """Top-1 / top-5 accuracy of given weights on data.eval_split (centre view, every image once; videos:
+  classify.test_views evenly spaced windows, their softmax averaged)."""
 
   def __init__(self, config, run, eval_source, vae):
     self.config, self.run, self.source, self.vae = config, run, eval_source, vae
 
   def __call__(self, params) -> dict:
     c, mesh = self.config, self.run.mesh
+    views = c.classify.test_views if c.data.frames > 1 else 1
     batches = data.make_batches(c.data, self.source, global_batch=c.classify.eval_batch_size,
-                                sharding=sharding.batch_sharding(mesh), seed=c.seed, train=False)
+                                sharding=sharding.batch_sharding(mesh), seed=c.seed, train=False,
+                                augment=data.pipeline.EvalViews(c.data.image_size, views) if views > 1 else None)
     n = len(self.source)
     hits1 = hits5 = 0
     for _ in range(-(-n // c.classify.eval_batch_size)):

@@ -222,15 +222,23 @@ def top_k(num_classes: int) -> int:
 def _make_eval(config, graphdef, mesh):
   """jit(params, images, labels, indices, n) -> (top-1 hits, top-5 hits) among the rows whose
   index < n (the eval split's padding left out). The DDAE input's noise is fixed per image index
-  (classify.noise_seed), the same on any number of devices."""
+  (classify.noise_seed), the same on any number of devices. Videos' multi-view batches (B, V, T, H,
+  W, C) are scored by the mean of the V views' softmax (MAE-ST's multi-view testing)."""
   apply, k = logits_fn(config), top_k(config.data.num_classes)
   noise_key = jax.random.PRNGKey(config.classify.noise_seed)
 
   def evaluate(params, images, labels, indices, n):
+    views = images.shape[1] if images.ndim == 6 else 0
+    if views:  # every view a row; each keeps its record's noise below
+      images, indices_ = images.reshape((-1,) + images.shape[2:]), jnp.repeat(indices, views)
+    else:
+      indices_ = indices
     noise = None
     if config.classify.t >= 0:
-      noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices)
+      noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), images.shape[1:]))(indices_)
     logits = apply(nnx.merge(graphdef, params), images, noise=noise)
+    if views:
+      logits = jax.nn.softmax(logits.reshape(-1, views, logits.shape[-1]), axis=-1).mean(axis=1)
     top = jax.lax.top_k(logits, k)[1]
     real = indices < n
     return (jnp.sum((top[:, 0] == labels) & real), jnp.sum(jnp.any(top == labels[:, None], axis=1) & real))

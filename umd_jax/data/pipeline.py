@@ -27,6 +27,7 @@ from umd_jax.data import augment
 from umd_jax.data.encoded import DecodeError, crop_resize
 from umd_jax.data.latents import ChooseView, FirstView, LatentSource
 from umd_jax.data.sources import DataError, skipped_at_decode
+from umd_jax.data.video import Clip
 
 
 def inception_box(h: int, w: int, rng: np.random.Generator, area_range):
@@ -62,11 +63,15 @@ def _crop(image, box, size: int) -> np.ndarray:
 
 def inception_crop(image, rng: np.random.Generator, area_range, size: int) -> np.ndarray:
   """Random crop (see `inception_box`) of an array or an encoded JPEG, resized to size² (a clip:
-  one box for all its frames)."""
+  one box for all its frames; a video's window of frames drawn first, data/video.py)."""
+  if isinstance(image, Clip):
+    image = image.sample(rng)
   return _crop(image, inception_box(*image.shape[-3:-1], rng, area_range), size)
 
 
 def center_crop(image, size: int) -> np.ndarray:
+  if isinstance(image, Clip):
+    image = image.centre()
   return _crop(image, center_box(*image.shape[-3:-1]), size)
 
 
@@ -126,6 +131,21 @@ class EvalPreprocess(grain.transforms.Map):
 
   def map(self, record):
     image, record = decoded(record, lambda r: center_crop(r["image"], self.size))
+    return {"image": _to_float(image), "label": np.int32(record["label"])}
+
+
+class EvalViews(grain.transforms.Map):
+  """Multi-view testing of videos (MAE-ST): `views` evenly spaced windows of each record, each
+  centre-cropped -> "image" (views, T, H, W, C); a clip with no longer video behind it repeats."""
+
+  def __init__(self, size, views: int):
+    self.size, self.views = size, views
+
+  def map(self, record):
+    def make(r):
+      clips = r["image"].views(self.views) if isinstance(r["image"], Clip) else [r["image"]] * self.views
+      return np.stack([center_crop(c, self.size) for c in clips])
+    image, record = decoded(record, make)
     return {"image": _to_float(image), "label": np.int32(record["label"])}
 
 

@@ -222,10 +222,13 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-  """A TFDS dataset prepared as array_record, read with `tfds.data_source` (never downloads)."""
+  """A TFDS dataset prepared as array_record, read with `tfds.data_source` (never downloads). A
+  dataset with a "video" feature gives clips of its videos (data/video.py)."""
+  gives_clips = False
 
-  def __init__(self, name: str, split: str, data_dir: str, channels: int, reduced: bool = True):
-    self.reduced = reduced
+  def __init__(self, name: str, split: str, data_dir: str, channels: int, reduced: bool = True, frames: int = 1,
+               stride: int = 1):
+    self.reduced, self.frames, self.stride = reduced, frames, stride
     try:  # the images stay encoded: the pipeline decodes only what its crop needs
       self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
                                      decoders={"image": tfds.decode.SkipDecoding()})
@@ -238,6 +241,7 @@ class TfdsSource:
     label = self.source.dataset_info.features["label"] if "label" in self.source.dataset_info.features else None
     self.num_classes = getattr(label, "num_classes", 0)
     self.class_names = list(getattr(label, "names", None) or [])
+    self.gives_clips = "video" in self.source.dataset_info.features  # a video dataset: clips of its videos
     self._repr = f"TfdsSource(name={name!r}, split={split!r}, records={len(self.source)}, channels={channels})"
 
   def __repr__(self):
@@ -250,6 +254,11 @@ class TfdsSource:
     index = int(index)
     record = self.source[index]
     label = np.int32(record.get("label", 0))
+    if self.gives_clips:
+      from umd_jax.data import video  # noqa: PLC0415 - it imports this module (DataError)
+      return {"image": video.tfds_clip(record["video"], self.frames, self.stride, self.channels,
+                                       f"{self._repr}[{index}]", functools.partial(self.__getitem__, (index + 1) % len(self))),
+              "label": label}
     image = record["image"]
     if isinstance(image, bytes):
       if image[:2] == b"\xff\xd8":  # JPEG: decoded later, at the scale the crop needs
@@ -261,7 +270,8 @@ class TfdsSource:
     return {"image": _to_channels(np.asarray(image), self.channels), "label": label}
 
 
-CLIP_SOURCES = ("moving_digits",)  # data.name of the sources whose records are clips (data.frames > 1)
+CLIP_SOURCES = ("moving_digits", "video_folder")  # data.name of the sources whose records are clips
+IMAGE_SOURCES = ("digits", "synthetic", "folder")   # ... and of those of images; a TFDS dataset's features decide
 
 
 def make_source(data_config, split: str, labelled: bool = True):
@@ -274,13 +284,21 @@ def make_source(data_config, split: str, labelled: bool = True):
     source = MovingDigitsSource(split, d.frames, d.image_size, d.channels)
   elif d.name == "synthetic":
     source = SyntheticSource(d.synthetic_size, d.image_size, d.channels, d.num_classes)
+  elif d.name == "video_folder":
+    from umd_jax.data import video  # noqa: PLC0415 - it imports this module (DataError)
+    root = os.path.join(d.data_dir, split) if os.path.isdir(os.path.join(d.data_dir, split)) else d.data_dir
+    source = video.VideoFolderSource(root, split, d.frames, d.frame_stride, d.channels, d.video_csv)
   elif d.name == "folder":
     source = ImageFolderSource(os.path.join(d.data_dir, split) if os.path.isdir(os.path.join(d.data_dir, split))
                                else d.data_dir, d.channels, d.decode_reduced)
   else:
-    source = TfdsSource(d.name, split, d.data_dir, d.channels, d.decode_reduced)
+    source = TfdsSource(d.name, split, d.data_dir, d.channels, d.decode_reduced, frames=d.frames, stride=d.frame_stride)
   if len(source) == 0:
     raise DataError(f"data {d.name!r} split {split!r} is empty")
+  clips = d.name in CLIP_SOURCES or getattr(source, "gives_clips", False)
+  if clips != (d.frames > 1):
+    raise DataError(f"data {d.name!r} gives {'clips' if clips else 'images'} but data.frames={d.frames}: "
+                    + ("set data.frames >= 2 (e.g. 16, with model.tubelet=2)" if clips else "use data.frames=1"))
   found = getattr(source, "num_classes", 0)
   if labelled and d.num_classes and found and found != d.num_classes:  # labels would index the wrong classes
     names = list(getattr(source, "class_names", []))
