@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 TEST_STAMP := $(VENV)/.installed-test-$(shell cksum < requirements-test.txt | cut -d' ' -f1)
 
-.PHONY: demo test test-fast install clean reproduce
+.PHONY: demo demo-video test test-fast install clean reproduce
 
 # The pinned requirements, then the package itself (editable: `umd_jax`, `configs` and the `umd-jax` command).
 install: $(STAMP)
@@ -28,6 +28,16 @@ demo: $(STAMP)
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=finetune --workdir=workdirs/demo_finetune
 	$(VENV)/bin/python main.py --config=configs/demo.py:finetune --mode=generate --workdir=workdirs/demo_finetune
 	$(VENV)/bin/python main.py --config=configs/demo.py:classify --mode=classify --workdir=workdirs/demo_classify
+
+# The video demo (README, Video): moving digits -- pre-train, probe, predict the future frames,
+# fine-tune class-conditionally and sample clips, fine-tune for the motion label (~10 min, 2 cores).
+demo-video: $(STAMP)
+	$(VENV)/bin/python main.py --config=configs/demo.py:video --mode=pretrain --workdir=workdirs/demo_video
+	$(VENV)/bin/python main.py --config=configs/demo.py:video --mode=probe --workdir=workdirs/demo_video
+	$(VENV)/bin/python main.py --config=configs/demo.py:video --mode=generate --workdir=workdirs/demo_video
+	$(VENV)/bin/python main.py --config=configs/demo.py:video,finetune --mode=finetune --workdir=workdirs/demo_video_finetune
+	$(VENV)/bin/python main.py --config=configs/demo.py:video,finetune --mode=generate --workdir=workdirs/demo_video_finetune
+	$(VENV)/bin/python main.py --config=configs/demo.py:video,classify --mode=classify --workdir=workdirs/demo_video_classify
 
 # The suite on TEST_WORKERS pytest processes (pytest-xdist), a test module to a worker, the longest
 # modules first (tests/conftest.py). 2 workers fit CI's 2 cores and keep the machine under 8 GB

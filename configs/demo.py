@@ -29,12 +29,17 @@ erasing: at 8×8 px a 45% translation or a 27° rotation leaves no digit), score
 `diffmae,classify` does the same from the DiffMAE demo (init_from workdirs/demo_diffmae).
 
 `configs/demo.py:video` is the same at video scale (README, Video): UMD on moving digits -- clips of
-8 frames of 16×16 in which a test-split digit moves right, left, down or up (the label: direction,
-which no single frame shows) -- cut into 2×4×4 tubes (64 tokens), masked as random spacetime
-tokens. `video,mae` and `video,diffmae` pre-train those methods on the clips, `video,classify`
-fine-tunes for the motion label (workdirs/demo_video[_METHOD]):
+8 frames of 16×16 in which a digit moves right, left, down or up (the label: direction, which no
+single frame shows) -- cut into 2×4×4 tubes (64 tokens), masked as random spacetime tokens.
+--mode=generate on it predicts the last 4 frames of test clips from the first 4 (scored per frame);
+`video,finetune` fine-tunes class-conditionally and samples 50 clips per direction, scored by the
+direction they move in; `video,classify` fine-tunes for the motion label. `video,mae` and
+`video,diffmae` are those methods on the clips (workdirs/demo_video[_METHOD]). `make demo-video`:
   python main.py --config=configs/demo.py:video --mode=pretrain --workdir=workdirs/demo_video
   python main.py --config=configs/demo.py:video --mode=probe --workdir=workdirs/demo_video
+  python main.py --config=configs/demo.py:video --mode=generate --workdir=workdirs/demo_video
+  python main.py --config=configs/demo.py:video,finetune --mode=finetune --workdir=workdirs/demo_video_finetune
+  python main.py --config=configs/demo.py:video,finetune --mode=generate --workdir=workdirs/demo_video_finetune
   python main.py --config=configs/demo.py:video,classify --mode=classify --workdir=workdirs/demo_video_classify
 
 Any method that trains here is a first word with the same meaning: `configs/demo.py:maskdit`
@@ -108,10 +113,13 @@ def get_config(arg=None):
     c.probe_every = 500
     c.probe.fewshot_shots = (1, 5, 10, 25)
     c.probe.linear_batch_size = 512
-    c.sample.num_samples = 200      # 50 clips per direction, scored by the direction they move in
+    c.sample.num_samples = 0        # pre-trained (unconditional): --mode=generate predicts the future
+    c.sample.cfg_scale = 1.0
+    c.sample.inpaint = "future"     # the last 4 of 8 frames from the first 4, the first 200 test clips
+    c.sample.inpaint_images = 200
+    c.sample.prediction = "eps"     # pre-training trains the x0 head on masked tokens only (METHOD.md §2)
     c.sample.grid_classes = 4
     c.sample.grid_per_class = 4
-    c.sample.inpaint_images = 200   # --mode=generate with sample.inpaint: the first 200 test clips
     c.classify.eval_batch_size = 1188  # the 1,188 test clips (297 digits × 4 directions) in one batch
     if c.method == "diffmae":
       c.diffmae.decoder_width = 64  # divisible by 16: 3-D sin-cos positions
@@ -127,6 +135,8 @@ def get_config(arg=None):
     c.corruption.clean_fraction = 0.05 if c.corruption.clean_fraction > 0 else 0.0  # METHOD.md §5 (none: DiT, MaskDiT)
     c.corruption.noised_mask_ratio = 0.0
     c.corruption.label_dropout = 0.1
+    if video:                     # samples: 50 clips per direction, scored by the direction they move in
+      c.sample.num_samples, c.sample.cfg_scale, c.sample.inpaint, c.sample.prediction = 200, 2.0, "", "x0"
   if classify:                    # recognition fine-tuning of the pre-trained demo (--mode=classify)
     c.init_from = home
     c.probe_every = 0

@@ -496,3 +496,11 @@ def test_the_mae_st_sized_presets_check_and_cut_1568_tokens():
     assert model.num_patches == 8 * 14 * 14 == 1568 and model.geometry.token_dim(3) == 2 * 16 * 16 * 3
   assert video_l.get_config("mae").corruption.clean_mask_ratio == 0.9
   assert video_l.get_config("mae,classify").classify.test_views == 7
+
+
+def test_a_clip_config_on_an_image_checkpoint_is_one_line_naming_the_frames(tmp_path):
+  train.pretrain(tiny_config(**{"model.variant": "Mu/4", "total_steps": 2}), str(tmp_path / "images"))
+  with pytest.raises(Exception, match=r"data.frames: 1 -> 4") as raised:
+    probe.run(clip_config(), str(tmp_path / "images"))
+  assert "\n" not in str(raised.value) and "use the config the run was trained with" in str(raised.value)
+  assert not (tmp_path / "images" / "probe").exists()

@@ -137,7 +137,8 @@ def _config_changes(manager, step: int, config) -> list:
     return []
   meaning = set(methods.get(config).meaning)
   shaping = lambda k: k.startswith("model.") or k in meaning or k in (
-      "method", "data.image_size", "data.channels", "data.space", "vae.latent_channels", "vae.downsample")
+      "method", "data.image_size", "data.channels", "data.frames", "data.space", "vae.latent_channels",
+      "vae.downsample")
   changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if shaping(k) and old.get(k) != new.get(k)]
   if (old.get("optim.ema_rate", 0) > 0) != (new.get("optim.ema_rate", 0) > 0):

@@ -124,6 +124,8 @@ class EncodedFrames(Clip):
     for i in indices:
       try:
         with Image.open(io.BytesIO(bytes(self.encoded[int(i)]))) as im:
+          if out and im.size != out[0].shape[1::-1]:  # frames of another size: resized to the first's
+            im = im.resize(out[0].shape[1::-1], Image.BILINEAR)
           out.append(pixels(im, self.channels))
       except Exception as e:  # noqa: BLE001 - any undecodable frame skips the record
         raise DecodeError(f"{self.name} frame {int(i)}: {type(e).__name__}: {e}") from None
