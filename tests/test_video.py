@@ -110,6 +110,9 @@ def test_moving_digits_move_one_way_and_split_by_source_digit():
                                        for f in range(5))]
     assert len(speeds) == 1  # every frame is the last one moved `speed` pixels in the label's direction
   np.testing.assert_array_equal(test_set[5]["image"], sources.MovingDigitsSource("test", 6, 16)[5]["image"])
+  frames = sources.MovingDigitsSource("test", frames=1, size=16)  # the frame-wise view: each clip's first frame
+  np.testing.assert_array_equal(frames[7]["image"], test_set[7]["image"][0])
+  assert frames[7]["image"].shape == (16, 16, 1) and not frames.gives_clips and test_set.gives_clips
 
 
 def test_clip_augmentation_crops_every_frame_alike_and_flips_the_width():
@@ -204,8 +207,10 @@ def test_analytic_flops_of_a_clip_match_xla_cost_analysis():
 
 @pytest.mark.parametrize("overrides,mode,message", [
     ({"data.frames": 5}, "pretrain", r"model.tubelet=2: does not divide data.frames=5"),
-    ({"data.frames": 1, "model.tubelet": 1}, "pretrain", r"data.name='moving_digits' gives clips: set data.frames >= 2"),
+    ({"data.frames": 1, "model.tubelet": 1, "data.name": "video_folder"}, "pretrain",
+     r"data.name='video_folder' gives clips: set data.frames >= 2"),
     ({"data.name": "digits"}, "pretrain", r"asks for clips but data.name='digits' gives images"),
+    ({"data.name": "synthetic"}, "pretrain", r"asks for clips but data.name='synthetic' gives images"),
     ({"model.masking": "tubes"}, "pretrain", r"model.masking='tubes': use one of \('random', 'tube'\)"),
     ({}, "encode", r"--mode='encode' is not built for clips \(data.frames=4\): clips run in pretrain, finetune, probe, "
                    r"generate, summary, classify"),
@@ -349,7 +354,8 @@ def test_the_video_experiment_runs_every_stage_and_resumes(tmp_path):
   import video as experiment  # noqa: PLC0415
   record = experiment.main(["--quick", "--out", str(tmp_path)])
   results = record["results"]
-  assert set(results) == {"umd", "mae", "diffmae", "scratch"}
+  assert set(results) == {"umd", "mae", "diffmae", "scratch", "frame-wise"}
+  assert (tmp_path / "runs" / "framewise_s0" / "checkpoints").exists()
   assert results["scratch"][0]["finetuned"] == json.loads(
       (tmp_path / "runs" / "scratch_s0" / "classify" / "results.json").read_text())["top1"]
   scratch = json.loads((tmp_path / "runs" / "scratch_s0" / "classify" / "results.json").read_text())

@@ -137,7 +137,7 @@ def classifier_score(config, samples: np.ndarray, labels: np.ndarray) -> dict:
   read a record's label off its pixels (`judge`: moving digits' direction of motion) is its own
   classifier: no regression is fitted ("classifier": which one scored)."""
   source = data.make_source(config.data, config.data.eval_split)
-  if hasattr(source, "judge"):
+  if hasattr(source, "judge") and config.data.frames > 1:
     predicted, real = source.judge(samples), _pixels(config, config.data.eval_split, uint8=True)
     on_real, name = float(np.mean(source.judge(real[0]) == real[1])), source.judge_name
   else:

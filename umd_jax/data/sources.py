@@ -80,7 +80,9 @@ class MovingDigitsSource:
   right, 1 left, 2 down, 3 up), which no single frame shows. Four clips per source digit, one per
   direction, so the split is the digits' ('train' / 'test', sliced as they are: 'test[:40]' is 160
   clips); record i is digit i // 4 moving in direction i % 4, from a start position and a speed of
-  1 or 2 pixels a frame drawn from the record's own seed: the same clips on every host and run."""
+  1 or 2 pixels a frame drawn from the record's own seed: the same clips on every host and run.
+  With frames = 1 a record is the clip's first frame, an image (H, W, C): the frame-wise view, whose
+  label no model can read (a baseline)."""
   DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, columns) per frame
   NAMES = ("right", "left", "down", "up")
   in_memory = True
@@ -93,6 +95,7 @@ class MovingDigitsSource:
     self.num_classes, self.class_names = len(self.DIRECTIONS), list(self.NAMES)
     self.labels = np.tile(np.arange(self.num_classes, dtype=np.int32), len(self.digits))
     self.salt = 0 if split.startswith("train") else 1
+    self.gives_clips = frames > 1
 
   def __repr__(self):
     return f"MovingDigitsSource(split={self.split!r}, frames={self.frames}, size={self.size})"
@@ -109,7 +112,7 @@ class MovingDigitsSource:
     canvas[:8, :8] = self.digits.images[digit]
     step = np.asarray(self.DIRECTIONS[direction]) * speed
     clip = np.stack([np.roll(canvas, tuple(start + f * step), axis=(0, 1)) for f in range(self.frames)])
-    return {"image": clip, "label": np.int32(direction)}
+    return {"image": clip if self.gives_clips else clip[0], "label": np.int32(direction)}
 
   judge_name = "direction of motion read off consecutive frames"
 
@@ -270,8 +273,9 @@ class TfdsSource:
     return {"image": _to_channels(np.asarray(image), self.channels), "label": label}
 
 
-CLIP_SOURCES = ("moving_digits", "video_folder")  # data.name of the sources whose records are clips
-IMAGE_SOURCES = ("digits", "synthetic", "folder")   # ... and of those of images; a TFDS dataset's features decide
+CLIP_SOURCES = ("video_folder",)                   # data.name of the sources whose records are clips,
+IMAGE_SOURCES = ("digits", "synthetic", "folder")  # of images; moving digits give either (data.frames), a
+                                                   # TFDS dataset what its features hold
 
 
 def make_source(data_config, split: str, labelled: bool = True):
@@ -295,7 +299,7 @@ def make_source(data_config, split: str, labelled: bool = True):
     source = TfdsSource(d.name, split, d.data_dir, d.channels, d.decode_reduced, frames=d.frames, stride=d.frame_stride)
   if len(source) == 0:
     raise DataError(f"data {d.name!r} split {split!r} is empty")
-  clips = d.name in CLIP_SOURCES or getattr(source, "gives_clips", False)
+  clips = getattr(source, "gives_clips", d.name in CLIP_SOURCES)
   if clips != (d.frames > 1):
     raise DataError(f"data {d.name!r} gives {'clips' if clips else 'images'} but data.frames={d.frames}: "
                     + ("set data.frames >= 2 (e.g. 16, with model.tubelet=2)" if clips else "use data.frames=1"))
