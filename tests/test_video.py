@@ -277,9 +277,12 @@ def test_clips_pretrain_probe_and_classify_end_to_end(method, tmp_path):
   assert out["step"] == 6 and np.isfinite(out["last_loss"])
   assert (tmp_path / "pre" / "images" / "reconstruction_00000006.gif").exists()
   result = probe.run(clip_config(method, **{"probe.train_split": "train[:100]", "probe.eval_split": "test[:30]",
-                                            "probe.linear_epochs": 2, "probe.linear_warmup_epochs": 1}),
+                                            "probe.linear_epochs": 2, "probe.linear_warmup_epochs": 1,
+                                            "probe.sweep": True, "probe.sweep_ts": (0, 100)}),
                      str(tmp_path / "pre"))
   assert result["step"] == 6 and 0 <= result["linear"]["top1"] <= 1
+  sweep = np.asarray(result["sweep"]["accuracy"])  # DDAE's (block, t) grid on clips
+  assert sweep.shape == (len(result["sweep"]["blocks"]), 2) and ((0 <= sweep) & (sweep <= 1)).all()
   cls = clip_config(method, **{"init_from": str(tmp_path / "pre"), "batch_size": 40, "classify.epochs": 1,
                                "classify.warmup_epochs": 0, "classify.eval_every_epochs": 1,
                                "classify.randaugment_ops": 0, "classify.erase_prob": 0.0,
