@@ -98,6 +98,7 @@ SLOW_TESTS = {
     "test_classify_end_to_end_results_and_exact_resume",
     "test_clips_pretrain_probe_and_classify_end_to_end",
     "test_clip_sampling_and_inpainting_end_to_end",
+    "test_a_folder_of_videos_pretrains_and_classifies_with_several_views",
     "test_a_clip_config_on_an_image_checkpoint_is_one_line_naming_the_frames",
     "test_the_video_experiment_runs_every_stage_and_resumes",
     "test_classify_reads_unread_parameters_back_unchanged",

@@ -396,9 +396,9 @@ def _write_video(path, frames: int, shift: int, size=(24, 32)):
       container.mux(packet)
 
 
-def _video_folder(root):
+def _video_folder(root, per_class=3):
   for c, name in enumerate(["slow", "fast"]):
-    for i in range(3):
+    for i in range(per_class):
       _write_video(root / name / f"{name}{i}.mp4", frames=12 + 4 * i, shift=1 + c)
   (root / "fast" / "broken.mp4").write_bytes(b"not a video")
   (root / "slow" / "notes.txt").write_text("ignored: not a video extension")
@@ -513,3 +513,21 @@ def test_a_clip_config_on_an_image_checkpoint_is_one_line_naming_the_frames(tmp_
     probe.run(clip_config(), str(tmp_path / "images"))
   assert "\n" not in str(raised.value) and "use the config the run was trained with" in str(raised.value)
   assert not (tmp_path / "images" / "probe").exists()
+
+
+def test_a_folder_of_videos_pretrains_and_classifies_with_several_views(tmp_path):
+  """The README's folder-of-videos path at toy size: pre-training reads strided windows of MPEG-4
+  files (one of them unreadable), classification averages 3 evenly spaced windows at test."""
+  _video_folder(tmp_path / "videos", per_class=4)
+  data_keys = {"data.name": "video_folder", "data.data_dir": str(tmp_path / "videos"), "data.channels": 3,
+               "data.frames": 4, "data.frame_stride": 2, "data.image_size": 16, "data.num_classes": 2,
+               "data.eval_split": "train", "batch_size": 8}
+  out = train.pretrain(clip_config(**data_keys, total_steps=2, probe_every=0), str(tmp_path / "pre"))
+  assert out["step"] == 2 and np.isfinite(out["last_loss"])
+  got = classify.run(clip_config(**data_keys, **{"init_from": str(tmp_path / "pre"), "classify.epochs": 1,
+                                                 "classify.warmup_epochs": 0, "classify.eval_every_epochs": 1,
+                                                 "classify.randaugment_ops": 0, "classify.erase_prob": 0.0,
+                                                 "classify.test_views": 3, "classify.eval_batch_size": 16}),
+                     str(tmp_path / "cls"))
+  assert got["step"] == 9 // 8 and got["images"] == 9 and 0 <= got["top1"] <= 1
+  assert json.loads((tmp_path / "cls" / "classify" / "results.json").read_text())["config"]["classify"]["test_views"] == 3
