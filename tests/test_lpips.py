@@ -80,6 +80,15 @@ def test_inpainting_sums_include_lpips_of_the_real_rows_only(converted):
   assert "lpips" not in inpainting._score_sums(y, x, known, index, None, n=3)
 
 
+def test_a_clips_lpips_is_the_mean_over_its_frames(converted):
+  model = perceptual.load(converted["alexnet"])
+  x, y = _pair((3, 4, 8, 8, 1), seed=3)  # 3 clips of 4 frames
+  known = jnp.ones((3, 4, 8, 8, 1)).at[:, 2:].set(0.0)  # the last two frames filled
+  sums = inpainting._score_sums(y, x, known, jnp.arange(3), model, n=2)  # clip 2 is padding
+  frames = perceptual.distance(model, jnp.clip(y, -1, 1).reshape(12, 8, 8, 1), x.reshape(12, 8, 8, 1)).reshape(3, 4)
+  np.testing.assert_allclose(float(sums["lpips"]), float(frames[:2].mean(axis=1).sum()), rtol=1e-6)
+
+
 class _RunsCode:
   def __reduce__(self):
     return (os.system, ("touch should_not_exist",))
