@@ -56,7 +56,7 @@ def test_decoder_kinds_have_the_papers_attention():
 
 
 def test_sincos_positions_are_maes_table():
-  table = model_lib.sincos_2d(8, 2)  # 4 positions, row then column, each [sin | cos] of 2 frequencies
+  table = geometry.sincos_2d(8, 2)  # 4 positions, row then column, each [sin | cos] of 2 frequencies
   pos = np.array([0, 0, 1, 1.0]), np.array([0, 1, 0, 1.0])
   freqs = 1 / 10000 ** (np.arange(2) / 2)
   expect = np.concatenate([np.sin(np.outer(pos[0], freqs)), np.cos(np.outer(pos[0], freqs)),

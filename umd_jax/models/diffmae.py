@@ -17,7 +17,7 @@ from flax import nnx
 
 from umd_jax import geometry
 from umd_jax.models import layers
-from umd_jax.geometry import input_shape, sincos_2d  # noqa: F401 - sincos_2d: its old home
+from umd_jax.geometry import input_shape
 from umd_jax.models.layers import DTYPES, compute_dtype
 from umd_jax.models.umd import parse_variant
 

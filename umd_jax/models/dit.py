@@ -15,8 +15,7 @@ import numpy as np
 from flax import nnx
 
 from umd_jax.models import layers
-from umd_jax.models.diffmae import sincos_2d
-from umd_jax.geometry import input_shape
+from umd_jax.geometry import input_shape, sincos_2d
 from umd_jax.models.layers import DTYPES, compute_dtype
 
 # name: (width, depth, heads); METHOD.md §11. "Mu" (tests) and "Ti" (the demo: UMD Ti's width and block count) are ours.
