@@ -10,8 +10,8 @@
 The argument names the method (`umd` by default, `mae`, `diffmae`) and optionally `classify`
 (action recognition fine-tuning, MAE's recipe for L from METHOD.md §10 on clips, 7 temporal views
 averaged at test). data.data_dir holds the videos (ROOT/<class>/<video>, or Kinetics' download names
-with data.video_csv); data.eval_split's CSV rows ("validate" in Kinetics' CSV: pass the validation
-CSV with --config.data.video_csv when evaluating, or split sub-folders train/ and validate/).
+with data.video_csv, whose `split` column must name data.train_split / data.eval_split: pass each
+split's CSV to the run that reads it, or use sub-folders train/ and validate/ of class folders).
 
 Sources: 16 frames × stride 4, 224 px, 2×16×16 tubes and MAE's 90% mask ratio are MAE-ST's
 ("We observe that the optimal masking ratio is as high as 90% (vs. 75% on images)", its abstract);
@@ -19,7 +19,6 @@ its 800 epochs at batch 512 and 7 test views are recalled, not read; UMD's ratio
 0.45 noised: its image ratios' proportion) and DiffMAE's 90% are chosen.
 """
 from configs import common
-from umd_jax import methods
 
 KINETICS_TRAIN_CLIPS = 240_000  # about; the exact count depends on the videos still downloadable
 METHODS = ("umd", "mae", "diffmae")
@@ -58,5 +57,4 @@ def get_config(arg=None):
     c.classify.erase_prob = 0.0
     c.classify.test_views = 7
     c.classify.eval_batch_size = 64
-  assert methods.named(method).clips
   return common.finalize(c)

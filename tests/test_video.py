@@ -49,7 +49,7 @@ def test_an_image_is_the_one_frame_case_cut_as_before():
   tokens = np.asarray(image.patchify(x))
   np.testing.assert_array_equal(tokens[0, 4], x[0, 2:4, 2:4].reshape(-1))  # row 1, column 1: row-major
   np.testing.assert_array_equal(np.asarray(image.unpatchify(tokens)), x)
-  assert image.num_tokens == 12 and image.input_dims() == (8, 6) and CLIP.input_dims() == (4, 6, 4)
+  assert image.num_tokens == 12 and CLIP.num_tokens == 12
 
 
 def test_pixel_and_token_masks_of_a_clip_invert_each_other():
@@ -442,6 +442,9 @@ def test_kinetics_csv_labels_the_files_it_names_and_counts_the_missing(tmp_path)
   assert len(source) == 2 and source.class_names == ["juggling", "waving"]
   assert [os.path.basename(f) for f in source.files] == ["abc_000001_000011.mp4", "xyz_000005_000015.mp4"]
   assert source.labels.tolist() == [1, 0]
+  with pytest.raises(sources.DataError, match=r"has no rows of split 'val' \(its splits: \['train', 'validate'\]\): pass "
+                                              r"this split's CSV"):
+    sources.make_source(config.data, "val")
 
 
 @pytest.mark.parametrize("setup,message", [

@@ -59,11 +59,6 @@ class Grid(NamedTuple):
     """Values in one token: tubelet · patch² · channels."""
     return self.tubelet * self.patch * self.patch * channels
 
-  def input_dims(self) -> tuple:
-    """(T, H, W) of a clip, (H, W) of an image."""
-    spatial = (self.rows * self.patch, self.cols * self.patch)
-    return ((self.frames * self.tubelet,) if self.clip else ()) + spatial
-
   def patchify(self, x):
     """(B, [T,] H, W, C) -> (B, L, tubelet·p·p·C), tokens in (time, row, column) order."""
     if self.clip:
@@ -133,10 +128,8 @@ def sincos_2d(width: int, rows: int, cols: int | None = None) -> np.ndarray:
 
 def grid(config, patch: int, tubelet: int | None = None) -> Grid:
   """The token grid of `config`'s input for a patch size (and `model.tubelet` for clips)."""
-  size, _ = input_shape(config)
-  t = frames(config)
-  tubelet = config.model.tubelet if tubelet is None else tubelet
-  return Grid(patch, size // patch, size // patch, max(t // tubelet, 1), tubelet, t > 1)
+  return checked_grid(input_shape(config)[0], patch, frames(config),
+                      config.model.tubelet if tubelet is None else tubelet)
 
 
 def num_tokens(config, patch: int) -> int:

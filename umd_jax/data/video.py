@@ -148,8 +148,13 @@ def _kinetics_rows(csv_path: str, split: str):
   need = {"label", "youtube_id", "time_start", "time_end"}
   if not rows or not need <= set(rows[0]):
     raise DataError(f"data.video_csv={csv_path!r} is not Kinetics' CSV: need the columns {sorted(need)}")
+  chosen = [r for r in rows if r.get("split", split) in (split, "")]
+  if not chosen:
+    splits = sorted({r.get("split", "") for r in rows})
+    raise DataError(f"data.video_csv={csv_path!r} has no rows of split {split!r} (its splits: {splits}): pass this "
+                    "split's CSV, or name the split as the CSV does (data.train_split / data.eval_split)")
   return [(f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}", r["label"])
-          for r in rows if r.get("split", split) in (split, "")]
+          for r in chosen]
 
 
 class VideoFolderSource:
