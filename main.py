@@ -9,7 +9,12 @@
 Every host of a TPU pod runs the same command. Config values can be overridden on the
 command line (`--config.batch_size=256`); an unknown key is an error.
 """
-from umd_jax import cli
+from umd_jax import hugepages
+
+if __name__ == "__main__":
+  hugepages.ensure()  # before JAX starts: XLA:CPU's step buffers in huge pages (umd_jax/hugepages.py)
+
+from umd_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
   cli.run()

@@ -10,9 +10,15 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from umd_jax import hugepages
+
+if os.path.abspath(getattr(sys.modules.get("__main__"), "__file__", None) or "").startswith(os.path.join(ROOT, "bench")):
+  hugepages.ensure()  # a benchmark script: host memory as main.py trains with it (umd_jax/hugepages.py)
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +93,18 @@ def matmul_call(dtype: str = "float32", n: int | None = None):
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
   dot = jax.jit(jnp.dot)
   return (lambda: dot(a, b)), 2.0 * n ** 3
+
+
+def hlo_figures(compiled) -> dict:
+  """A compiled program's HLO figures: fusion instructions in its optimised HLO, XLA's `bytes
+  accessed` (every instruction's operands and outputs, in GB) and FLOPs (GFLOP). XLA counts the body
+  of a loop (scanned layers, gradient accumulation) once, so compare programs with unrolled layers
+  and one micro-batch."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  fusions = sum(1 for line in compiled.as_text().splitlines() if " fusion(" in line)
+  return {"fusions": fusions, "xla_gb_accessed": float(cost.get("bytes accessed", float("nan"))) / 1e9,
+          "xla_gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
 
 def dot_instructions(hlo_text: str) -> set:

@@ -15,8 +15,9 @@ no remat recompute) / step time / the FLOP/s of a large dense matmul of the same
 the same device. The step and the matmul take turns in each round (the matmul's time is the
 fastest of 3 back-to-back calls: its warm rate) and the MFU is the median of the rounds'
 ratios, so a shared machine's slow spells cancel out. XLA's `cost_analysis()` count (of the
-step lowered with unrolled layers) is printed beside the analytic one; it includes the
-elementwise, norm, softmax and optimizer work that model FLOPs leave out.
+step lowered with unrolled layers and one micro-batch) is printed beside the analytic one; it
+includes the elementwise, norm, softmax and optimizer work that model FLOPs leave out. Beside it,
+the same program's `bytes accessed` (GB) and fusion count: the memory passes of the step.
 
 In --set and --compare, a key that starts with `xla_` is an XLA compiler option for that row's
 step (`compile(compiler_options=...)`; true/false and integers are converted), so flag A/Bs
@@ -26,7 +27,7 @@ import copy
 import statistics
 import time
 
-from common import load_config, make_parser, matmul_call, median_ratio, profile, report, time_rounds
+from common import hlo_figures, load_config, make_parser, matmul_call, median_ratio, profile, report, time_rounds
 
 import jax
 import numpy as np
@@ -35,15 +36,15 @@ from umd_jax import geometry, methods, sharding, train_step
 from umd_jax.models.layers import compute_dtype
 
 
-def xla_flops(config, batch) -> float:
-  """XLA's cost_analysis() FLOPs of the step, lowered with unrolled layers (a scanned loop body
-  is counted once, not once per layer, so the scanned program under-reports)."""
+def xla_figures(config, batch, compiler_options=None) -> dict:
+  """`common.hlo_figures` of the step lowered with unrolled layers and one micro-batch (XLA counts
+  a loop body once, so a scanned or accumulating program under-reports): fusions, XLA's bytes
+  accessed and FLOPs, the figures to compare two versions of the step by."""
   unrolled = copy.deepcopy(config)
   unrolled.model.scan_layers = False
+  unrolled.grad_accum_steps = 1
   run = train_step.build(unrolled, sharding.make_mesh(unrolled.mesh))
-  cost = run.step.lower(run.state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return hlo_figures(run.step.lower(run.state, batch).compile(compiler_options=compiler_options or None))
 
 
 def split_options(items) -> tuple[list, dict]:
@@ -79,13 +80,15 @@ def build(config, *, xla_check=True, compiler_options=None):
   compiled = run.step.lower(run.state, batch).compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - start
   model_flops = methods.get(config).train_flops_per_image(config) * config.batch_size
-  xla = xla_flops(config, batch) if xla_check else float("nan")
+  nan = float("nan")
+  xla = xla_figures(config, batch, compiler_options) if xla_check else dict(fusions=0, xla_gb_accessed=nan, xla_gflop=nan)
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, "temp_size_in_bytes", None)
   image = f"{size}x{channels}" if d.space == "latents" else (f"{d.frames}x{size}" if d.frames > 1 else size)
   row = {"variant": config.model.variant, "image": image, "batch": config.batch_size,
          "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
-         "xla_gflop": xla / 1e9, "temp_mib": (temp_bytes or 0) / 2 ** 20}
+         "xla_gflop": xla["xla_gflop"], "xla_gb_accessed": xla["xla_gb_accessed"], "fusions": xla["fusions"],
+         "temp_mib": (temp_bytes or 0) / 2 ** 20}
   holder = [run.state]
 
   def run():

@@ -78,7 +78,7 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.model.tubelet = 1                      # clips: frames per token (MAE-ST: 2); images: 1
   c.model.masking = "random"               # clips: "random" spacetime tokens (MAE-ST) | "tube": one spatial
                                            # mask for every token frame (VideoMAE); images: the same thing
-  c.model.remat = "none"                   # "none" | "full" | "dots"
+  c.model.remat = "none"                   # "none" | "full" | "dots" | "matmuls" (layers.REMAT_POLICIES)
   c.model.attention = "auto"               # "auto" (cuDNN flash on GPU in bf16/fp16, else XLA) | "xla" | "cudnn"
 
   c.corruption = ml_collections.ConfigDict()  # the UMD family's corruption (its keys: methods/umd.py)

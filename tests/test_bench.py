@@ -2,9 +2,13 @@
 The scripts under bench/ are importable here through pytest's `pythonpath` (pyproject.toml)."""
 import contextlib
 import io
+import json
+import sys
 
 import common as bench_common
 import input as bench_input
+import numpy as np
+import official as bench_official
 import sampling as bench_sampling
 import jax
 import jax.numpy as jnp
@@ -98,3 +102,103 @@ def test_inpainting_row_times_both_methods_with_the_same_calls():
   with pytest.raises(SystemExit, match="network calls"):
     args.set = ["sample.steps=3", "sample.inpaint_resample=2"]
     bench_sampling.inpainting_row(args)
+
+
+# A stand-in for a small-vision checkout: the two modules bench/official.py imports, with the same
+# call signatures (the real repository is the user's, never fetched by the tests).
+FAKE_AE = '''
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class _AE(nn.Module):
+  num_classes: int = None
+  channels: int = 3
+  img_size: int = 8
+  scan: bool = True
+  adaln: bool = True
+  remat_policy: str = "nothing_saveable"
+  num_cls: int = 4
+  dtype_mm: str = "float32"
+  no_decay_list = ("bias",)
+
+  @nn.compact
+  def __call__(self, image, *, t=None, y=None, mask=0.0, train=False):
+    n = image.shape[0]
+    h = nn.Dense(16)(image.reshape(n, -1)) + nn.Embed(1001, 16)(t[:, 0])
+    pred = nn.Dense(image[0].size * 2)(jax.nn.gelu(h)).reshape(image.shape[:-1] + (2 * self.channels,))
+    out = {"mask": None}
+    if mask > 0.0:
+      out["mask"] = (jax.random.uniform(self.make_rng("mae_noise"), image.shape[:-1] + (1,)) < mask).astype(jnp.float32)
+    return pred, out
+
+
+def Model(*, variant=None, **kw):
+  return _AE(**kw)
+'''
+FAKE_DIFFUSION = '''
+import numpy as np
+
+
+def create_gaussian_diffusion(beta_type="cosine", training_steps=1000):
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, training_steps))
+  return dict(sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1 - abar))
+
+
+def q_sample(*, gd, x_start, t, noise):
+  a, s = gd["sqrt_alphas_cumprod"][t[:, 0]], gd["sqrt_one_minus_alphas_cumprod"][t[:, 0]]
+  return a[:, None, None, None] * x_start + s[:, None, None, None] * noise
+'''
+
+
+@pytest.fixture
+def fake_small_vision(tmp_path, monkeypatch):
+  root = tmp_path / "small-vision"
+  (root / "big_vision" / "models").mkdir(parents=True)
+  for path, text in (("big_vision/__init__.py", ""), ("big_vision/models/__init__.py", ""),
+                     ("big_vision/models/ae.py", FAKE_AE), ("big_vision/gaussian_diffusion.py", FAKE_DIFFUSION)):
+    (root / path).write_text(text)
+  yield str(root)
+  for name in [n for n in sys.modules if n == "big_vision" or n.startswith("big_vision.")]:
+    monkeypatch.delitem(sys.modules, name)
+
+
+def test_official_harness_refuses_what_it_cannot_compare(tmp_path):
+  with pytest.raises(SystemExit, match="has no big_vision/models/ae.py: give the root of a small-vision checkout"):
+    bench_official.import_official(str(tmp_path))
+  with pytest.raises(SystemExit, match="the official code trains the UMD family only"):
+    bench_official.check_comparable(tiny_config(method="diffmae"))
+
+
+def test_official_harness_times_both_steps_in_the_same_rounds(fake_small_vision, tmp_path, monkeypatch):
+  """The side-by-side rows (the fake's step against ours on the demo config), with each contender's
+  memory measured alone in a child process."""
+  out = tmp_path / "rows.json"
+  monkeypatch.setattr(sys, "argv", ["official.py", f"--small_vision={fake_small_vision}", "--config=configs/demo.py",
+                                    "--set", "batch_size=8", "--repeats", "2", "--compare", "model.remat=full",
+                                    "--rss", "--json", str(out)])
+  bench_official.main()
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["row"] for r in rows] == ["official (scanned, nothing_saveable)", "ours (batch_size=8)",
+                                      "ours + model.remat=full"]
+  assert rows[0]["vs_official"] == 1.0 and all(r["vs_official"] > 0 and r["step_ms"] > 0 for r in rows)
+  for r in rows:
+    assert r["temp_mib"] > 0 and r["xla_gb_accessed"] > 0 and r["fusions"] > 0
+    assert r["rss_peak_mib"] >= r["rss_step_mib"] > 0
+  # remat recomputes the forward: more XLA FLOPs than the plain step of the same program
+  assert rows[2]["xla_gflop"] > rows[1]["xla_gflop"]
+
+
+def test_official_step_learns(fake_small_vision):
+  """The restated official update trains the model it is given (its loss falls on a fixed batch)."""
+  ae, diffusion = bench_official.import_official(fake_small_vision)
+  config = tiny_config(total_steps=1000, **{"optim.warmup_fraction": 0.0, "optim.base_lr": 0.05})
+  step, state = bench_official.official_step(config, ae, diffusion, scan=True, remat="nothing_saveable",
+                                             mu_dtype="float32")
+  batch = bench_official.random_batch(config)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])

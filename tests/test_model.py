@@ -110,7 +110,7 @@ def test_masked_patches_do_not_reach_the_encoder():
   np.testing.assert_allclose(a["rep"], b["rep"], atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "matmuls"])
 def test_scanned_layers_and_remat_equal_the_unrolled_model(remat):
   unrolled = randomize(make(scan_layers=False))
   scanned = make(scan_layers=True, remat=remat)

@@ -24,6 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from umd_jax import hugepages
 from umd_jax.modes import MODES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
@@ -191,4 +192,5 @@ def _flag_error(e: Exception, spec) -> None:
 
 def run():
   """The console entry point."""
+  hugepages.ensure()  # a no-op when main.py already did
   app.run(main, flags_parser=_parse_flags)

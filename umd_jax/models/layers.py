@@ -193,11 +193,13 @@ def drop_path_scales(key, rate: float, depth: int, batch: int) -> jax.Array:
   return kept.astype(jnp.float32) / keep
 
 
+# model.remat: what a block keeps for its backward pass; the rest is recomputed there (BENCHMARKS.md).
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+    "none": None,                                                # keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,            # keep the block's input (the official UMD code's)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the dense layers' outputs
+    "matmuls": jax.checkpoint_policies.dots_saveable,            # and attention's two batched products:
+}                                                                # only elementwise work (norms, softmax, GELU) is redone
 
 
 class Stack(nnx.Module):
