@@ -14,11 +14,15 @@ bf16="--set model.dtype=bfloat16"
 run() { echo "+ $*"; python "$@" || echo "FAILED ($?): $*"; }
 
 if [[ $part == all || $part == train ]]; then
-  # Issue target: UMD-B/4 at 64 px, global batch 256, MFU >= 45% of the measured bf16 matmul peak.
+  # Target: UMD-B/4 at 64 px, global batch 256, MFU >= 45% of the device's best measured bf16 matmul
+  # rate: the roofline is the fastest of a jnp.dot sweep (4096² .. 16384², bench/common.SWEEP), printed.
   # (XLA's cost_analysis() leaves out cuBLAS/cuDNN calls on GPU, so no XLA FLOP cross-check here.)
-  # Unrolled (the default) and scanned layers timed in the same rounds; the trace is of the first.
+  # Unrolled (the default), scanned, and scanned with the remat policies that keep the matmul
+  # outputs (model.remat=dots / matmuls) timed in the same rounds; the trace is of the first.
   run bench/train_step.py --config=configs/umd_b.py:B/4 --set batch_size=256 $bf16 \
-    --compare model.scan_layers=true --no_xla_check --profile "$out/trace_b4" --json "$out/train_b4.json"
+    --compare model.scan_layers=true --compare model.scan_layers=true,model.remat=dots \
+    --compare model.scan_layers=true,model.remat=matmuls --no_xla_check --profile "$out/trace_b4" \
+    --json "$out/train_b4.json"
   # UMD-L/2 on 32x32x4 (latent-shaped) inputs; batch 256 with remat of everything but matmuls.
   run bench/train_step.py --config=configs/latent_umd_l.py:L/2 --set batch_size=256 \
     --set model.remat=dots $bf16 --no_xla_check \

@@ -84,15 +84,42 @@ def median_ratio(num: list, den: list) -> float:
   return statistics.median(a / b for a, b in zip(num, den))
 
 
-def matmul_call(dtype: str = "float32", n: int | None = None):
+SWEEP = (4096, 8192, 12288, 16384)  # accelerators: the roofline is the fastest of these square products
+
+
+def matmul_call(dtype: str = "float32", n: int | None = None, sizes=None):
   """(fn, flops): a no-argument call of a large square dense matmul in `dtype` on the default
-  device, the roofline every MFU here is measured against, and its FLOP count."""
-  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  device, the roofline every MFU here is measured against, and its FLOP count. On CPU a 2048²
+  product; on accelerators the fastest per FLOP of a `jnp.dot` sweep over `sizes` (default SWEEP:
+  an 8192² product alone under-states what the device's matmul units reach), each timed warm as
+  the best of 3 calls. `n` fixes the size instead."""
   dt = DTYPES[compute_dtype(dtype)]
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
-  dot = jax.jit(jnp.dot)
-  return (lambda: dot(a, b)), 2.0 * n ** 3
+
+  def call(n):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
+    dot = jax.jit(jnp.dot)
+    return (lambda: dot(a, b)), 2.0 * n ** 3
+
+  if n is None and sizes is None and jax.default_backend() == "cpu":
+    n = 2048
+  if n is not None:
+    return call(n)
+  best = None
+  for size in sizes or SWEEP:
+    fn, flops = call(size)
+    jax.block_until_ready(fn())
+    seconds = min(_timed(fn) for _ in range(3))
+    if best is None or flops / seconds > best[2]:
+      best = (fn, flops, flops / seconds, size)
+  print(f"roofline: {best[3]}² {compute_dtype(dtype)} jnp.dot, {best[2] / 1e12:.1f} TFLOP/s (fastest of {sizes or SWEEP})")
+  return best[0], best[1]
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
 
 
 def hlo_figures(compiled) -> dict:

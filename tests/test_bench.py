@@ -44,6 +44,14 @@ def test_train_step_rows_are_consistent():
   assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
 
 
+def test_roofline_sweep_keeps_the_fastest_product_per_flop(capsys):
+  fn, flops = bench_common.matmul_call("float32", sizes=(32, 256))
+  assert flops == 2.0 * 256 ** 3 and fn().shape == (256, 256)  # a 256² product beats a 32² one per FLOP
+  assert "roofline: 256² float32 jnp.dot" in capsys.readouterr().out
+  fixed, flops = bench_common.matmul_call("float32", n=64)
+  assert flops == 2.0 * 64 ** 3 and fixed().shape == (64, 64)
+
+
 def test_dot_instructions_finds_the_fused_matmuls():
   a = jnp.ones((64, 64))
   with_dot = jax.jit(lambda a: jnp.tanh(a @ a) + 1).lower(a).compile().as_text()
