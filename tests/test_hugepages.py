@@ -28,6 +28,13 @@ def test_environment_appends_the_tunable_and_keeps_the_others():
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
+def test_a_test_run_is_never_re_executed(monkeypatch):
+  assert hugepages.embedded()  # pytest is imported here
+  monkeypatch.setattr(hugepages, "wanted", lambda *a: True)
+  monkeypatch.setattr(hugepages.os, "execve", lambda *a: pytest.fail("re-executed the test process"))
+  hugepages.ensure()
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   path = tmp_path / "enabled"
   path.write_text("always [madvise] never\n")

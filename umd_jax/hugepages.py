@@ -11,7 +11,8 @@ Nothing else changes: the same buffers, values and peak memory.
 Tunables are read when a process starts, so `ensure()` re-executes the process once with the
 tunable added. It does so only on Linux with glibc >= 2.35 and the kernel's THP mode `madvise` (with
 `always` the kernel already backs large mappings with huge pages; with `never` the tunable does
-nothing), when the tunable is not set yet, and unless UMD_JAX_HUGEPAGES=0. Call it before anything
+nothing), when the tunable is not set yet, unless UMD_JAX_HUGEPAGES=0, and never in a notebook kernel,
+an interactive interpreter or under pytest. Call it before anything
 else (main.py and the benchmarks do): a re-executed process starts over, with the same pid,
 arguments, environment and open files.
 """
@@ -51,9 +52,14 @@ def environment(environ) -> dict:
   return {**environ, "GLIBC_TUNABLES": (current + ":" if current else "") + f"{TUNABLE}=1"}
 
 
+def embedded() -> bool:
+  """Inside a notebook kernel, an interactive interpreter or a test run: never re-execute those."""
+  return bool(sys.flags.interactive or hasattr(sys, "ps1") or {"ipykernel", "pytest"} & set(sys.modules))
+
+
 def ensure() -> None:
   """Re-execute this process with glibc's huge-page tunable when it helps (see the module doc)."""
-  if sys.platform != "linux" or not wanted(os.environ, thp_mode(), platform.libc_ver()):
+  if sys.platform != "linux" or not wanted(os.environ, thp_mode(), platform.libc_ver()) or embedded():
     return
   sys.stdout.flush()
   sys.stderr.flush()
