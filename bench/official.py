@@ -25,17 +25,16 @@ outputs are the train state and batch) and, with --rss, each step alone in a chi
 `rss_peak_mib` is that process's high-water resident memory (VmHWM) after compiling and running
 5 steps, `rss_step_mib` the same minus its resident memory before the step was built (both
 children import the same modules, small-vision's included). HLO figures (of the step lowered with
-unrolled layers: a scanned body is counted once by XLA): fusion instructions, XLA's `bytes
-accessed` and FLOPs.
+unrolled layers and one micro-batch: XLA counts a loop body once): fusion instructions, XLA's
+`bytes accessed` and FLOPs.
 """
-import copy
 import json
 import os
 import subprocess
 import sys
 
 from common import hlo_figures, load_config, make_parser, median_ratio, report, time_rounds
-from train_step import split_options
+from train_step import split_options, xla_figures
 
 import jax
 import jax.numpy as jnp
@@ -182,13 +181,10 @@ def official_side(config, args, *, unrolled_figures=True):
 def our_side(config, label, compiler_options=None, *, unrolled_figures=True):
   run = train_step.build(config, sharding.make_mesh(config.mesh))
   batch = jax.device_put(random_batch(config), sharding.batch_sharding(run.mesh))
-  hlo = None
-  if unrolled_figures:
-    unrolled = copy.deepcopy(config)
-    unrolled.model.scan_layers = False
-    u_run = train_step.build(unrolled, sharding.make_mesh(unrolled.mesh))
-    hlo = u_run.step.lower(u_run.state, batch).compile(compiler_options=compiler_options or None)
-  return Side(label, run.step, run.state, batch, compiler_options=compiler_options, hlo=hlo)
+  side = Side(label, run.step, run.state, batch, compiler_options=compiler_options)
+  if unrolled_figures:  # the step with unrolled layers and one micro-batch, as train_step.py's rows
+    side.row.update(xla_figures(config, batch, compiler_options))
+  return side
 
 
 def rss_alone(argv_base: list, which: int) -> dict:
