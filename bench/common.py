@@ -108,18 +108,11 @@ def matmul_call(dtype: str = "float32", n: int | None = None, sizes=None):
   best = None
   for size in sizes or SWEEP:
     fn, flops = call(size)
-    jax.block_until_ready(fn())
-    seconds = min(_timed(fn) for _ in range(3))
+    seconds = min(time_rounds({size: fn}, repeats=3, warmup=1)[size])
     if best is None or flops / seconds > best[2]:
       best = (fn, flops, flops / seconds, size)
   print(f"roofline: {best[3]}² {compute_dtype(dtype)} jnp.dot, {best[2] / 1e12:.1f} TFLOP/s (fastest of {sizes or SWEEP})")
   return best[0], best[1]
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def hlo_figures(compiled) -> dict:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 
 from common import hlo_figures, load_config, make_parser, median_ratio, report, time_rounds
-from train_step import split_options, xla_figures
+from train_step import random_batch, split_options, xla_figures
 
 import jax
 import jax.numpy as jnp
@@ -140,23 +140,14 @@ def official_step(config, ae, gd_module, *, scan: bool, remat: str, mu_dtype: st
   return jax.jit(step, donate_argnums=(0,)), state
 
 
-def random_batch(config):
-  rng = np.random.default_rng(0)
-  shape = geometry.sample_shape(config)
-  return {"image": rng.uniform(-1, 1, (config.batch_size,) + shape).astype(np.float32),
-          "label": rng.integers(0, max(config.data.num_classes, 1), (config.batch_size,)).astype(np.int32)}
-
-
 class Side:
   """One contender: a compiled step with its state, a no-argument call, its row of compile facts."""
 
-  def __init__(self, name, step, state, batch, *, compiler_options=None, hlo=None):
+  def __init__(self, name, step, state, batch, *, compiler_options=None):
     self.name, self.compiled = name, step.lower(state, batch).compile(compiler_options=compiler_options or None)
     memory = self.compiled.memory_analysis()
     self.row = {"row": name, "temp_mib": getattr(memory, "temp_size_in_bytes", 0) / 2 ** 20,
                 "args_mib": getattr(memory, "argument_size_in_bytes", 0) / 2 ** 20}
-    if hlo is not None:
-      self.row.update(hlo_figures(hlo))
     self.holder, self.batch = [state], batch
 
   def __call__(self):
@@ -169,13 +160,13 @@ def official_side(config, args, *, unrolled_figures=True):
   batch = jax.device_put(random_batch(config))
   step, state = official_step(config, ae, gd_module, scan=args.official_scan, remat=args.official_remat,
                               mu_dtype=args.official_mu_dtype)
-  hlo = None
-  if unrolled_figures:
+  label = f"official ({'scanned' if args.official_scan else 'unrolled'}, {args.official_remat})"
+  side = Side(label, step, state, batch)
+  if unrolled_figures:  # its step with unrolled layers, as ours
     u_step, u_state = official_step(config, ae, gd_module, scan=False, remat=args.official_remat,
                                     mu_dtype=args.official_mu_dtype)
-    hlo = u_step.lower(u_state, batch).compile()
-  label = f"official ({'scanned' if args.official_scan else 'unrolled'}, {args.official_remat})"
-  return Side(label, step, state, batch, hlo=hlo)
+    side.row.update(hlo_figures(u_step.lower(u_state, batch).compile()))
+  return side
 
 
 def our_side(config, label, compiler_options=None, *, unrolled_figures=True):

@@ -61,6 +61,19 @@ def split_options(items) -> tuple[list, dict]:
           {k: value(v) for k, _, v in pairs if k.startswith("xla_")})
 
 
+def random_batch(config) -> dict:
+  """A host batch of `config`'s shape: uniform images (or clips, or latents with their posterior
+  std: the step draws z = mean + std·ε) and labels, the same for every call."""
+  d = config.data
+  rng = np.random.default_rng(0)
+  shape = geometry.sample_shape(config)          # (H, W, C), or clips' (T, H, W, C)
+  batch = {"image": rng.uniform(-1, 1, (config.batch_size,) + shape).astype(np.float32),
+           "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
+  if d.space == "latents":
+    batch["std"] = np.full_like(batch["image"], 0.1)
+  return batch
+
+
 def build(config, *, xla_check=True, compiler_options=None):
   """Compile the step of `config` (with these XLA compiler options) on a random batch -> (row of
   compile facts, no-argument step call, the compiled step)."""
@@ -68,14 +81,8 @@ def build(config, *, xla_check=True, compiler_options=None):
   sharding.check_batch(config.batch_size, mesh)
   run = train_step.build(config, mesh)
   d = config.data
-  rng = np.random.default_rng(0)
   size, channels = geometry.input_shape(config)  # pixels, or latents (data.space="latents")
-  shape = geometry.sample_shape(config)          # (H, W, C), or clips' (T, H, W, C)
-  batch = {"image": rng.uniform(-1, 1, (config.batch_size,) + shape).astype(np.float32),
-           "label": rng.integers(0, max(d.num_classes, 1), (config.batch_size,)).astype(np.int32)}
-  if d.space == "latents":  # posterior moments: the step draws z = mean + std·ε
-    batch["std"] = np.full_like(batch["image"], 0.1)
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  batch = jax.device_put(random_batch(config), sharding.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = run.step.lower(run.state, batch).compile(compiler_options=compiler_options or None)
   compile_s = time.perf_counter() - start
