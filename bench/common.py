@@ -40,7 +40,12 @@ def load_config(spec: str, overrides=()):
     for p in parents:
       node = node[p]
     current = node[leaf]
-    node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true")
+    if isinstance(current, bool):
+      node[leaf] = value.lower() in ("1", "true")
+    elif node.get_ref(leaf).get_type() is object:  # a key that takes a word or a number ("auto" or 8)
+      node[leaf] = int(value) if value.lstrip("-").isdigit() else value
+    else:
+      node[leaf] = type(current)(value)
   return config
 
 

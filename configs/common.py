@@ -19,7 +19,9 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.method = method
   c.seed = 0
   c.batch_size = 1024                      # global, over all hosts and devices
-  c.grad_accum_steps = 1                   # >1: the batch as that many micro-batches per update (less memory)
+  # >1: the batch as that many micro-batches per update (less memory, the same update); "auto": 1 on
+  # TPU/GPU, on a CPU micro-batches of <= 2,048 patch tokens per device (train_step.accumulation_steps)
+  c.grad_accum_steps = ml_collections.FieldReference("auto", field_type=object)
   c.total_steps = 800 * IMAGENET_TRAIN_IMAGES // 1024   # 800 epochs at batch 1024
   c.log_every = 100
   c.checkpoint_every = 5000

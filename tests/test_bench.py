@@ -42,6 +42,9 @@ def test_train_step_rows_are_consistent():
     assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
     assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
   assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
+  # --set / --compare: a key that takes a word or a number ("auto" or 8) gets the number as a number
+  assert bench_common.load_config("configs/demo.py", ["grad_accum_steps=8"]).grad_accum_steps == 8
+  assert bench_common.load_config("configs/demo.py", ["grad_accum_steps=auto"]).grad_accum_steps == "auto"
 
 
 def test_roofline_sweep_keeps_the_fastest_product_per_flop(capsys):

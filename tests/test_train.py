@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import demo
+from configs import common, demo
 from conftest import tiny_config
 from umd_jax import checkpoint, data, loop, sharding, summary, train, train_step, weights
 
@@ -346,6 +346,42 @@ def test_gradient_accumulation_on_one_device_same_update_less_memory_and_checks(
     train_step.accumulation_order(64, 0.25, 32)
   order = train_step.accumulation_order(8, 0.25, 2)  # 2 clean rows then 6 noised
   np.testing.assert_array_equal(order, [[0, 2, 3, 4], [1, 5, 6, 7]])
+
+
+def test_auto_gradient_accumulation_picks_cpu_micro_batches_that_split(one_device, monkeypatch, tmp_path, caplog):
+  """grad_accum_steps="auto" (the default): one batch on accelerators; on a CPU the fewest micro-batches
+  of <= CPU_MICRO_BATCH_ELEMENTS tokens × width per device that split the clean / noised rows and the
+  devices (or the most that split), compiled as that explicit count."""
+  auto = train_step.auto_accumulation_steps
+  assert auto(64, 0.5, 256, 384, 1, "cpu") == 8      # UMD-S/4, 64 px: BENCHMARKS.md's fastest, 8 of 8
+  assert auto(64, 0.5, 256, 384, 1, "gpu") == auto(64, 0.5, 256, 384, 1, "tpu") == 1
+  assert auto(64, 0.5, 256, 384, 8, "cpu") == 1      # 8 devices: 8 images each already
+  assert auto(64, 0.5, 256, 384, 2, "cpu") == 4      # 2 devices: 4 micro-batches of 2 × 8
+  assert auto(48, 0.25, 256, 384, 1, "cpu") == 6     # 6 of 8: 2 clean + 6 noised each
+  assert auto(80, 0.1, 256, 384, 1, "cpu") == 8      # 8 clean rows: no count that gives <= 8 images splits
+  assert auto(16, 0.5, 10**6, 384, 1, "cpu") == 8    # nothing small enough: the most that split (8 clean rows)
+  assert auto(128, 0.05, 16, 64, 1, "cpu") == 1      # the demo: one batch, its numbers unchanged
+  s4 = common.finalize(common.base_config())  # the recipe's 64 px
+  s4.model.variant, s4.batch_size = "S/4", 64
+  mesh = sharding.make_mesh(s4.mesh, one_device)
+  assert s4.grad_accum_steps == "auto" and train_step.accumulation_steps(s4, mesh) == 8
+  s4.grad_accum_steps = 2
+  assert train_step.accumulation_steps(s4, mesh) == 2
+  # Through the step: with a budget of 4 tiny images per device, auto is 4 micro-batches, bitwise as 4.
+  monkeypatch.setattr(train_step, "CPU_MICRO_BATCH_ELEMENTS", 4 * 16 * 32)  # Mu/2 on 8x8: 16 tokens, width 32
+  config = tiny_config(**{"optim.ema_rate": 0.1})
+  assert train_step.accumulation_steps(config, sharding.make_mesh(config.mesh, one_device)) == 4
+  batch = _batches(config, sharding.make_mesh(config.mesh, one_device), 1)[0]
+  got, explicit = (_one_update(c, one_device, batch)[:2] for c in (config, tiny_config(**{"optim.ema_rate": 0.1,
+                                                                                             "grad_accum_steps": 4})))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(explicit)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with caplog.at_level("INFO"):
+    train.pretrain(tiny_config(**{"total_steps": 1, "checkpoint_every": 1}), tmp_path / "auto", devices=one_device)
+  assert "grad_accum_steps=auto: 4 micro-batches of 4" in caplog.text
+  for bad in ("eight", 0, True):
+    with pytest.raises(ValueError, match="grad_accum_steps.*must be 'auto' or an integer >= 1"):
+      train.validate_config(tiny_config(**{"grad_accum_steps": bad}))
 
 
 def test_resuming_with_another_objective_schedule_or_optimizer_is_refused(tmp_path, one_device, caplog):

@@ -107,8 +107,10 @@ def _loop(config) -> None:
 
 def _training(config) -> None:
   d, o = config.data, config.optim
-  for key in ("batch_size", "total_steps", "grad_accum_steps", "log_every", "checkpoint_every", "image_every"):
+  for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "image_every"):
     _int(config, key, 1)
+  if config.grad_accum_steps != "auto":
+    _int(config, "grad_accum_steps", 1, "must be 'auto' or an integer >= 1")
   _loop(config)
   _int(config, "probe_every", 0, "must be >= 0 (0: off)")
   _int(config, "profile.steps", 0, "must be >= 0 (0: no trace)")

@@ -23,7 +23,8 @@ from umd_jax import (checkpoint, checks, data, diffusion, files, generate, image
 def validate_config(config, mode: str = "pretrain") -> None:
   """Fail fast, with one line, on every setting training reads (see checks.py)."""
   checks.check(config, mode)
-  train_step.accumulation_order(config.batch_size, methods.get(config).row_split(config), config.grad_accum_steps)
+  if config.grad_accum_steps != "auto":  # "auto" picks a count that splits (train_step.accumulation_steps)
+    train_step.accumulation_order(config.batch_size, methods.get(config).row_split(config), config.grad_accum_steps)
 
 
 def _reconstruction_fn(config, graphdef, mesh):
@@ -64,8 +65,12 @@ def pretrain(config, workdir: str, devices=None, mode: str = "pretrain") -> dict
   source = loop.training_source(config)  # also checks its class count (and latents their encoding)
   resuming = checkpoint.latest_step(workdir) is not None
   # the micro-batch of gradient accumulation must split over the devices too
-  sharding.check_batch(config.batch_size // config.grad_accum_steps, mesh,
-                       what="the micro-batch batch_size/grad_accum_steps")
+  accum = train_step.accumulation_steps(config, mesh)
+  sharding.check_batch(config.batch_size // accum, mesh, what="the micro-batch batch_size/grad_accum_steps")
+  if config.grad_accum_steps == "auto" and accum > 1:
+    logging.info("grad_accum_steps=auto: %d micro-batches of %d per update on this CPU (at most %d patch "
+                 "tokens x width per device; grad_accum_steps=1: one batch)", accum, config.batch_size // accum,
+                 train_step.CPU_MICRO_BATCH_ELEMENTS)
   if mode == "finetune" and not config.init_from and not resuming:
     raise ValueError("fine-tuning needs --config.init_from=PRETRAINING_WORKDIR (or a workdir to resume)")
   # init_from's weights are read and verified now: a damaged or other source creates nothing here

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from umd_jax import corruption, diffusion, methods, sharding, weights
+from umd_jax import corruption, diffusion, geometry, methods, sharding, weights
 
 NO_DECAY_TOP = ("registers", "mask_token")
 NO_DECAY_LEAF = ("bias", "scale")  # biases and LayerNorm scales (1-D in every unscanned layer)
@@ -82,20 +82,58 @@ def abstract_state(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def _splits_evenly(batch_size: int, clean_fraction: float, steps: int) -> bool:
+  """Whether `steps` micro-batches can each take an equal share of the clean and the noised rows."""
+  n_clean, n_noised = corruption.split_sizes(batch_size, clean_fraction)
+  return (steps >= 1 and batch_size % steps == 0 and n_clean % steps == 0
+          and corruption.split_sizes(batch_size // steps, clean_fraction) == (n_clean // steps, n_noised // steps))
+
+
 def accumulation_order(batch_size: int, clean_fraction: float, steps: int) -> np.ndarray:
   """(steps, batch_size // steps) rows of the global batch for each micro-batch: every micro-batch
   takes an equal share of the clean rows (which come first: the method's `row_split`) and of the
   noised rows, so it is split like the full batch and the mean of the micro-batch losses is the
   full-batch loss."""
   n_clean, n_noised = corruption.split_sizes(batch_size, clean_fraction)
-  micro = batch_size // steps if steps > 0 else 0
-  if steps < 1 or batch_size % steps or n_clean % steps or corruption.split_sizes(micro, clean_fraction) != (
-      n_clean // steps, n_noised // steps):
+  if not _splits_evenly(batch_size, clean_fraction, steps):
     raise ValueError(f"grad_accum_steps={steps} must divide batch_size={batch_size} and its {n_clean} clean "
                      f"and {n_noised} noised samples (corruption.clean_fraction={clean_fraction}): pick a divisor")
   clean = np.arange(n_clean).reshape(steps, -1)
   noised = (n_clean + np.arange(n_noised)).reshape(steps, -1)
   return np.concatenate([clean, noised], axis=1)
+
+
+# grad_accum_steps="auto" on a CPU: micro-batches of at most this many patch tokens × model width per
+# device (3 MiB of float32 per token-wide activation). Chosen from BENCHMARKS.md ("Against the official
+# UMD step"): UMD-S/4 at 64 px (256 patches, width 384) ran fastest as micro-batches of 8 images,
+# 2.4x one batch of 64, in less memory than the official step's.
+CPU_MICRO_BATCH_ELEMENTS = 8 * 256 * 384
+
+
+def auto_accumulation_steps(batch_size: int, clean_fraction: float, tokens: int, width: int, shards: int,
+                            platform: str) -> int:
+  """grad_accum_steps="auto": 1 on an accelerator (one batch ran fastest on the H100/H200 and fits);
+  on a CPU the fewest micro-batches that split evenly (clean / noised rows, data shards) and give
+  each device at most CPU_MICRO_BATCH_ELEMENTS patch tokens × width, or, if none does, the most
+  that split."""
+  if platform != "cpu":
+    return 1
+  fits = [m for m in range(1, batch_size + 1)
+          if _splits_evenly(batch_size, clean_fraction, m) and (batch_size // m) % shards == 0]
+  small = [m for m in fits if batch_size // m // shards * tokens * width <= CPU_MICRO_BATCH_ELEMENTS]
+  if small:
+    return small[0]
+  return fits[-1] if fits else 1
+
+
+def accumulation_steps(config, mesh) -> int:
+  """config.grad_accum_steps on `mesh`: an integer as given, "auto" by `auto_accumulation_steps`."""
+  if config.grad_accum_steps != "auto":
+    return config.grad_accum_steps
+  method = methods.get(config)
+  return auto_accumulation_steps(config.batch_size, method.row_split(config),
+                                 geometry.num_tokens(config, method.patch(config)), method.width(config),
+                                 sharding.num_data_shards(mesh), mesh.devices.flat[0].platform)
 
 
 def guarded_update(state: TrainState, tx, loss, grads, ema_rate: float):
@@ -121,13 +159,13 @@ def guarded_update(state: TrainState, tx, loss, grads, ema_rate: float):
 
 def make_train_step(config, graphdef, tx, lr_schedule, state_shardings, mesh):
   """jit(step)(state, batch) -> (state, metrics); the state buffers are donated. With
-  config.grad_accum_steps = m > 1 the batch is taken as m micro-batches in a `lax.scan` inside
-  the step (activations of one micro-batch at a time) and their mean gradient makes one update,
-  equal to the full-batch update."""
+  m = accumulation_steps(config, mesh) > 1 the batch is taken as m micro-batches in a `lax.scan`
+  inside the step (activations of one micro-batch at a time) and their mean gradient makes one
+  update, equal to the full-batch update."""
   method = methods.get(config)
   method_loss = method.loss_fn(config, diffusion.from_config(config))
   ema_rate = config.optim.ema_rate
-  accum = config.grad_accum_steps
+  accum = accumulation_steps(config, mesh)
   order = accumulation_order(config.batch_size, method.row_split(config), accum)
   sharding.check_batch(order.shape[1], mesh, what="the micro-batch batch_size/grad_accum_steps")
   micro_sharding = sharding.micro_batch_sharding(mesh)
