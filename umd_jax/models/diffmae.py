@@ -10,7 +10,6 @@ encoder's last (normalised) output. The encoder never sees t; the decoder's bloc
 adaLN-Zero. Positions are MAE's fixed 2-D sin-cos tables (clips: 3-D, geometry.Grid.sincos).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -48,11 +47,9 @@ class CrossAttention(nnx.Module):
     self.proj = layers.dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x, context):  # x (B, N, D), context (B, M, Dc)
-    b, n, d = x.shape
-    q = self.q(x).reshape(b, n, self.heads, d // self.heads)
-    k, v = jnp.split(self.kv(context).reshape(b, context.shape[1], 2, self.heads, d // self.heads), 2, axis=2)
-    out = jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], implementation="xla")
-    return self.proj(out.reshape(b, n, d))
+    q = layers.heads_first(self.q, x, 1, self.heads)[0]
+    k, v = layers.heads_first(self.kv, context, 2, self.heads)
+    return layers.heads_merged(self.proj, layers.attend(q, k, v))
 
 
 class CrossBlock(nnx.Module):

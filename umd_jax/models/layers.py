@@ -7,6 +7,7 @@ import math
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 xavier = nnx.initializers.xavier_uniform()
@@ -107,6 +108,39 @@ def attention_implementation(choice: str, dtype, head_dim: int) -> str:
   return choice if choice != "auto" else ("cudnn" if fits else "xla")
 
 
+def heads_first(linear: nnx.Linear, x, parts: int, heads: int):
+  """`linear(x)` for a kernel (D_in, parts·D) read as `parts` tensors of `heads` heads, straight into
+  the layout attention contracts in: x (B, N, D_in) -> (parts, B, heads, N, D/heads). The same
+  products as linear(x).reshape(B, N, parts, heads, D/heads) without the transposes after it."""
+  kernel, bias = linear.kernel[...], linear.bias[...]
+  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+  width = kernel.shape[1] // parts
+  kernel = kernel.reshape(kernel.shape[0], parts, heads, width // heads)
+  return jnp.einsum("bnd,dphk->pbhnk", x, kernel) + bias.reshape(parts, 1, heads, 1, width // heads)
+
+
+def heads_merged(linear: nnx.Linear, out):
+  """`linear` applied to attention's output with the heads folded into its contraction:
+  (B, heads, N, d) -> (B, N, D_out), as linear(out as (B, N, heads·d))."""
+  kernel, bias = linear.kernel[...], linear.bias[...]
+  out, kernel, bias = linear.promote_dtype((out, kernel, bias), dtype=linear.dtype)
+  heads, head_dim = out.shape[1], out.shape[3]
+  return jnp.einsum("bhnk,hkd->bnd", out, kernel.reshape(heads, head_dim, -1)) + bias
+
+
+def attend(q, k, v):
+  """Softmax attention in head-major layout, q (B, H, N, d), k and v (B, H, M, d) -> (B, H, N, d),
+  with `jax.nn.dot_product_attention(implementation="xla")`'s numerics (float32 logits scaled by
+  1/sqrt(d), float32 softmax, probabilities in v's dtype) but none of its (B, N, H, d) transposes."""
+  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, precision=precision, preferred_element_type=logits_dtype)
+  logits = logits * jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits_dtype)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.einsum("bhnm,bhmd->bhnd", probs, v)
+
+
 class Attention(nnx.Module):
   def __init__(self, width, heads, *, dtype, rngs, attention: str = "auto"):
     self.heads = heads
@@ -115,13 +149,12 @@ class Attention(nnx.Module):
     self.proj = dense(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):  # (B, N, D)
+    if self.implementation == "xla":
+      q, k, v = heads_first(self.qkv, x, 3, self.heads)
+      return heads_merged(self.proj, attend(q, k, v))
     b, n, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, N, H, d/H)
-    if self.implementation == "cudnn":
-      out = _cudnn_attention(q, k, v)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    out = _cudnn_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, H, d/H), cuDNN's layout
     return self.proj(out.reshape(b, n, d))
 
 
