@@ -167,6 +167,46 @@ def test_attention_choice_is_validated_and_auto_is_xla_off_gpu():
       layers.attention_implementation("cudnn", jnp.bfloat16, 64)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_major_attention_is_the_dense_layers_around_jax_dot_product_attention(dtype):
+  """XLA's path (layers.heads_first / attend / heads_merged) against what it replaced: the QKV
+  dense layer, a (B, N, 3, H, d) split, `jax.nn.dot_product_attention` and the output dense layer;
+  values and every gradient. DiffMAE's cross-attention (queries and keys of other lengths) too."""
+  from umd_jax.models import diffmae, layers
+  b, n, m, width, heads = 2, 10, 7, 32, 4
+  attn = layers.Attention(width, heads, dtype=dtype, rngs=nnx.Rngs(0), attention="xla")
+  cross = diffmae.CrossAttention(width, 24, heads, dtype=dtype, rngs=nnx.Rngs(1))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x, g = jax.random.normal(keys[0], (b, n, width)), jax.random.normal(keys[1], (b, n, width))
+  context = jax.random.normal(keys[2], (b, m, 24))
+
+  def reference_self(module, x):
+    q, k, v = jnp.split(module.qkv(x).reshape(b, n, 3, heads, width // heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation="xla")
+    return module.proj(out.reshape(b, n, width))
+
+  def reference_cross(module, x, context):
+    q = module.q(x).reshape(b, n, heads, width // heads)
+    k, v = jnp.split(module.kv(context).reshape(b, m, 2, heads, width // heads), 2, axis=2)
+    out = jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], implementation="xla")
+    return module.proj(out.reshape(b, n, width))
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2  # float32 sums reordered; bfloat16's 8-bit mantissa
+  def ours(module, *args):
+    return module(*args)
+
+  for module, reference, args in ((attn, reference_self, (x,)), (cross, reference_cross, (x, context))):
+    def loss(fn, module, *a):
+      return jnp.sum(fn(module, *a).astype(jnp.float32) * g)
+    got = nnx.grad(lambda mod, *a: loss(ours, mod, *a), argnums=(0, 1))(module, *args)
+    want = nnx.grad(lambda mod, *a: loss(reference, mod, *a), argnums=(0, 1))(module, *args)
+    np.testing.assert_allclose(np.asarray(ours(module, *args), np.float32),
+                               np.asarray(reference(module, *args), np.float32), rtol=tol, atol=tol)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
+      assert np.linalg.norm(a - w) <= tol * np.linalg.norm(w), (module, a.shape)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU "
                     "(run on one with JAX_PLATFORMS=cuda,cpu)")
 @pytest.mark.parametrize("n", [64, 68, 257])
