@@ -20,7 +20,7 @@ def base_config(method: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 1024                      # global, over all hosts and devices
   # >1: the batch as that many micro-batches per update (less memory, the same update); "auto": 1 on
-  # TPU/GPU, on a CPU micro-batches of <= 2,048 patch tokens per device (train_step.accumulation_steps)
+  # TPU/GPU, on a CPU micro-batches of <= 8*256*384 patch tokens x width per device (train_step.py)
   c.grad_accum_steps = ml_collections.FieldReference("auto", field_type=object)
   c.total_steps = 800 * IMAGENET_TRAIN_IMAGES // 1024   # 800 epochs at batch 1024
   c.log_every = 100

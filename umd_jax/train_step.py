@@ -118,12 +118,12 @@ def auto_accumulation_steps(batch_size: int, clean_fraction: float, tokens: int,
   that split."""
   if platform != "cpu":
     return 1
-  fits = [m for m in range(1, batch_size + 1)
-          if _splits_evenly(batch_size, clean_fraction, m) and (batch_size // m) % shards == 0]
-  small = [m for m in fits if batch_size // m // shards * tokens * width <= CPU_MICRO_BATCH_ELEMENTS]
+  splits = [m for m in range(1, batch_size + 1)
+            if _splits_evenly(batch_size, clean_fraction, m) and (batch_size // m) % shards == 0]
+  small = [m for m in splits if batch_size // m // shards * tokens * width <= CPU_MICRO_BATCH_ELEMENTS]
   if small:
     return small[0]
-  return fits[-1] if fits else 1
+  return splits[-1] if splits else 1
 
 
 def accumulation_steps(config, mesh) -> int:
