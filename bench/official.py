@@ -162,6 +162,7 @@ def official_side(config, args, *, unrolled_figures=True):
                               mu_dtype=args.official_mu_dtype)
   label = f"official ({'scanned' if args.official_scan else 'unrolled'}, {args.official_remat})"
   side = Side(label, step, state, batch)
+  side.row["micro_batches"] = 1  # one value_and_grad over the batch
   if unrolled_figures:  # its step with unrolled layers, as ours
     u_step, u_state = official_step(config, ae, gd_module, scan=False, remat=args.official_remat,
                                     mu_dtype=args.official_mu_dtype)
@@ -173,6 +174,7 @@ def our_side(config, label, compiler_options=None, *, unrolled_figures=True):
   run = train_step.build(config, sharding.make_mesh(config.mesh))
   batch = jax.device_put(random_batch(config), sharding.batch_sharding(run.mesh))
   side = Side(label, run.step, run.state, batch, compiler_options=compiler_options)
+  side.row["micro_batches"] = train_step.accumulation_steps(config, run.mesh)  # "auto" resolved
   if unrolled_figures:  # the step with unrolled layers and one micro-batch, as train_step.py's rows
     side.row.update(xla_figures(config, batch, compiler_options))
   return side

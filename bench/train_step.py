@@ -95,7 +95,8 @@ def build(config, *, xla_check=True, compiler_options=None):
   row = {"variant": config.model.variant, "image": image, "batch": config.batch_size,
          "dtype": compute_dtype(config.model.dtype), "compile_s": compile_s, "model_gflop": model_flops / 1e9,
          "xla_gflop": xla["xla_gflop"], "xla_gb_accessed": xla["xla_gb_accessed"], "fusions": xla["fusions"],
-         "temp_mib": (temp_bytes or 0) / 2 ** 20}
+         "temp_mib": (temp_bytes or 0) / 2 ** 20,
+         "micro_batches": train_step.accumulation_steps(config, mesh)}  # grad_accum_steps ("auto" resolved)
   holder = [run.state]
 
   def run():

@@ -4,8 +4,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # JAX's "disable most optimizations" (LLVM at -O0, no expensive passes), here and in the processes
 # the tests start: most test programs are compiled for a few calls, so compiling, not running, is
-# most of their time. The numbers do not move: the same-seed fixture, made with full optimization,
-# still matches bitwise. Tests whose time is running programs take the `optimized` fixture.
+# most of their time. The last bits can move: since the head-major attention the same-seed state
+# differs bitwise between the two levels (observed; which op was not looked into), so
+# test_same_seed takes the `optimized` fixture, as do the tests whose time is running programs.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -15,6 +15,7 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"  # full optimizations, as training runs (not the suite's default)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -42,6 +42,7 @@ def test_train_step_rows_are_consistent():
     assert row["temp_mib"] > 0 and row["compile_s"] > 0 and row["roofline_gflops"] > 0
     assert 0 < row["mfu"] < 1  # a median of per-round ratios, so not exactly achieved / roofline
   assert rows[0]["vs_first"] == 1.0 and rows[1]["vs_first"] > 0
+  assert [row["micro_batches"] for row in rows] == [1, 2]  # the demo's "auto" is one batch here
   # --set / --compare: a key that takes a word or a number ("auto" or 8) gets the number as a number
   assert bench_common.load_config("configs/demo.py", ["grad_accum_steps=8"]).grad_accum_steps == 8
   assert bench_common.load_config("configs/demo.py", ["grad_accum_steps=auto"]).grad_accum_steps == "auto"
@@ -197,6 +198,7 @@ def test_official_harness_times_both_steps_in_the_same_rounds(fake_small_vision,
   for r in rows:
     assert r["temp_mib"] > 0 and r["xla_gb_accessed"] > 0 and r["fusions"] > 0
     assert r["rss_peak_mib"] >= r["rss_step_mib"] > 0
+    assert r["micro_batches"] == 1  # the official's one value_and_grad; the demo's "auto"
   # remat recomputes the forward: more XLA FLOPs than the plain step of the same program
   assert rows[2]["xla_gflop"] > rows[1]["xla_gflop"]
 

@@ -34,7 +34,8 @@ from umd_jax.models import inception
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",
             "--config.total_steps=12", "--config.checkpoint_every=6", "--config.image_every=6",
-            "--config.probe_every=6"]
+            "--config.probe_every=6",
+            "--config.grad_accum_steps=2"]  # micro-batches across processes (the CPU default for larger models)
 PROBE = ["--config.probe.sweep=True", "--config.probe.sweep_ts=(0,500)", "--config.probe.linear_epochs=10",
          "--config.probe.fewshot_seeds=2"]
 FINETUNE = ["--config.model.variant=Mu/2", "--config.batch_size=16", "--config.log_every=1",

@@ -1,13 +1,14 @@
 """The same config and seed give the state recorded in tests/fixtures/same_seed.json (written by
 tests/make_same_seed_fixture.py): bitwise on the machine that wrote it, to float32 tolerances on
 others (XLA:CPU's kernels, and so the last bits, depend on the CPU's vector extensions). Guards
-refactors that must not change the numbers."""
+refactors that must not change the numbers. Compiled with XLA's full optimizations, as training
+runs (the suite's default, most optimizations off, moves the last bits of some products)."""
 import json
 
 import make_same_seed_fixture as fixture
 
 
-def test_four_steps_give_the_recorded_parameters_optimizer_and_ema(tmp_path):
+def test_four_steps_give_the_recorded_parameters_optimizer_and_ema(tmp_path, optimized):
   with open(fixture.FIXTURE) as f:
     recorded = json.load(f)
   got = fixture.run(str(tmp_path / "run"))
