@@ -7,7 +7,6 @@ import math
 import einops
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 xavier = nnx.initializers.xavier_uniform()
@@ -134,10 +133,8 @@ def attend(q, k, v):
   1/sqrt(d), float32 softmax, probabilities in v's dtype) but none of its (B, N, H, d) transposes."""
   precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
-  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, precision=precision, preferred_element_type=logits_dtype)
-  logits = logits * jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits_dtype)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, precision=precision, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * (1.0 / math.sqrt(q.shape[-1])), axis=-1).astype(k.dtype)
   return jnp.einsum("bhnm,bhmd->bhnd", probs, v)
 
 
