@@ -23,6 +23,16 @@ if [[ $part == all || $part == train ]]; then
     --compare model.scan_layers=true --compare model.scan_layers=true,model.remat=dots \
     --compare model.scan_layers=true,model.remat=matmuls --no_xla_check --profile "$out/trace_b4" \
     --json "$out/train_b4.json"
+  # DiffMAE-B/4 at 64 px (75% masked, the 8 x 512 cross-self decoder), the same batch: its row
+  # beside UMD's (issue 39: DiffMAE's step gets the same rows).
+  run bench/train_step.py --config=configs/diffmae_b.py:umd64 --set batch_size=256 $bf16 --repeats 10 \
+    --no_xla_check --json "$out/train_diffmae_b4.json"
+  # The video presets (L/16, 16 x 224² clips, 1,568 tokens), 8 clips a step, remat `dots` (what
+  # BENCHMARKS.md's CPU compile rows say to take on clips); cuDNN's attention by model.attention=auto.
+  for method in umd mae diffmae; do
+    run bench/train_step.py --config=configs/video_l.py:$method --set batch_size=8 --set model.remat=dots \
+      $bf16 --repeats 5 --no_xla_check --json "$out/train_video_l16_$method.json"
+  done
   # UMD-L/2 on 32x32x4 (latent-shaped) inputs; batch 256 with remat of everything but matmuls.
   run bench/train_step.py --config=configs/latent_umd_l.py:L/2 --set batch_size=256 \
     --set model.remat=dots $bf16 --no_xla_check \
