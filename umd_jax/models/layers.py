@@ -37,9 +37,22 @@ def logical(init, *names):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+class Dense(nnx.Linear):
+  """`nnx.Linear` (the same parameters and products) that runs on its input's rows flattened to 2-D:
+  (..., D_in) -> (..., D_out) as one (rows, D_in) x (D_in, D_out) product. What this changes is the
+  weight gradient, a contraction over the rows: over the one leading axis of a 2-D operand XLA's
+  CPU dot reads both operands as they lie, over (B, N) it first copies one of them transposed
+  (BENCHMARKS.md, "HLO figures": 7.6% of the step's bytes with `heads_first` / `heads_merged`)."""
+
+  def __call__(self, x, out_sharding=None):
+    if x.ndim <= 2:
+      return super().__call__(x, out_sharding)
+    return super().__call__(x.reshape(-1, x.shape[-1]), out_sharding).reshape(*x.shape[:-1], -1)
+
+
 def dense(in_features, out_features, axes, *, dtype, rngs, kernel_init=xavier):
-  return nnx.Linear(in_features, out_features, kernel_init=logical(kernel_init, *axes),
-                    bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return Dense(in_features, out_features, kernel_init=logical(kernel_init, *axes),
+               bias_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def layer_norm(width, *, dtype, rngs, affine: bool = True, eps: float = 1e-6, fast_variance: bool = True):
@@ -107,24 +120,20 @@ def attention_implementation(choice: str, dtype, head_dim: int) -> str:
   return choice if choice != "auto" else ("cudnn" if fits else "xla")
 
 
-def heads_first(linear: nnx.Linear, x, parts: int, heads: int):
-  """`linear(x)` for a kernel (D_in, parts·D) read as `parts` tensors of `heads` heads, straight into
-  the layout attention contracts in: x (B, N, D_in) -> (parts, B, heads, N, D/heads). The same
-  products as linear(x).reshape(B, N, parts, heads, D/heads) without the transposes after it."""
-  kernel, bias = linear.kernel[...], linear.bias[...]
-  x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
-  width = kernel.shape[1] // parts
-  kernel = kernel.reshape(kernel.shape[0], parts, heads, width // heads)
-  return jnp.einsum("bnd,dphk->pbhnk", x, kernel) + bias.reshape(parts, 1, heads, 1, width // heads)
+def heads_first(linear: Dense, x, parts: int, heads: int):
+  """`linear(x)` for a kernel (D_in, parts·D) read as `parts` tensors of `heads` heads, in the layout
+  attention contracts in: x (B, N, D_in) -> (parts, B, heads, N, D/heads). One 2-D product, then the
+  head split as a transpose: an einsum straight into this layout ("bnd,dphk->pbhnk") makes the
+  kernel's gradient a contraction over (B, N) that XLA:CPU transposes first, 1.08x slower."""
+  b, n, _ = x.shape
+  return linear(x).reshape(b, n, parts, heads, -1).transpose(2, 0, 3, 1, 4)
 
 
-def heads_merged(linear: nnx.Linear, out):
-  """`linear` applied to attention's output with the heads folded into its contraction:
-  (B, heads, N, d) -> (B, N, D_out), as linear(out as (B, N, heads·d))."""
-  kernel, bias = linear.kernel[...], linear.bias[...]
-  out, kernel, bias = linear.promote_dtype((out, kernel, bias), dtype=linear.dtype)
-  heads, head_dim = out.shape[1], out.shape[3]
-  return jnp.einsum("bhnk,hkd->bnd", out, kernel.reshape(heads, head_dim, -1)) + bias
+def heads_merged(linear: Dense, out):
+  """`linear` applied to attention's output: (B, heads, N, d) -> (B, N, D_out), as linear(out as
+  (B, N, heads·d)), one 2-D product after the heads are merged."""
+  b, heads, n, head_dim = out.shape
+  return linear(out.transpose(0, 2, 1, 3).reshape(b, n, heads * head_dim))
 
 
 def attend(q, k, v):
