@@ -207,6 +207,34 @@ def test_head_major_attention_is_the_dense_layers_around_jax_dot_product_attenti
       assert np.linalg.norm(a - w) <= tol * np.linalg.norm(w), (module, a.shape)
 
 
+def test_dense_runs_on_rows_so_its_weight_gradient_needs_no_transposed_copy():
+  """layers.Dense is nnx.Linear (same parameters, values and gradients) on (B, N, D) flattened to
+  (B·N, D): its weight gradient contracts one leading axis, which XLA:CPU's dot reads as it lies.
+  nnx.Linear's own contraction over (B, N) makes XLA copy an operand transposed to (features,
+  rows) first: the copies BENCHMARKS.md ("HLO figures") counted, one per dense layer."""
+  import re
+  from umd_jax.models import layers
+  rows, (b, n, d_in, d_out) = 6 * 20, (6, 20, 48, 80)
+  dense = layers.dense(d_in, d_out, ("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(0))
+  linear = nnx.Linear(d_in, d_out, rngs=nnx.Rngs(1))
+  nnx.update(linear, nnx.state(dense))
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, n, d_in))
+  transposed = {f"f32[{d_out},{rows}]", f"f32[{d_in},{rows}]"}
+  results = {}
+  for name, module in (("dense", dense), ("linear", linear)):
+    graphdef, state = nnx.split(module)
+    fn = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+    grad = jax.jit(jax.grad(fn, argnums=(0, 1)))
+    results[name] = (fn(state, x), grad(state, x))
+    hlo = grad.lower(state, x).compile().as_text()
+    shapes = set(re.findall(r"= (f32\[[\d,]+\])", hlo[hlo.index("ENTRY"):]))
+    if jax.default_backend() == "cpu":  # the layout question is XLA:CPU's
+      assert bool(shapes & transposed) == (name == "linear"), (name, sorted(shapes))
+  np.testing.assert_allclose(results["dense"][0], results["linear"][0], rtol=1e-6)
+  for a, w in zip(jax.tree.leaves(results["dense"][1]), jax.tree.leaves(results["linear"][1])):
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU "
                     "(run on one with JAX_PLATFORMS=cuda,cpu)")
 @pytest.mark.parametrize("n", [64, 68, 257])

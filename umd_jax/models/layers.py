@@ -124,7 +124,7 @@ def heads_first(linear: Dense, x, parts: int, heads: int):
   """`linear(x)` for a kernel (D_in, parts·D) read as `parts` tensors of `heads` heads, in the layout
   attention contracts in: x (B, N, D_in) -> (parts, B, heads, N, D/heads). One 2-D product, then the
   head split as a transpose: an einsum straight into this layout ("bnd,dphk->pbhnk") makes the
-  kernel's gradient a contraction over (B, N) that XLA:CPU transposes first, 1.08x slower."""
+  kernel's gradient a contraction over (B, N), which XLA:CPU copies transposed first (BENCHMARKS.md)."""
   b, n, _ = x.shape
   return linear(x).reshape(b, n, parts, heads, -1).transpose(2, 0, 3, 1, 4)
 
