@@ -214,7 +214,8 @@ def test_dense_runs_on_rows_so_its_weight_gradient_needs_no_transposed_copy():
   rows) first: the copies BENCHMARKS.md ("HLO figures") counted, one per dense layer."""
   import re
   from umd_jax.models import layers
-  rows, (b, n, d_in, d_out) = 6 * 20, (6, 20, 48, 80)
+  b, n, d_in, d_out = 6, 20, 48, 80
+  rows = b * n
   dense = layers.dense(d_in, d_out, ("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(0))
   linear = nnx.Linear(d_in, d_out, rngs=nnx.Rngs(1))
   nnx.update(linear, nnx.state(dense))

@@ -44,10 +44,10 @@ class Dense(nnx.Linear):
   CPU dot reads both operands as they lie, over (B, N) it first copies one of them transposed
   (BENCHMARKS.md, "HLO figures": with `heads_first` / `heads_merged`, 8.9% of UMD-S/4's bytes)."""
 
-  def __call__(self, x, out_sharding=None):
+  def __call__(self, x):
     if x.ndim <= 2:
-      return super().__call__(x, out_sharding)
-    return super().__call__(x.reshape(-1, x.shape[-1]), out_sharding).reshape(*x.shape[:-1], -1)
+      return super().__call__(x)
+    return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def dense(in_features, out_features, axes, *, dtype, rngs, kernel_init=xavier):
@@ -139,7 +139,7 @@ def heads_merged(linear: Dense, out):
 def attend(q, k, v):
   """Softmax attention in head-major layout, q (B, H, N, d), k and v (B, H, M, d) -> (B, H, N, d),
   with `jax.nn.dot_product_attention(implementation="xla")`'s numerics (float32 logits scaled by
-  1/sqrt(d), float32 softmax, probabilities in v's dtype) but none of its (B, N, H, d) transposes."""
+  1/sqrt(d), float32 softmax, probabilities in v's dtype); q, k, v come from `heads_first`."""
   precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
   logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, precision=precision, preferred_element_type=jnp.float32)
